@@ -1,0 +1,153 @@
+"""Write twin-pair WebDataset shards (one tar sample per pair) and the ``sizes.json`` beside them.
+
+Both twins live in one sample so that a batch always holds both halves of every pair; see
+:mod:`cultureclip.schema` for the member names.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import webdataset as wds
+from PIL import Image
+
+from cultureclip import schema
+
+ImageLike = Union[Image.Image, bytes, str, os.PathLike]
+
+
+class RecordError(ValueError):
+    """A twin-pair record is invalid; the message names where (file:line) and which field."""
+
+
+def validate_pair_meta(meta: Mapping[str, Any], where: str = "record") -> dict:
+    """Check the json part of a pair and return a clean copy.
+
+    Args:
+        meta: the pair's fields; the four texts are required, country/category/pair_id optional.
+        where: a location used in error messages, such as ``"train.jsonl:17"``.
+
+    Returns:
+        A dict with the required fields as stripped strings and the optional fields that were given.
+
+    Raises:
+        RecordError: a required field is missing, not a string, or blank.
+    """
+    clean = {}
+    for field in schema.REQUIRED_TEXT_FIELDS:
+        if field not in meta or meta[field] is None:
+            raise RecordError(f"{where}: missing field {field!r}")
+        value = meta[field]
+        if not isinstance(value, str) or not value.strip():
+            raise RecordError(f"{where}: field {field!r} must be a non-empty string, got {value!r}")
+        clean[field] = value.strip()
+    for field in schema.OPTIONAL_FIELDS:
+        if meta.get(field) is not None:
+            clean[field] = meta[field]
+    return clean
+
+
+def encode_image(image: ImageLike, resize: Optional[int] = None, quality: int = 95) -> tuple[bytes, str]:
+    """Return ``(bytes, ext)`` for one image, checking that it decodes.
+
+    A path or bytes that already hold a JPEG/PNG/WebP are passed through untouched unless ``resize``
+    is set; otherwise the image is re-encoded as JPEG. ``resize`` shrinks the shorter side to that
+    many pixels (never enlarges). Raises ``OSError``/``PIL.UnidentifiedImageError`` when the image
+    cannot be decoded: no blank image is ever substituted.
+    """
+    raw = None
+    if isinstance(image, (str, os.PathLike)):
+        raw = Path(image).read_bytes()
+        image = Image.open(io.BytesIO(raw))
+    elif isinstance(image, bytes):
+        raw = image
+        image = Image.open(io.BytesIO(raw))
+    fmt = (image.format or "").lower()
+    image.load()  # force a full decode so truncated files fail here, not in training
+    ext = {"jpeg": "jpg", "png": "png", "webp": "webp"}.get(fmt)
+    if raw is not None and ext is not None and resize is None:
+        return raw, ext
+    if resize is not None and min(image.size) > resize:
+        scale = resize / min(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.BICUBIC)
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), "jpg"
+
+
+class TwinShardWriter:
+    """Write twin pairs into ``out_dir/shard-%06d.tar`` and ``sizes.json`` on close.
+
+    Use as a context manager::
+
+        with TwinShardWriter("shards/train", maxcount=1000) as w:
+            w.write("pair0000001", pos_img, neg_img, {"pos_caption": ..., ...})
+
+    Args:
+        out_dir: folder for the shards; created if missing.
+        maxcount: pairs per shard.
+        maxsize: bytes per shard before a new one starts.
+        resize: optional shorter-side size for stored images (pre-resized JPEGs train faster).
+    """
+
+    def __init__(self, out_dir: Union[str, os.PathLike], maxcount: int = 1000,
+                 maxsize: float = 3e9, resize: Optional[int] = None):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.resize = resize
+        self.sizes: dict[str, int] = {}
+        self._keys: set[str] = set()
+        self._writer = wds.ShardWriter(str(self.out_dir / schema.SHARD_PATTERN), maxcount=maxcount,
+                                       maxsize=maxsize, verbose=0)
+
+    def write(self, key: str, pos_image: ImageLike, neg_image: ImageLike, meta: Mapping[str, Any]) -> None:
+        """Validate and write one pair; raises ``RecordError``/``OSError`` and writes nothing on bad input."""
+        if "." in key or not key:
+            raise RecordError(f"pair key {key!r} must be non-empty and contain no dot (webdataset splits on it)")
+        if key in self._keys:
+            raise RecordError(f"duplicate pair key {key!r}")
+        meta = validate_pair_meta(meta, where=f"pair {key}")
+        # encode both images before writing anything, so a bad image leaves no half-written sample
+        pos_bytes, pos_ext = encode_image(pos_image, self.resize)
+        neg_bytes, neg_ext = encode_image(neg_image, self.resize)
+        sample = {
+            schema.KEY: key,
+            f"{schema.POS_PREFIX}.{pos_ext}": pos_bytes,
+            f"{schema.NEG_PREFIX}.{neg_ext}": neg_bytes,
+            schema.META: json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+        }
+        self._writer.write(sample)
+        self._keys.add(key)
+        name = os.path.basename(self._writer.fname)
+        self.sizes[name] = self.sizes.get(name, 0) + 1
+
+    @property
+    def count(self) -> int:
+        return sum(self.sizes.values())
+
+    def close(self) -> dict[str, int]:
+        """Finish the last shard and write ``sizes.json``; returns the sizes."""
+        self._writer.close()
+        tmp = self.out_dir / (schema.SIZES_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.sizes, indent=1, sort_keys=True))
+        os.replace(tmp, self.out_dir / schema.SIZES_FILE)
+        return self.sizes
+
+    def __enter__(self) -> "TwinShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_sizes(shard_dir: Union[str, os.PathLike]) -> dict[str, int]:
+    """Read ``sizes.json`` next to the shards (``{shard name: pairs}``)."""
+    path = Path(shard_dir) / schema.SIZES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: shards written by cultureclip carry it; "
+                                f"give the number of pairs explicitly otherwise")
+    return json.loads(path.read_text())

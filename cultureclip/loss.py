@@ -1,0 +1,175 @@
+"""The twin hard-negative contrastive loss of CultureCLIP, all nine ablation variants in one module.
+
+Notation (PAPER.md): features are L2-normalised ``[B, D]`` tensors, ``s`` is the exponentiated logit
+scale, ``CE`` is the mean cross-entropy against the diagonal.
+
+    clip(I, T)       = ( CE(s I Tᵀ) + CE(s T Iᵀ) ) / 2
+    negclip(I, T, H) = ( CE(s I [T; H]ᵀ) + CE(s T Iᵀ) ) / 2       # H: the twins' texts, extra negatives
+    caption_neg      = negclip(I⁺, C⁺, C⁻) + negclip(I⁻, C⁻, C⁺)     # both twins act as anchors
+    concept_neg      = negclip(I⁺, K⁺, K⁻) + negclip(I⁻, K⁻, K⁺)
+
+A variant is a weighting of at most one caption term and one concept term (``VARIANTS``), not a
+function of its own; the reference code had one function per ablation and silently fell back to
+another loss (and finally to zero) on any error. Here a bad input raises.
+
+Multi-GPU: the features are gathered across ranks with gradient (``torch.distributed.nn.all_gather``),
+and each rank scores its local rows against the global columns (open_clip's ``local_loss=True,
+gather_with_grad=True``). The mean of the per-rank losses equals the single-process loss on the
+global batch, and after DDP's gradient averaging so does the gradient.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from cultureclip import schema
+
+# variant -> (caption term, concept term); a term is "clip", "neg" (negclip on both twins) or None
+VARIANTS: dict[str, tuple[Optional[str], Optional[str]]] = {
+    "clip": ("clip", None),
+    "caption_clip": ("clip", None),
+    "concept_clip": (None, "clip"),
+    "caption_negclip": ("neg", None),
+    "concept_negclip": (None, "neg"),
+    "caption_concept_clip": ("clip", "clip"),
+    "caption_neg_concept_clip": ("neg", "clip"),
+    "caption_concept_neg": ("clip", "neg"),
+    "cultureclip": ("neg", "neg"),
+}
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_features(features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Concatenate each ``[B, D]`` feature over all ranks into ``[world*B, D]``, keeping gradients.
+
+    Reads rank and world size from ``torch.distributed`` at call time, so the loss can be built
+    before the process group exists. Without an initialised group it returns the inputs.
+    ``torch.distributed.nn.all_gather`` is autograd-aware: its backward sums the gradient that every
+    rank computed for a slice back onto the rank that owns it, so no rank loses the gradient of its
+    own features to other ranks' logits.
+    """
+    _, world = _dist_info()
+    if world == 1:
+        return dict(features)
+    from torch.distributed.nn.functional import all_gather  # imported late: not needed single-process
+    return {k: torch.cat(all_gather(v.contiguous()), dim=0) for k, v in features.items()}
+
+
+def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+class CultureCLIPLoss(nn.Module):
+    """CLIP / NegCLIP loss with twin hard negatives on captions and concept names.
+
+    Args:
+        variant: one of ``VARIANTS`` (the paper's ablation grid).
+        lambda_caption: weight of the caption term when the variant has a concept term too.
+        lambda_concept: weight of the concept term when the variant has a caption term too.
+        gather: gather features across ranks when ``torch.distributed`` is initialised.
+
+    Single-term variants use weight 1. ``forward`` returns ``{"loss": total, "<term>_loss": ...}``
+    where the named terms are unweighted (so they stay comparable across weightings) and ``loss`` is
+    their weighted sum.
+    """
+
+    def __init__(self, variant: str = "cultureclip", lambda_caption: float = 0.7,
+                 lambda_concept: float = 0.3, gather: bool = True):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown loss variant {variant!r}; choose one of {sorted(VARIANTS)}")
+        self.variant = variant
+        self.gather = gather
+        caption, concept = VARIANTS[variant]
+        both = caption is not None and concept is not None
+        # (kind, which texts, weight)
+        self.terms: list[tuple[str, str, float]] = []
+        if caption is not None:
+            self.terms.append((caption, "caption", float(lambda_caption) if both else 1.0))
+        if concept is not None:
+            self.terms.append((concept, "concept", float(lambda_concept) if both else 1.0))
+
+    @property
+    def required_keys(self) -> tuple[str, ...]:
+        """Feature keys this variant reads; a trainer can skip encoding the others."""
+        keys = [schema.POS_IMAGE]
+        for kind, texts, _ in self.terms:
+            pos, neg = (schema.POS_CAPTION, schema.NEG_CAPTION) if texts == "caption" else \
+                (schema.POS_CONCEPT, schema.NEG_CONCEPT)
+            keys.append(pos)
+            if kind == "neg":
+                keys += [schema.NEG_IMAGE, neg]
+        return tuple(dict.fromkeys(keys))
+
+    def _check(self, features: Mapping[str, torch.Tensor], logit_scale: torch.Tensor) -> None:
+        missing = [k for k in self.required_keys if k not in features]
+        if missing:
+            raise KeyError(f"CultureCLIPLoss(variant={self.variant!r}) needs features {missing}; "
+                           f"got {sorted(features)}")
+        shapes = {k: tuple(features[k].shape) for k in self.required_keys}
+        first = shapes[schema.POS_IMAGE]
+        if len(first) != 2 or any(s != first for s in shapes.values()):
+            raise ValueError(f"all features must share one [B, D] shape, got {shapes}")
+        if torch.as_tensor(logit_scale).numel() != 1:
+            raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
+
+    @staticmethod
+    def _clip(img, txt, all_img, all_txt, scale, labels):
+        # local rows [b, D] against global columns [N, D]; labels point at this rank's slice
+        return (_ce(scale * img @ all_txt.T, labels) + _ce(scale * txt @ all_img.T, labels)) / 2
+
+    @staticmethod
+    def _negclip(img, txt, all_img, all_txt, all_hard, scale, labels):
+        # image -> [T; H]: [b, 2N] logits, the twins' texts are the extra negatives
+        i2t = scale * img @ torch.cat([all_txt, all_hard], dim=0).T
+        t2i = scale * txt @ all_img.T  # text -> image as in CLIP: twin images are not negatives
+        return (_ce(i2t, labels) + _ce(t2i, labels)) / 2
+
+    def forward(self, features: Mapping[str, torch.Tensor],
+                logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Compute the loss.
+
+        Args:
+            features: L2-normalised ``[B, D]`` tensors under ``schema.FEATURE_KEYS`` (only the keys
+                of ``required_keys`` are read).
+            logit_scale: the already-exponentiated scale ``s`` (a scalar tensor).
+
+        Returns:
+            ``{"loss": weighted total, "<caption|concept>_<clip|negclip>_loss": unweighted term}``.
+        """
+        self._check(features, logit_scale)
+        local = {k: features[k] for k in self.required_keys}
+        rank, world = _dist_info() if self.gather else (0, 1)
+        glob = gather_features(local) if world > 1 else local
+        b = local[schema.POS_IMAGE].shape[0]
+        labels = torch.arange(b, device=local[schema.POS_IMAGE].device) + rank * b
+
+        out: dict[str, torch.Tensor] = {}
+        total = 0.0
+        for kind, texts, weight in self.terms:
+            pos_t, neg_t = (schema.POS_CAPTION, schema.NEG_CAPTION) if texts == "caption" else \
+                (schema.POS_CONCEPT, schema.NEG_CONCEPT)
+            if kind == "clip":
+                term = self._clip(local[schema.POS_IMAGE], local[pos_t], glob[schema.POS_IMAGE],
+                                  glob[pos_t], logit_scale, labels)
+                name = f"{texts}_clip_loss"
+            else:
+                pos, neg = schema.POS_IMAGE, schema.NEG_IMAGE
+                term = self._negclip(local[pos], local[pos_t], glob[pos], glob[pos_t], glob[neg_t],
+                                     logit_scale, labels) \
+                    + self._negclip(local[neg], local[neg_t], glob[neg], glob[neg_t], glob[pos_t],
+                                    logit_scale, labels)
+                name = f"{texts}_negclip_loss"
+            out[name] = term
+            total = total + weight * term
+        out["loss"] = total
+        return out

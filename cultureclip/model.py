@@ -1,0 +1,314 @@
+"""``CultureCLIP``: an open_clip CLIP model with normalised encoders, LoRA and open_clip-format saving.
+
+Loading goes through open_clip's own factory (pretrained tags, ``hf-hub:`` ids, ``local-dir:``), so
+everything open_clip can build works here. Two things are stricter than open_clip:
+
+- a pretrained tag trained with QuickGELU on an architecture without it (``ViT-B-32`` + ``openai``)
+  is refused; open_clip only warns, and the model then silently computes different features;
+- a checkpoint file or saved directory is loaded with ``strict=True`` and *no* positional-embedding
+  resizing, so a context length, width or image size that does not match is an error, and
+  ``save_pretrained`` stores the architecture in the safetensors header, so a QuickGELU/GELU mismatch
+  (invisible in tensor shapes) is an error too.
+
+Files are read with safetensors or ``torch.load(weights_only=True)``; nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+from copy import deepcopy
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.factory import load_state_dict as _open_clip_load_state_dict
+from open_clip.transformer import text_global_pool
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from cultureclip import lora as lora_lib
+
+CONFIG_NAME = "open_clip_config.json"  # open_clip's hub layout (push_to_hf_hub.py)
+WEIGHTS_NAME = "open_clip_model.safetensors"
+_CFG_META_KEY = "open_clip_model_cfg"  # safetensors header entry that records the architecture
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)  # registers e.g. "cultureclip-tiny" with open_clip
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the requested architecture."""
+
+
+def _resolve_config(name: str, pretrained: Optional[str], overrides: dict) -> Optional[dict]:
+    """The architecture dict open_clip will build for a built-in name, with the same overrides."""
+    cfg = open_clip.get_model_config(name.replace("/", "-"))
+    if cfg is None:
+        raise ValueError(f"unknown open_clip architecture {name!r}; see open_clip.list_models()")
+    if overrides.get("force_quick_gelu"):
+        cfg["quick_gelu"] = True
+    if overrides.get("force_context_length") is not None:
+        cfg["text_cfg"]["context_length"] = overrides["force_context_length"]
+    if overrides.get("force_image_size") is not None:
+        cfg["vision_cfg"]["image_size"] = overrides["force_image_size"]
+    if overrides.get("force_patch_dropout") is not None:
+        cfg["vision_cfg"]["patch_dropout"] = overrides["force_patch_dropout"]
+    if pretrained and not os.path.isfile(pretrained):
+        tag_cfg = open_clip.get_pretrained_cfg(name.replace("/", "-"), pretrained) or {}
+        if bool(tag_cfg.get("quick_gelu", False)) != bool(cfg.get("quick_gelu", False)):
+            raise CheckpointMismatchError(
+                f"pretrained tag {pretrained!r} was trained with quick_gelu={tag_cfg.get('quick_gelu', False)} "
+                f"but architecture {name!r} has quick_gelu={cfg.get('quick_gelu', False)}; use "
+                f"'{name}-quickgelu' (or force_quick_gelu=True) so the features are the ones the weights expect")
+    return cfg
+
+
+def _saved_config(weights: Path) -> Optional[dict]:
+    if weights.suffix != ".safetensors":
+        return None
+    with safe_open(str(weights), framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta[_CFG_META_KEY]) if _CFG_META_KEY in meta else None
+
+
+def _load_weights_strict(model: nn.Module, path: Path, cfg: Optional[dict]) -> None:
+    saved = _saved_config(path)
+    if saved is not None and cfg is not None and saved != cfg:
+        diff = sorted(_diff_keys(saved, cfg))
+        raise CheckpointMismatchError(f"{path} was saved from a different architecture; differing fields: {diff}")
+    state = _open_clip_load_state_dict(str(path), weights_only=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # shape or key mismatch: re-raise naming the file, keep torch's detail
+        raise CheckpointMismatchError(f"{path} does not fit this architecture:\n{e}") from e
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = set()
+        for k in set(a) | set(b):
+            out |= _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return set() if a == b else {prefix.rstrip(".")}
+
+
+class CultureCLIP(nn.Module):
+    """An open_clip CLIP model whose ``encode_*`` return L2-normalised features.
+
+    Build with :meth:`from_pretrained` or :meth:`from_config`. Attributes: ``model`` (the open_clip
+    module), ``tokenizer``, ``preprocess_train``, ``preprocess_val``, ``model_cfg`` (the architecture
+    dict), ``logit_scale`` (the learnable log-temperature; ``logit_scale.exp()`` is CLIP's ``s``).
+    """
+
+    def __init__(self, model: nn.Module, preprocess_train, preprocess_val, tokenizer, model_cfg: dict,
+                 name: str = "custom"):
+        super().__init__()
+        self.model = model
+        self.preprocess_train, self.preprocess_val = preprocess_train, preprocess_val
+        self.tokenizer = tokenizer
+        self.model_cfg = model_cfg
+        self.name = name
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, name_or_path: Union[str, os.PathLike], pretrained: Optional[str] = None,
+                        device: Union[str, torch.device] = "cpu", precision: str = "fp32",
+                        cache_dir: Optional[str] = None, **kwargs) -> "CultureCLIP":
+        """Load a model.
+
+        Args:
+            name_or_path: an open_clip architecture (``"ViT-B-32-quickgelu"``), an ``hf-hub:org/repo``
+                id, a directory written by :meth:`save_pretrained` (or ``local-dir:DIR``).
+            pretrained: with an architecture name: an open_clip pretrained tag (``"openai"``) or a
+                checkpoint file (``.safetensors``/``.pt``, read without unpickling); ``None`` builds
+                random weights.
+            device, precision, cache_dir: as in ``open_clip.create_model_and_transforms``.
+            **kwargs: open_clip overrides (``force_quick_gelu``, ``force_context_length``, ...).
+        """
+        name = str(name_or_path)
+        if name.startswith("local-dir:"):
+            name = name[len("local-dir:"):]
+        if os.path.isdir(name):
+            return cls._from_dir(Path(name), device=device, precision=precision, **kwargs)
+        if name.startswith("hf-hub:"):
+            model, pre_train, pre_val = open_clip.create_model_and_transforms(
+                name, device=device, precision=precision, cache_dir=cache_dir, **kwargs)
+            cfg = open_clip.factory._get_hf_config(name[len("hf-hub:"):], cache_dir=cache_dir)["model_cfg"]
+            return cls(model, pre_train, pre_val, open_clip.get_tokenizer(name, cache_dir=cache_dir), cfg, name)
+        cfg = _resolve_config(name, pretrained, kwargs)
+        is_file = pretrained is not None and os.path.isfile(pretrained)
+        model, pre_train, pre_val = open_clip.create_model_and_transforms(
+            name, pretrained=None if is_file else pretrained, device=device, precision=precision,
+            cache_dir=cache_dir, **kwargs)
+        if is_file:
+            _load_weights_strict(model, Path(pretrained), cfg)
+        tokenizer = open_clip.get_tokenizer(name, context_length=cfg["text_cfg"].get("context_length"))
+        return cls(model, pre_train, pre_val, tokenizer, cfg, name)
+
+    @classmethod
+    def _from_dir(cls, path: Path, **kwargs) -> "CultureCLIP":
+        config_file = path / CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} not found: not a directory written by save_pretrained "
+                                    f"or open_clip's hub layout")
+        saved = json.loads(config_file.read_text())
+        if "model_cfg" not in saved:
+            raise ValueError(f"{config_file} has no 'model_cfg' entry")
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found (save_pretrained writes safetensors weights)")
+        obj = cls.from_config(saved["model_cfg"], name=saved.get("name", path.name),
+                              preprocess_cfg=saved.get("preprocess_cfg"), **kwargs)
+        _load_weights_strict(obj.model, weights, obj.model_cfg)
+        return obj
+
+    @classmethod
+    def from_config(cls, model_cfg: dict, name: str = "custom", preprocess_cfg: Optional[dict] = None,
+                    device: Union[str, torch.device] = "cpu", precision: str = "fp32") -> "CultureCLIP":
+        """Build an arbitrary open_clip architecture with random weights (never downloads).
+
+        ``model_cfg`` has open_clip's model-config layout (``embed_dim``, ``vision_cfg``, ``text_cfg``,
+        ...). The config is registered with open_clip under ``name`` so its tokenizer resolves as usual.
+        """
+        cfg = deepcopy(dict(model_cfg))
+        text_cfg = cfg.get("text_cfg", {})
+        if "hf_model_name" in text_cfg and text_cfg.get("hf_model_pretrained", True):
+            text_cfg["hf_model_pretrained"] = False  # from_config promises no download
+        key = f"cultureclip-cfg-{name}"
+        # open_clip's registry is the only way to hand create_model an in-memory config
+        open_clip.factory._MODEL_CONFIGS[key] = deepcopy(cfg)
+        model, pre_train, pre_val = open_clip.create_model_and_transforms(
+            key, pretrained=None, device=device, precision=precision, force_preprocess_cfg=preprocess_cfg,
+            pretrained_text=False)
+        tokenizer = open_clip.get_tokenizer(key, context_length=text_cfg.get("context_length"))
+        return cls(model, pre_train, pre_val, tokenizer, cfg, name)
+
+    # ------------------------------------------------------------------ encoders
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.model.logit_scale
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model_cfg.get("text_cfg", {}).get("context_length", 77))
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def tokenize(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> torch.Tensor:
+        """Token ids ``[N, L]``; ``context_length`` shorter than the model's is allowed for causal towers."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.tokenizer(texts, context_length=context_length or self.context_length)
+
+    @property
+    def supports_short_context(self) -> bool:
+        """Whether text may be encoded with fewer tokens than ``context_length`` without changing features.
+
+        True for open_clip's causal text transformer with EOT pooling: a token never attends to later
+        positions, so the padding after EOT cannot change the pooled EOT feature.
+        """
+        m = self.model
+        text = getattr(m, "text", m)
+        return getattr(text, "attn_mask", None) is not None and \
+            getattr(text, "text_pool_type", None) in ("argmax", "eos") and hasattr(text, "positional_embedding")
+
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        L = tokens.shape[1]
+        if L > self.context_length:
+            raise ValueError(f"token ids of length {L} exceed the model's context length {self.context_length}")
+        if L == self.context_length or not isinstance(m, open_clip.CLIP):
+            if L < self.context_length and not self.supports_short_context:
+                raise ValueError(f"this text tower needs the full context length {self.context_length}, got {L}")
+            return m.encode_text(tokens)  # CustomTextCLIP's TextTransformer slices by itself
+        if not self.supports_short_context:
+            raise ValueError(f"this text tower needs the full context length {self.context_length}, got {L}")
+        # open_clip.CLIP.encode_text adds the full positional table; slice it and the causal mask to L
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:L].to(cast)  # [N, L, W]
+        x = m.transformer(x, attn_mask=m.attn_mask[:L, :L])
+        x = m.ln_final(x)
+        x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))  # [N, W]
+        return m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
+
+    def encode_text(self, texts: Union[str, Sequence[str], torch.Tensor]) -> torch.Tensor:
+        """L2-normalised text features ``[N, D]`` from strings or token ids ``[N, L]``."""
+        tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
+        return F.normalize(self._encode_tokens(tokens.to(self.device)), dim=-1)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image features ``[N, D]`` from preprocessed pixels ``[N, 3, H, W]``."""
+        return self.model.encode_image(pixels.to(self.device), normalize=True)
+
+    def forward(self, pixels: torch.Tensor, texts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(image_features, text_features, s)`` with ``s = logit_scale.exp()``."""
+        return self.encode_image(pixels), self.encode_text(texts), self.logit_scale.exp()
+
+    # ------------------------------------------------------------------ fine-tuning set-ups
+    def towers(self) -> dict[str, nn.Module]:
+        m = self.model
+        text = m.text if hasattr(m, "text") else m.transformer
+        return {"image": m.visual, "text": text}
+
+    def add_lora(self, r: int = 4, alpha: float = 16, dropout: float = 0.1, targets: str = "qv",
+                 towers: Sequence[str] = ("image", "text"), layers: Union[str, Sequence[int]] = "all") -> int:
+        """Put LoRA adapters on the attention of the chosen towers and freeze everything else.
+
+        Returns the number of trainable parameters (the adapters). See :func:`cultureclip.lora.add_lora`.
+        """
+        available = self.towers()
+        unknown = set(towers) - set(available)
+        if unknown or not towers:
+            raise ValueError(f"towers must be a non-empty subset of {sorted(available)}, got {list(towers)}")
+        self.requires_grad_(False)
+        wrapped = lora_lib.add_lora({t: available[t] for t in towers}, r=r, alpha=alpha, dropout=dropout,
+                                    targets=targets, layers=layers)
+        for w in wrapped:
+            w.lora.requires_grad_(True)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def merge_lora(self) -> int:
+        """Fold adapters into the base weights (outputs unchanged); returns how many modules were merged."""
+        return lora_lib.merge_lora(self.model)
+
+    @property
+    def has_lora(self) -> bool:
+        return any(True for _ in lora_lib.lora_modules(self.model))
+
+    def lock(self, image: bool = False, text: bool = False, unlocked_groups: int = 0) -> None:
+        """Freeze a tower for full fine-tuning of the other (open_clip's ``lock_*_tower``)."""
+        if image:
+            self.model.lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=True)
+        if text:
+            self.model.lock_text_tower(unlocked_layers=unlocked_groups, freeze_layer_norm=True)
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
+        """Write open_clip's hub layout (``open_clip_config.json`` + ``open_clip_model.safetensors``).
+
+        Adapters are merged into a copy first, so the files load into plain open_clip
+        (``create_model_and_transforms("local-dir:" + directory)``) and this model keeps training.
+        Files are written to temporary names and renamed, so an interrupted save never leaves a
+        half-written model that looks complete.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if self.has_lora:
+            model = deepcopy(self.model)
+            lora_lib.merge_lora(model)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        pp = getattr(model.visual, "preprocess_cfg", {}) or {}
+        preprocess_cfg = {"mean": list(model.visual.image_mean), "std": list(model.visual.image_std)}
+        preprocess_cfg.update({k: pp[k] for k in ("interpolation", "resize_mode") if k in pp})
+        config = {"model_cfg": self.model_cfg, "preprocess_cfg": preprocess_cfg, "name": self.name}
+        tmp_w, tmp_c = directory / (WEIGHTS_NAME + ".tmp"), directory / (CONFIG_NAME + ".tmp")
+        save_file(state, str(tmp_w), metadata={_CFG_META_KEY: json.dumps(self.model_cfg, sort_keys=True),
+                                                "format": "pt"})
+        tmp_c.write_text(json.dumps(config, indent=2))
+        os.replace(tmp_w, directory / WEIGHTS_NAME)
+        os.replace(tmp_c, directory / CONFIG_NAME)
+        return directory

@@ -1,0 +1,56 @@
+"""Every field name of the twin-pair data, in one place.
+
+A twin pair is one WebDataset sample (one ``__key__``) holding both twins, so both always land in the
+same batch::
+
+    pair0000042.pos.jpg   positive image (jpg, png or webp)
+    pair0000042.neg.jpg   twin (negative) image
+    pair0000042.json      {"pos_caption", "neg_caption", "pos_concept", "neg_concept",
+                           optional "pos_country", "neg_country", "category", "pair_id"}
+
+No other module spells these strings; import them from here.
+"""
+
+# ---- tar members (webdataset groups files by the part of the name before the first dot) ----
+KEY = "__key__"
+URL = "__url__"
+META = "json"
+POS_PREFIX = "pos"
+NEG_PREFIX = "neg"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+POS_IMAGE_MEMBERS = tuple(f"{POS_PREFIX}.{e}" for e in IMAGE_EXTS)  # "pos.jpg", ...
+NEG_IMAGE_MEMBERS = tuple(f"{NEG_PREFIX}.{e}" for e in IMAGE_EXTS)
+
+# ---- json fields of one pair ----
+POS_CAPTION = "pos_caption"
+NEG_CAPTION = "neg_caption"
+POS_CONCEPT = "pos_concept"
+NEG_CONCEPT = "neg_concept"
+POS_COUNTRY = "pos_country"
+NEG_COUNTRY = "neg_country"
+CATEGORY = "category"
+PAIR_ID = "pair_id"
+REQUIRED_TEXT_FIELDS = (POS_CAPTION, NEG_CAPTION, POS_CONCEPT, NEG_CONCEPT)
+OPTIONAL_FIELDS = (POS_COUNTRY, NEG_COUNTRY, CATEGORY, PAIR_ID)
+
+# ---- the authors' JSON/JSONL rows (CultureCLIP reference code) ----
+POS_IMAGE_PATH = "pos_image_path"
+NEG_IMAGE_PATH = "neg_image_path"
+AUTHOR_COLUMNS = (POS_IMAGE_PATH, POS_CAPTION, POS_CONCEPT, NEG_IMAGE_PATH, NEG_CAPTION, NEG_CONCEPT)
+
+# ---- batch keys and feature keys (the loss consumes features under the same names) ----
+POS_IMAGE = "pos_image"
+NEG_IMAGE = "neg_image"
+IMAGE_KEYS = (POS_IMAGE, NEG_IMAGE)
+CAPTION_KEYS = (POS_CAPTION, NEG_CAPTION)
+CONCEPT_KEYS = (POS_CONCEPT, NEG_CONCEPT)
+TEXT_KEYS = CAPTION_KEYS + CONCEPT_KEYS
+FEATURE_KEYS = IMAGE_KEYS + TEXT_KEYS
+# raw strings kept next to the token ids, e.g. "pos_concept_text", for evaluation and logging
+TEXT_SUFFIX = "_text"
+# number of samples the pipeline skipped (bad member, undecodable image) since the previous batch
+N_SKIPPED = "n_skipped"
+
+# ---- files stored next to the shards ----
+SIZES_FILE = "sizes.json"  # {"shard-000000.tar": n_pairs, ...}, as open_clip reads it
+SHARD_PATTERN = "shard-%06d.tar"

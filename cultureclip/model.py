@@ -179,9 +179,11 @@ class CultureCLIP(nn.Module):
         key = f"cultureclip-cfg-{name}"
         # open_clip's registry is the only way to hand create_model an in-memory config
         open_clip.factory._MODEL_CONFIGS[key] = deepcopy(cfg)
+        pp = preprocess_cfg or {}
         model, pre_train, pre_val = open_clip.create_model_and_transforms(
-            key, pretrained=None, device=device, precision=precision, force_preprocess_cfg=preprocess_cfg,
-            pretrained_text=False)
+            key, pretrained=None, device=device, precision=precision, pretrained_text=False,
+            image_mean=pp.get("mean"), image_std=pp.get("std"), image_interpolation=pp.get("interpolation"),
+            image_resize_mode=pp.get("resize_mode"))
         tokenizer = open_clip.get_tokenizer(key, context_length=text_cfg.get("context_length"))
         return cls(model, pre_train, pre_val, tokenizer, cfg, name)
 

@@ -1,0 +1,122 @@
+"""LoRA: exactly the adapters train, every adapter gets a gradient, merging is exact, the wrapper is
+numerically the same attention as nn.MultiheadAttention, and the paper's parameter count holds."""
+import copy
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cultureclip import CultureCLIP
+from cultureclip.lora import LoRAMultiheadAttention
+from conftest import TINY_RESNET, TINY_VIT, randomize_lora
+
+TEXTS = ["a red qipao with a mandarin collar", "a kimono with an obi sash", "erhu"]
+
+
+def _inputs(model, n=3, seed=0):
+    size = model.model_cfg["vision_cfg"]["image_size"]
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("cfg", [TINY_VIT, TINY_RESNET], ids=["vit", "resnet"])
+def test_only_adapters_train_and_all_get_gradients(cfg):
+    torch.manual_seed(0)
+    model = CultureCLIP.from_config(cfg)
+    n_trainable = model.add_lora(r=4, alpha=16, dropout=0.1, targets="qv")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora." in n for n in trainable)
+    assert n_trainable == sum(p.numel() for p in trainable.values())
+    randomize_lora(model)  # with B = 0 the gradient of A is exactly zero
+    model.train()
+    img = model.encode_image(_inputs(model))
+    txt = model.encode_text(TEXTS)
+    (img @ txt.T).sum().backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient for {name}"
+        else:
+            assert p.grad is None, f"frozen {name} got a gradient"
+
+
+def test_paper_parameter_count_vit_b32():
+    # PAPER.md: r=4 on q and v of every layer of both towers of ViT-B/32 is ~246k parameters
+    model = CultureCLIP.from_pretrained("ViT-B-32-quickgelu", pretrained=None)
+    assert model.add_lora(r=4, alpha=16, dropout=0.1, targets="qv") == 12 * 2 * 4 * (768 * 2) + 12 * 2 * 4 * (512 * 2)
+
+
+def test_targets_layers_towers_select_what_they_say(tiny_model):
+    n = tiny_model.add_lora(r=2, targets="qkvo", towers=("text",), layers=[1])
+    names = [k for k, p in tiny_model.named_parameters() if p.requires_grad]
+    assert all(k.startswith("model.transformer.resblocks.1.attn.lora.") for k in names)
+    assert sorted({k.split(".lora.")[1].split(".")[0] for k in names}) == sorted("qkvo")
+    assert n == 4 * 2 * (64 + 64)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"targets": "qx"}, "targets"), ({"layers": [7]}, "layers"), ({"towers": ("audio",)}, "towers"),
+    ({"r": 0}, "rank"),
+])
+def test_bad_lora_arguments_raise(tiny_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model.add_lora(**kwargs)
+
+
+@pytest.mark.parametrize("cfg", [TINY_VIT, TINY_RESNET], ids=["vit", "resnet"])
+def test_lora_starts_as_identity_and_merge_is_exact(cfg):
+    torch.manual_seed(0)
+    model = CultureCLIP.from_config(cfg).eval()
+    x = _inputs(model)
+    base_img, base_txt = model.encode_image(x), model.encode_text(TEXTS)
+    model.add_lora(r=4, alpha=16, dropout=0.1, targets="qkvo")
+    model.eval()
+    torch.testing.assert_close(model.encode_image(x), base_img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.encode_text(TEXTS), base_txt, atol=1e-5, rtol=1e-5)
+    randomize_lora(model)
+    lora_img, lora_txt = model.encode_image(x), model.encode_text(TEXTS)
+    assert (lora_img - base_img).abs().max() > 1e-3  # the adapters do something
+    assert model.merge_lora() > 0 and not model.has_lora
+    assert not any(".lora." in k for k in model.state_dict())
+    torch.testing.assert_close(model.encode_image(x), lora_img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.encode_text(TEXTS), lora_txt, atol=1e-5, rtol=1e-5)
+    # the merged model is plain open_clip again: its own state dict loads into a fresh open_clip model
+    fresh = CultureCLIP.from_config(cfg).eval()
+    fresh.model.load_state_dict(model.model.state_dict(), strict=True)
+    torch.testing.assert_close(fresh.encode_image(x), lora_img, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_wrapper_matches_multihead_attention(batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    ref = copy.deepcopy(mha)
+    wrapper = LoRAMultiheadAttention(mha, "qv", r=2, alpha=4, dropout=0.0).eval()
+    x = torch.randn(3, 7, 32) if batch_first else torch.randn(7, 3, 32)
+    causal = torch.full((7, 7), float("-inf")).triu(1)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, -2:] = True
+    for kwargs in ({}, {"attn_mask": causal}, {"key_padding_mask": pad}, {"attn_mask": causal.bool().logical_not().logical_not()}):
+        expected = ref(x, x, x, need_weights=False, **kwargs)[0]
+        got = wrapper(x, x, x, need_weights=False, **kwargs)[0]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_dropout_is_on_the_input_and_only_in_training(tiny_model):
+    tiny_model.add_lora(r=4, dropout=0.5)
+    randomize_lora(tiny_model)
+    x = _inputs(tiny_model)
+    tiny_model.eval()
+    torch.testing.assert_close(tiny_model.encode_image(x), tiny_model.encode_image(x))
+    tiny_model.train()
+    torch.manual_seed(1)
+    a = tiny_model.encode_image(x)
+    torch.manual_seed(2)
+    b = tiny_model.encode_image(x)
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_lock_tower_for_full_finetune(tiny_model):
+    tiny_model.lock(image=True)
+    assert not any(p.requires_grad for p in tiny_model.model.visual.parameters())
+    assert all(p.requires_grad for p in tiny_model.model.transformer.parameters())

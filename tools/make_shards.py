@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Convert twin-pair records (authors' JSON/JSONL or generic JSONL) into twin WebDataset shards.
+
+Example::
+
+    python tools/make_shards.py data/train.jsonl --out shards/train --image-root data/images \\
+        --maxcount 1000 --resize 256 --on-error skip
+
+Exit status: 0 on success, 1 on a bad record (with --on-error raise), an unusable input, existing
+shards without --overwrite, or when no pair at all was written. See cultureclip.data.convert.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cultureclip.data.convert import REPORT_FILE, convert_to_shards
+from cultureclip.data.shards import RecordError
+
+
+def main(argv=None) -> int:
+    """Parse arguments, convert, print a summary; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="+", help="JSONL or JSON-list files")
+    parser.add_argument("--out", required=True, help="output folder for the shards")
+    parser.add_argument("--image-root", default=None,
+                        help="folder for relative image paths (default: each input file's folder)")
+    parser.add_argument("--maxcount", type=int, default=1000, help="pairs per shard")
+    parser.add_argument("--resize", type=int, default=None, help="shrink the shorter image side to N px")
+    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                        help="stop at the first bad record (default) or skip and count it")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        report = convert_to_shards(args.inputs, args.out, image_root=args.image_root,
+                                   maxcount=args.maxcount, resize=args.resize,
+                                   on_error=args.on_error, overwrite=args.overwrite)
+    except (RecordError, FileExistsError, OSError, ValueError) as exc:
+        # the message names file:line and field; a traceback would add nothing for the user
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {report.written} pairs in {len(report.sizes)} shards to {args.out}; "
+          f"skipped {report.skipped} (details in {REPORT_FILE})")
+    if report.written == 0:
+        print("error: no pair was written", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

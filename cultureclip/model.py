@@ -314,3 +314,28 @@ class CultureCLIP(nn.Module):
         os.replace(tmp_w, directory / WEIGHTS_NAME)
         os.replace(tmp_c, directory / CONFIG_NAME)
         return directory
+
+
+def build_encoder(name: str, pretrained: Optional[str] = None, lora: Optional[dict] = None,
+                  lock_image: bool = False, lock_text: bool = False, unlocked_groups: int = 0,
+                  **kwargs) -> CultureCLIP:
+    """Load a model and set it up for fine-tuning, from plain values (what a config file holds).
+
+    Args:
+        name, pretrained, **kwargs: as in :meth:`CultureCLIP.from_pretrained`.
+        lora: keyword arguments of :meth:`CultureCLIP.add_lora` (``r``, ``alpha``, ``dropout``,
+            ``targets``, ``towers``, ``layers``), or None for full fine-tuning.
+        lock_image, lock_text, unlocked_groups: freeze a tower (full fine-tuning only).
+    """
+    if lora is not None and (lock_image or lock_text):
+        raise ValueError("lora already freezes all base weights; lock_image/lock_text are for full fine-tuning")
+    model = CultureCLIP.from_pretrained(name, pretrained=pretrained, **kwargs)
+    if lora is not None:
+        lora = dict(lora)
+        if "towers" in lora:
+            lora["towers"] = tuple(lora["towers"])
+        if not isinstance(lora.get("layers", "all"), str):
+            lora["layers"] = list(lora["layers"])
+        model.add_lora(**lora)
+    model.lock(image=lock_image, text=lock_text, unlocked_groups=unlocked_groups)
+    return model

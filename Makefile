@@ -1,0 +1,24 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install the package.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m cultureclip.train
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

@@ -1,0 +1,62 @@
+"""Batched, no-grad embedding of images and texts with a ``CultureCLIP`` model.
+
+Shared by every evaluation task so that batching, autocast and device handling live in one place.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from cultureclip.model import CultureCLIP
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when asked (and supported); a no-op context otherwise."""
+    if amp and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def embed_texts(model: CultureCLIP, texts: Sequence[str], batch_size: int = 256, amp: bool = True,
+                context_length: Optional[int] = None) -> torch.Tensor:
+    """L2-normalised features ``[N, D]`` (float32, on CPU) for a list of strings, in order."""
+    model.eval()
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = model.tokenize(list(texts[i:i + batch_size]), context_length=context_length)
+        with autocast(model.device, amp):
+            out.append(model.encode_text(tokens).float().cpu())
+    if not out:
+        return torch.empty(0, int(model.model_cfg["embed_dim"]))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_image_batches(model: CultureCLIP, batches: Iterable[torch.Tensor], amp: bool = True) -> torch.Tensor:
+    """L2-normalised features ``[N, D]`` (float32, on CPU) for an iterable of pixel batches ``[b, 3, H, W]``."""
+    model.eval()
+    out = []
+    for pixels in batches:
+        with autocast(model.device, amp):
+            out.append(model.encode_image(pixels.to(model.device, non_blocking=True)).float().cpu())
+    if not out:
+        return torch.empty(0, int(model.model_cfg["embed_dim"]))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def zero_shot_classifier(model: CultureCLIP, classnames: Sequence[str], templates: Sequence[str],
+                         batch_size: int = 256, amp: bool = True) -> torch.Tensor:
+    """CLIP's zero-shot weights ``[C, D]``: the normalised mean of each class's template embeddings.
+
+    Templates use ``{c}`` for the class name (CLIP_benchmark's file format) or are callables.
+    """
+    if not classnames or not templates:
+        raise ValueError("zero_shot_classifier needs at least one class name and one template")
+    texts = [t(c) if callable(t) else t.format(c=c) for c in classnames for t in templates]
+    feats = embed_texts(model, texts, batch_size=batch_size, amp=amp)  # [C*T, D]
+    feats = feats.view(len(classnames), len(templates), -1).mean(dim=1)  # [C, D]
+    return torch.nn.functional.normalize(feats, dim=-1)

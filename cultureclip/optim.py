@@ -1,0 +1,67 @@
+"""Optimizer parameter groups and learning-rate schedules (plain torch; the Lightning module uses them).
+
+Following CLIP practice (open_clip_train/main.py, nanoGPT's ``configure_optimizers``): gains, biases,
+the logit scale and embeddings get no weight decay; matrices do.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# parameters named like these are never decayed, whatever their shape
+_NO_DECAY_NAMES = ("logit_scale", "logit_bias", "positional_embedding", "class_embedding",
+                   "token_embedding", "cls_emb")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split the *trainable* parameters into a decayed group (matrices) and a no-decay group.
+
+    Returns:
+        ``[{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]``,
+        empty groups left out. Raises if nothing is trainable (a frozen model would silently not train).
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or any(key in name for key in _NO_DECAY_NAMES) or "bn" in name.split(".")[-2:-1] \
+                or name.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters: check lora / lock settings")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class _Schedule:
+    """The lr factor; a class, not a closure, so LambdaLR's state_dict can keep it."""
+
+    def __init__(self, decay: str, warmup_steps: int, total_steps: int, min_ratio: float):
+        self.decay, self.warmup_steps, self.total_steps, self.min_ratio = decay, warmup_steps, total_steps, min_ratio
+
+    def __call__(self, step: int) -> float:
+        # 1) linear warmup from 1/warmup to 1
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        # 2) after the schedule ends, stay at the floor
+        if step >= self.total_steps:
+            return self.min_ratio
+        # 3) in between, decay linearly or along a cosine to min_ratio
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        shape = 1.0 - progress if self.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_ratio + (1.0 - self.min_ratio) * shape
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100,
+                    decay: str = "linear", min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup for ``warmup_steps`` optimizer steps, then ``decay`` ("linear" or "cosine") to
+    ``min_ratio * lr`` at ``total_steps``. Step it once per optimizer step."""
+    if decay not in ("linear", "cosine"):
+        raise ValueError(f"decay must be 'linear' or 'cosine', got {decay!r}")
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(decay, warmup_steps, total_steps, min_ratio))

@@ -89,7 +89,7 @@ class CultureCLIPModule(L.LightningModule):
 
     def _check_finite(self, out: dict[str, torch.Tensor]) -> None:
         if not torch.isfinite(out["loss"]):
-            terms = {k: float(v) for k, v in out.items()}
+            terms = {k: float(v.detach()) for k, v in out.items()}
             raise FloatingPointError(f"non-finite loss at global step {self.global_step}: {terms}")
 
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
@@ -99,27 +99,8 @@ class CultureCLIPModule(L.LightningModule):
         if len(self._micro) < self.accum_freq:
             return None
         micro, self._micro = self._micro, []
-        keys = self.loss.required_keys
         opt = self.optimizers()
-        if len(micro) == 1:
-            out = self.loss(self.encode(micro[0], keys), self.encoder.logit_scale.exp())
-            self._check_finite(out)
-            self.manual_backward(out["loss"])
-        else:
-            with torch.no_grad():
-                cache = [self.encode(mb, keys) for mb in micro]
-            for j, mb in enumerate(micro):
-                fresh = self.encode(mb, keys)
-                feats = {k: torch.cat([fresh[k] if i == j else cache[i][k] for i in range(len(micro))])
-                         for k in keys}  # [accum * B, D]
-                # the temperature gets its gradient once, not once per micro-batch
-                scale = self.encoder.logit_scale.exp() if j == 0 else self.encoder.logit_scale.exp().detach()
-                out = self.loss(feats, scale)
-                self._check_finite(out)
-                # skip DDP's all-reduce until the last micro-batch of the step
-                sync = contextlib.nullcontext() if j == len(micro) - 1 else self._no_sync()
-                with sync:
-                    self.manual_backward(out["loss"])
+        out = self.backward_over(micro)
         if self.grad_clip_norm:
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
         opt.step()
@@ -132,7 +113,38 @@ class CultureCLIPModule(L.LightningModule):
         self._log_train(out, opt)
         return out["loss"].detach()
 
+    def backward_over(self, micro: list[dict], backward=None) -> dict[str, torch.Tensor]:
+        """Back-propagate the loss over all micro-batches as one batch; returns the loss terms.
+
+        One micro-batch: a plain step. Several: encode all without gradient, then re-encode each with
+        gradient inside the cached features, so every micro-batch sees the negatives of all of them
+        and the summed gradients equal those of the full batch.
+        """
+        backward = backward or self.manual_backward
+        keys = self.loss.required_keys
+        if len(micro) == 1:
+            out = self.loss(self.encode(micro[0], keys), self.encoder.logit_scale.exp())
+            self._check_finite(out)
+            backward(out["loss"])
+            return out
+        with torch.no_grad():
+            cache = [self.encode(mb, keys) for mb in micro]
+        for j, mb in enumerate(micro):
+            fresh = self.encode(mb, keys)
+            feats = {k: torch.cat([fresh[k] if i == j else cache[i][k] for i in range(len(micro))])
+                     for k in keys}  # [accum * B, D]
+            # the temperature gets its gradient once, not once per micro-batch
+            scale = self.encoder.logit_scale.exp()
+            out = self.loss(feats, scale if j == 0 else scale.detach())
+            self._check_finite(out)
+            # skip DDP's gradient all-reduce until the last micro-batch of the step
+            with contextlib.nullcontext() if j == len(micro) - 1 else self._no_sync():
+                backward(out["loss"])
+        return out
+
     def _no_sync(self):
+        if self._trainer is None:  # called outside a Trainer (tests, custom loops)
+            return contextlib.nullcontext()
         strategy = self.trainer.strategy
         block = getattr(strategy, "block_backward_sync", None)
         return block() if block is not None else contextlib.nullcontext()

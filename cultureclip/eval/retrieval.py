@@ -1,0 +1,318 @@
+"""FAISS inner-product search over L2-normalised features, and recall / rank metrics.
+
+Pure tensors in, tensors and flat dicts out: no model, no I/O. Features must be L2-normalised, so
+inner product is cosine similarity (the score CLIP uses); a norm far from 1 is an error, because a
+forgotten normalisation (the reference code's training defect) silently changes every ranking.
+
+Ties: FAISS and ``torch.topk`` may order equal scores differently (neither documents an order), and
+float rounding differs between FAISS kernels and a torch matmul at the last bit. Recall can only
+differ when a positive and a non-positive tie at the k-th place; the rank metrics here are
+optimistic on ties (rank = 1 + number of items scoring *strictly* higher than the best positive).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import faiss
+import numpy as np
+import torch
+
+# a query's relevant gallery items: one index per query [Q], a bool mask [Q, N], or an index set per query
+Positives = Union[torch.Tensor, Sequence[Union[int, Sequence[int], set]]]
+
+NORM_TOL = 1e-2  # loose enough for bf16-autocast features (~4e-3 error), tight enough to catch raw projections
+MIN_POINTS_PER_CENTROID = 39  # FAISS warns below this many training points per IVF list
+
+
+def _as_float32(x: Union[torch.Tensor, np.ndarray], name: str, check_normalized: bool) -> np.ndarray:
+    """A C-contiguous float32 [N, D] numpy array, checked (FAISS reads raw memory)."""
+    arr = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(arr.shape)}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(arr.shape)})")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} holds NaN or inf")
+    if check_normalized:
+        norms = np.linalg.norm(arr, axis=1)  # [N]
+        worst = float(np.abs(norms - 1).max())
+        if worst > NORM_TOL:
+            raise ValueError(f"{name} is not L2-normalised (a row norm is off by {worst:.3g}); inner product "
+                             f"is cosine only on unit vectors: F.normalize(x, dim=-1) first")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+@dataclass
+class SearchIndex:
+    """An inner-product FAISS index; ``search`` returns torch tensors.
+
+    Attributes:
+        index: the FAISS index (on GPU when ``on_gpu``).
+        kind: ``"flat"`` (exact) or ``"ivf"`` (approximate unless ``nprobe == nlist``).
+        ntotal, dim: gallery size and feature dimension.
+        on_gpu: whether the index was moved with ``faiss.index_cpu_to_all_gpus``.
+        nlist, nprobe: IVF parameters (None for flat).
+    """
+
+    index: faiss.Index
+    kind: str
+    ntotal: int
+    dim: int
+    on_gpu: bool = False
+    nlist: Optional[int] = None
+    nprobe: Optional[int] = None
+    _keep: list = field(default_factory=list, repr=False)  # objects FAISS points at (IVF quantizer)
+
+    def search(self, queries: Union[torch.Tensor, np.ndarray], k: int,
+               check_normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` gallery items per query, best first.
+
+        Args:
+            queries: [Q, D] L2-normalised features.
+            k: 1 <= k <= ntotal (FAISS would pad with index -1; we refuse instead).
+            check_normalized: raise when a query row is not unit norm.
+
+        Returns:
+            ``(scores, indices)``: float32 [Q, k] inner products and int64 [Q, k] gallery indices.
+        """
+        q = _as_float32(queries, "queries", check_normalized)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"queries have dimension {q.shape[1]}, the index has {self.dim}")
+        if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.ntotal:
+            raise ValueError(f"k must be an int in [1, {self.ntotal}] (the gallery size), got {k!r}")
+        scores, indices = self.index.search(q, int(k))  # [Q, k] each
+        return torch.from_numpy(scores), torch.from_numpy(indices.astype(np.int64))
+
+
+def build_index(gallery: Union[torch.Tensor, np.ndarray], kind: str = "flat", nlist: Optional[int] = None,
+                nprobe: Optional[int] = None, use_gpu: Union[bool, str] = "auto",
+                check_normalized: bool = True) -> SearchIndex:
+    """Build an inner-product index over a gallery of normalised features.
+
+    Args:
+        gallery: [N, D] L2-normalised features (converted to float32).
+        kind: ``"flat"`` (``IndexFlatIP``, exact brute force) or ``"ivf"`` (``IndexIVFFlat`` with the
+            inner-product metric, k-means-trained on the gallery itself).
+        nlist: IVF lists; default ``round(4 * sqrt(N))``, lowered so that every list has at least 39
+            training points (FAISS's own minimum). An explicit ``nlist`` with too few points is an error.
+        nprobe: IVF lists visited per query; default ``min(nlist, 32)``. ``nprobe == nlist`` is exact.
+        use_gpu: ``"auto"``: GPU when FAISS sees one; True: GPU or an error; False: CPU.
+        check_normalized: raise when a gallery row is not unit norm.
+
+    Returns:
+        A :class:`SearchIndex`.
+
+    Raises:
+        ValueError: bad kind/shape/norm, or too few points to train the requested IVF.
+        RuntimeError: ``use_gpu=True`` but this FAISS build has no GPU support or sees no GPU.
+    """
+    if use_gpu not in (True, False, "auto"):
+        raise ValueError(f"use_gpu must be True, False or 'auto', got {use_gpu!r}")
+    x = _as_float32(gallery, "gallery", check_normalized)
+    n, d = x.shape
+    keep: list = []
+    if kind == "flat":
+        index, nlist, nprobe = faiss.IndexFlatIP(d), None, None
+    elif kind == "ivf":
+        if nlist is None:
+            nlist = min(max(1, round(4 * n ** 0.5)), n // MIN_POINTS_PER_CENTROID)
+            if nlist < 1:
+                raise ValueError(f"an IVF index needs at least {MIN_POINTS_PER_CENTROID} gallery points to train "
+                                 f"one list, got {n}; use kind='flat' (exact, and fast at this size)")
+        elif not isinstance(nlist, int) or nlist < 1 or n < MIN_POINTS_PER_CENTROID * nlist:
+            raise ValueError(f"nlist={nlist!r} needs a positive int and at least {MIN_POINTS_PER_CENTROID} * nlist "
+                             f"= {MIN_POINTS_PER_CENTROID * max(1, int(nlist or 1))} training points, got {n}; "
+                             f"lower nlist, leave it None, or use kind='flat'")
+        nprobe = min(nlist, 32) if nprobe is None else int(nprobe)
+        if not 1 <= nprobe <= nlist:
+            raise ValueError(f"nprobe must be in [1, nlist={nlist}], got {nprobe}")
+        quantizer = faiss.IndexFlatIP(d)
+        keep.append(quantizer)  # the IVF index holds a raw pointer to it
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(x)  # FAISS k-means uses a fixed seed, so the lists are deterministic
+        index.nprobe = nprobe
+    else:
+        raise ValueError(f"kind must be 'flat' or 'ivf', got {kind!r}")
+    index.add(x)
+
+    can_gpu = hasattr(faiss, "index_cpu_to_all_gpus") and hasattr(faiss, "get_num_gpus") \
+        and faiss.get_num_gpus() > 0
+    if use_gpu is True and not can_gpu:
+        raise RuntimeError("use_gpu=True but FAISS has no GPU support or sees no GPU (faiss-cpu is installed, or "
+                           "CUDA_VISIBLE_DEVICES hides the devices); pass use_gpu='auto' or False")
+    on_gpu = bool(use_gpu) and can_gpu
+    if on_gpu:
+        keep.append(index)
+        index = faiss.index_cpu_to_all_gpus(index)  # GPU search caps k at 2048 (FAISS limit)
+    return SearchIndex(index=index, kind=kind, ntotal=n, dim=d, on_gpu=on_gpu, nlist=nlist, nprobe=nprobe,
+                       _keep=keep)
+
+
+def positive_pairs(positives: Positives, n_queries: int,
+                   n_gallery: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise any positives format to ``(query_idx, gallery_idx)`` int64 pair lists.
+
+    Args:
+        positives: int64 [Q] (one positive per query), bool [Q, N] mask, or a length-Q sequence whose
+            items are an int or an iterable of ints.
+        n_queries: Q.
+        n_gallery: N, to range-check the indices (None: skip the upper-bound check).
+
+    Raises:
+        ValueError: wrong length/shape, an index out of range, or a query with no positive (its
+            recall is undefined, and silently counting it as a miss or a hit would bias the mean).
+    """
+    if isinstance(positives, torch.Tensor) and positives.dtype == torch.bool:
+        if positives.dim() != 2 or positives.shape[0] != n_queries:
+            raise ValueError(f"a positives mask must be [Q={n_queries}, N], got {tuple(positives.shape)}")
+        if n_gallery is not None and positives.shape[1] != n_gallery:
+            raise ValueError(f"positives mask has {positives.shape[1]} columns, the gallery has {n_gallery}")
+        q, g = positives.nonzero(as_tuple=True)
+    elif isinstance(positives, torch.Tensor):
+        if positives.dim() != 1 or positives.shape[0] != n_queries or positives.is_floating_point():
+            raise ValueError(f"positive indices must be an int tensor [Q={n_queries}], got "
+                             f"{positives.dtype} {tuple(positives.shape)}")
+        q, g = torch.arange(n_queries), positives.long().cpu()
+    else:
+        if len(positives) != n_queries:
+            raise ValueError(f"got {len(positives)} positive sets for {n_queries} queries")
+        sets = [[p] if isinstance(p, (int, np.integer)) else list(p) for p in positives]
+        q = torch.tensor([i for i, s in enumerate(sets) for _ in s], dtype=torch.long)
+        g = torch.tensor([int(j) for s in sets for j in s], dtype=torch.long)
+    q, g = q.long().cpu(), g.long().cpu()
+    if g.numel() and (g.min() < 0 or (n_gallery is not None and g.max() >= n_gallery)):
+        raise ValueError(f"a positive index is outside [0, {n_gallery if n_gallery is not None else 'N'})")
+    missing = (torch.bincount(q, minlength=n_queries) == 0).nonzero().flatten()
+    if missing.numel():
+        raise ValueError(f"{missing.numel()} queries have no positive (first: query {int(missing[0])})")
+    return q, g
+
+
+def hit_matrix(indices: torch.Tensor, positives: Positives, n_gallery: Optional[int] = None) -> torch.Tensor:
+    """Bool [Q, k]: whether ``indices[i, j]`` is a positive of query i (index -1 never is)."""
+    n_q = indices.shape[0]
+    if n_q == 0 or indices.shape[1] == 0:
+        raise ValueError(f"indices are empty (shape {tuple(indices.shape)})")
+    q, g = positive_pairs(positives, n_q, n_gallery)
+    indices = indices.long().cpu()
+    # encode (query, item) as one int64 so membership is a single vectorised isin
+    m = int(max(int(indices.max()) + 1, int(g.max()) + 1, 1))
+    pos_keys = q * m + g  # [P]
+    idx_keys = torch.arange(n_q).unsqueeze(1) * m + indices.clamp(min=0)  # [Q, k]
+    return torch.isin(idx_keys, pos_keys) & (indices >= 0)
+
+
+def hits_at_k(indices: torch.Tensor, positives: Positives, ks: Sequence[int] = (1, 5, 10),
+              n_gallery: Optional[int] = None) -> dict[int, torch.Tensor]:
+    """Per-query hit@k, ``{k: bool [Q]}``: any positive among the first k retrieved.
+
+    ``n_gallery`` (optional) range-checks the positives, so an off-by-one never reads as a miss.
+
+    Raises:
+        ValueError: a k larger than the number of retrieved columns.
+    """
+    if indices.dim() != 2:
+        raise ValueError(f"indices must be [Q, k], got shape {tuple(indices.shape)}")
+    for k in ks:
+        if not 1 <= k <= indices.shape[1]:
+            raise ValueError(f"recall@{k} needs the top {k}, but only {indices.shape[1]} were retrieved")
+    found = hit_matrix(indices, positives, n_gallery).cumsum(dim=1) > 0  # [Q, k]: a positive at column <= j
+    return {k: found[:, k - 1] for k in ks}
+
+
+def recall_at_k(indices: torch.Tensor, positives: Positives, ks: Sequence[int] = (1, 5, 10),
+                n_gallery: Optional[int] = None) -> dict[int, float]:
+    """Recall@k as in CLIP_benchmark: the fraction of queries with *any* positive in their top k.
+
+    This is "hit rate", not the IR recall (fraction of a query's positives retrieved) that
+    ``torchmetrics.retrieval_recall`` computes. CLIP_benchmark uses it because retrieval sets such as
+    COCO give each image 5 equally correct captions: finding one is success, and the IR recall
+    would cap image->text recall@1 at 1/5. With exactly one positive per query both definitions agree.
+
+    Args:
+        indices: [Q, K] retrieved gallery indices, best first.
+        positives: see :func:`positive_pairs`.
+        ks: each k <= K.
+        n_gallery: N, to range-check the positives (optional).
+
+    Returns:
+        ``{k: recall}``.
+    """
+    hits = hits_at_k(indices, positives, ks, n_gallery)
+    return {k: float(h.sum()) / h.numel() for k, h in hits.items()}  # an exact ratio, not a float32 mean
+
+
+@torch.no_grad()
+def first_positive_ranks(query_feats: torch.Tensor, gallery_feats: torch.Tensor, positives: Positives,
+                         chunk_size: int = 1024) -> torch.Tensor:
+    """1-based rank of each query's best-scoring positive, int64 [Q], by exact chunked matmul.
+
+    rank = 1 + number of gallery items scoring strictly higher than the best positive (optimistic on
+    ties); hit@k is ``rank <= k`` up to ties. Cost: one [chunk, N] score block at a time.
+    """
+    query_feats, gallery_feats = query_feats.float().cpu(), gallery_feats.float().cpu()
+    n_q, n_g = query_feats.shape[0], gallery_feats.shape[0]
+    q, g = positive_pairs(positives, n_q, n_g)
+    ranks = torch.empty(n_q, dtype=torch.long)
+    for start in range(0, n_q, chunk_size):
+        stop = min(start + chunk_size, n_q)
+        scores = query_feats[start:stop] @ gallery_feats.T  # [c, N]
+        sel = (q >= start) & (q < stop)
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        mask[q[sel] - start, g[sel]] = True
+        best_pos = scores.masked_fill(~mask, float("-inf")).max(dim=1, keepdim=True).values  # [c, 1]
+        ranks[start:stop] = (scores > best_pos).sum(dim=1) + 1
+    return ranks
+
+
+def retrieval_hits(query_feats: torch.Tensor, gallery_feats: torch.Tensor, positives: Positives,
+                   ks: Sequence[int] = (1, 5, 10), index_kind: str = "flat", nlist: Optional[int] = None,
+                   nprobe: Optional[int] = None, use_gpu: Union[bool, str] = "auto"):
+    """Search the gallery once and return per-query hits for every k.
+
+    A k above the gallery size N is computed as hit@N (the whole gallery is the top k; always a
+    hit), and keeps its requested k, so result keys line up across datasets of any size.
+
+    Returns:
+        ``(hits, scores, indices)``: ``{k: bool [Q]}`` for each requested k, and the search result
+        float32 / int64 [Q, min(max(ks), N)].
+    """
+    if query_feats.dim() != 2 or gallery_feats.dim() != 2 or query_feats.shape[1] != gallery_feats.shape[1]:
+        raise ValueError(f"queries {tuple(query_feats.shape)} and gallery {tuple(gallery_feats.shape)} must be "
+                         f"[Q, D] and [N, D] with the same D")
+    n = gallery_feats.shape[0]
+    clipped = {k: min(int(k), n) for k in ks}
+    index = build_index(gallery_feats, kind=index_kind, nlist=nlist, nprobe=nprobe, use_gpu=use_gpu)
+    scores, indices = index.search(query_feats, max(clipped.values()))  # [Q, K]
+    hits = hits_at_k(indices, positives, sorted(set(clipped.values())), n_gallery=n)
+    return {k: hits[clipped[k]] for k in ks}, scores, indices
+
+
+def retrieval_metrics(query_feats: torch.Tensor, gallery_feats: torch.Tensor, positives: Positives,
+                      ks: Sequence[int] = (1, 5, 10), prefix: str = "i2t_", index_kind: str = "flat",
+                      nlist: Optional[int] = None, nprobe: Optional[int] = None,
+                      use_gpu: Union[bool, str] = "auto", rank_metrics: bool = True) -> dict[str, float]:
+    """Recall@k (see :func:`recall_at_k`) and rank metrics for queries against a gallery, as a flat dict.
+
+    Args:
+        query_feats: [Q, D] normalised features.
+        gallery_feats: [N, D] normalised features.
+        positives: see :func:`positive_pairs`; every query needs at least one.
+        ks: recall cut-offs; a k above N is recall@N (see :func:`retrieval_hits`).
+        prefix: key prefix, e.g. ``"i2t_"`` gives ``i2t_recall@1``.
+        index_kind, nlist, nprobe, use_gpu: see :func:`build_index`.
+        rank_metrics: add ``{prefix}mean_rank``, ``{prefix}median_rank`` and ``{prefix}mrr`` from
+            :func:`first_positive_ranks` (an exact pass, as costly as a flat search).
+
+    Returns:
+        ``{f"{prefix}recall@{k}": float, ...}``.
+    """
+    hits, _, _ = retrieval_hits(query_feats, gallery_feats, positives, ks, index_kind, nlist, nprobe, use_gpu)
+    out = {f"{prefix}recall@{k}": float(h.sum()) / h.numel() for k, h in hits.items()}
+    if rank_metrics:
+        ranks = first_positive_ranks(query_feats, gallery_feats, positives).float()  # [Q]
+        out[f"{prefix}mean_rank"] = float(ranks.mean())
+        out[f"{prefix}median_rank"] = float(np.median(ranks.numpy()))  # torch.median is the lower median
+        out[f"{prefix}mrr"] = float((1.0 / ranks).mean())
+    return out

@@ -1,0 +1,180 @@
+"""The training app: every config composes and instantiates, a smoke run trains and exports a model
+plain open_clip loads, resume continues, accumulation keeps the full negative pool, DDP on 2 CPUs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+import cultureclip
+from cultureclip import schema
+from cultureclip.data.toy import ensure_toy_shards
+from cultureclip.lit_module import CultureCLIPModule
+from cultureclip.loss import CultureCLIPLoss
+from cultureclip.train import train
+
+CONF = Path(cultureclip.__file__).parent / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    ensure_toy_shards(root / "toy", seed=0)
+    return root
+
+
+def make_cfg(overrides, run_dir, data_dir):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run_dir)
+        cfg.paths.data_dir = str(data_dir)
+        cfg.callbacks.pop("progress_bar", None)
+    return cfg
+
+
+@pytest.mark.parametrize("experiment", [None] + EXPERIMENTS)
+def test_every_experiment_composes_and_instantiates(experiment, tmp_path, toy_root, monkeypatch):
+    overrides = [] if experiment is None else [f"+experiment={experiment}"]
+    if experiment and experiment.startswith("cultwin"):
+        overrides += [f"data.train_shards={toy_root}/toy/train", f"data.val_shards={toy_root}/toy/val",
+                      "model.pretrained=null"]  # no download in tests
+    cfg = make_cfg(overrides, tmp_path / "run", toy_root)
+    assert "experiment" not in cfg  # the overlay merged into the root, nothing left behind
+    for group in ("data", "loss"):
+        instantiate(cfg[group])
+    instantiate(cfg.optim.optimizer)(params=[torch.nn.Parameter(torch.zeros(2, 2))])
+    # GPU trainer configs are instantiated on the CPU here (no GPU in CI); the rest is as configured
+    instantiate(cfg.trainer, accumulate_grad_batches=1, logger=False,
+                **({} if torch.cuda.is_available() else {"accelerator": "cpu", "devices": 1, "strategy": "auto"}))
+    if experiment and experiment.startswith("cultwin"):
+        assert cfg.model.name == "ViT-B-32-quickgelu"
+    else:
+        instantiate(cfg.model)
+
+
+def test_cultwin_recipe_values(tmp_path, toy_root):
+    cfg = make_cfg(["+experiment=cultwin"], tmp_path, toy_root)
+    assert cfg.model.lora == {"r": 4, "alpha": 16, "dropout": 0.1, "targets": "qv", "towers": ["image", "text"],
+                              "layers": "all"}
+    assert cfg.optim.optimizer.lr == 3e-6 and cfg.optim.weight_decay == 0.1
+    assert cfg.optim.scheduler.warmup_steps == 100 and cfg.optim.scheduler.decay == "linear"
+    assert cfg.trainer.max_epochs == 10 and cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == 2048
+    assert (cfg.loss.variant, cfg.loss.lambda_caption, cfg.loss.lambda_concept) == ("cultureclip", 0.7, 0.3)
+
+
+def test_config_errors_are_clear(tmp_path, toy_root, monkeypatch):
+    with pytest.raises(ConfigCompositionException):
+        make_cfg(["no_such_key=1"], tmp_path, toy_root)
+    with pytest.raises(ConfigCompositionException):
+        make_cfg(["model=no_such_model"], tmp_path, toy_root)
+    # CulTwin shard paths are mandatory, and a pattern that matches nothing is named
+    cfg = make_cfg(["+experiment=cultwin"], tmp_path, toy_root)
+    with pytest.raises(Exception, match="train_shards"):
+        instantiate(cfg.data)
+    cfg = make_cfg(["+experiment=cultwin", "data.train_shards=/nonexistent/shard-*.tar",
+                    f"data.val_shards={toy_root}/toy/val"], tmp_path, toy_root)
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the shard paths were checked")
+    monkeypatch.setattr("cultureclip.model.build_encoder", no_model)
+    with pytest.raises(Exception, match="no shard matches '/nonexistent/shard-"):
+        train(cfg)
+
+
+def test_smoke_train_exports_model_and_metrics(tmp_path, toy_root):
+    run = tmp_path / "run"
+    cfg = make_cfg(["+experiment=smoke"], run, toy_root)
+    record, objs = train(cfg)
+    assert objs["trainer"].global_step == 4
+    metrics = json.loads((run / "metrics.json").read_text())
+    for stage in ("before", "after"):
+        assert {"val/twin_acc", "val/concept_top1", "val/loss"} <= set(metrics[stage])
+    assert metrics["after"]["val/loss"] != metrics["before"]["val/loss"]
+    assert metrics["config"]["loss"]["variant"] == "cultureclip" and "torch" in metrics["versions"]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    # the exported model is plain open_clip and matches the trained encoder
+    model, _, _ = open_clip.create_model_and_transforms("local-dir:" + str(run / "model"))
+    enc = objs["encoder"].eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(F.normalize(model.eval().encode_image(x), dim=-1), enc.encode_image(x),
+                               atol=1e-5, rtol=1e-5)
+    # a second fresh run over the same directory is refused rather than overwriting checkpoints
+    with pytest.raises(FileExistsError, match="ckpt_path=last"):
+        train(make_cfg(["+experiment=smoke"], run, toy_root))
+
+
+def test_resume_continues_step_count_and_optimizer(tmp_path, toy_root):
+    run = tmp_path / "run"
+    train(make_cfg(["+experiment=smoke", "trainer.max_steps=2"], run, toy_root))
+    first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert first["global_step"] == 2 and "rng" in first
+    record, objs = train(make_cfg(["+experiment=smoke", "trainer.max_steps=4", "ckpt_path=last"], run, toy_root))
+    assert objs["trainer"].global_step == 4
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4
+    sched = last["lr_schedulers"][0]
+    assert sched["last_epoch"] == 4  # the schedule went on from step 2, not from 0
+    assert record["before"] == {}  # a resumed run does not re-measure "before"
+
+
+def _batch(b, seed, size=64):
+    g = torch.Generator().manual_seed(seed)
+    tok = open_clip.get_tokenizer("cultureclip-tiny")
+    words = ["qipao", "ao dai", "hanbok", "kimono", "sari", "kebaya", "dirndl", "kilt"]
+    batch = {k: torch.randn(b, 3, size, size, generator=g) for k in schema.IMAGE_KEYS}
+    for k in schema.TEXT_KEYS:
+        idx = torch.randint(0, len(words), (b,), generator=g).tolist()
+        batch[k] = tok([f"a {words[i]} number {seed}" for i in idx])
+    return batch
+
+
+def test_accumulation_keeps_full_negative_pool():
+    torch.manual_seed(0)
+    enc = cultureclip.CultureCLIP.from_pretrained("cultureclip-tiny").eval()  # eval: no dropout noise
+    module = CultureCLIPModule(enc, CultureCLIPLoss("cultureclip"), optimizer=None)
+    micro = [_batch(4, 1), _batch(4, 2)]
+    full = {k: torch.cat([m[k] for m in micro]) for k in micro[0]}
+    out_full = module.backward_over([full], backward=torch.Tensor.backward)
+    ref = {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+    enc.zero_grad(set_to_none=True)
+    out_acc = module.backward_over(micro, backward=torch.Tensor.backward)
+    torch.testing.assert_close(out_acc["loss"], out_full["loss"])
+    for n, p in enc.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-5, rtol=1e-4, msg=n)
+    # Lightning-style accumulation (a separate loss per micro-batch) gives a different gradient
+    enc.zero_grad(set_to_none=True)
+    for m in micro:
+        module.backward_over([m], backward=lambda loss: (loss / 2).backward())
+    assert not torch.allclose(enc.model.visual.conv1.weight.grad, ref["model.visual.conv1.weight"], atol=1e-6)
+
+
+def test_non_finite_loss_stops_with_the_step():
+    enc = cultureclip.CultureCLIP.from_pretrained("cultureclip-tiny")
+    module = CultureCLIPModule(enc, CultureCLIPLoss("clip"), optimizer=None)
+    with torch.no_grad():
+        enc.model.visual.proj.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="global step 0"):
+        module.backward_over([_batch(2, 0)], backward=torch.Tensor.backward)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path, toy_root):
+    # Lightning's own DDP launcher re-runs the command for rank 1 (as with torchrun); gloo on CPU
+    cmd = [sys.executable, "-m", "cultureclip.train", "+experiment=smoke", "trainer.strategy=ddp",
+           "trainer.devices=2", "trainer.max_steps=2", f"paths.data_dir={toy_root}",
+           f"paths.output_dir={tmp_path}", "callbacks=none", "logger=csv"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "smoke-cultureclip-s0" / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 and metrics["config"]["trainer"]["devices"] == 2

@@ -15,4 +15,7 @@ def __getattr__(name):
     if name == "CultureCLIPLoss":
         from cultureclip.loss import CultureCLIPLoss
         return CultureCLIPLoss
+    if name == "zeroshot":
+        import importlib
+        return importlib.import_module("cultureclip.zeroshot")
     raise AttributeError(f"module 'cultureclip' has no attribute {name!r}")

@@ -23,7 +23,7 @@ from torchmetrics import MeanMetric
 
 from cultureclip import schema
 from cultureclip.loss import CultureCLIPLoss
-from cultureclip.model import CultureCLIP
+from cultureclip.model import TRAINING_CKPT_KEY, CultureCLIP
 from cultureclip.optim import param_groups
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature so that s <= 100
@@ -216,6 +216,8 @@ class CultureCLIPModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # lets CultureCLIP.from_pretrained("....ckpt") rebuild the encoder without the run's config
+        checkpoint[TRAINING_CKPT_KEY] = self.encoder.checkpoint_metadata(prefix="encoder.")
         # RNG states as tensors and plain tuples, so the checkpoint loads with weights_only=True
         np_state = np.random.get_state()
         checkpoint["rng"] = {

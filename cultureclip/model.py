@@ -33,7 +33,8 @@ from cultureclip import lora as lora_lib
 
 CONFIG_NAME = "open_clip_config.json"  # open_clip's hub layout (push_to_hf_hub.py)
 WEIGHTS_NAME = "open_clip_model.safetensors"
-_CFG_META_KEY = "open_clip_model_cfg"  # safetensors header entry that records the architecture
+_CFG_META_KEY = "open_clip_model_cfg"
+TRAINING_CKPT_KEY = "cultureclip"  # entry of a Lightning checkpoint that describes the encoder  # safetensors header entry that records the architecture
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)  # registers e.g. "cultureclip-tiny" with open_clip
 
@@ -110,6 +111,7 @@ class CultureCLIP(nn.Module):
         self.tokenizer = tokenizer
         self.model_cfg = model_cfg
         self.name = name
+        self.lora_config: Optional[dict] = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -132,6 +134,8 @@ class CultureCLIP(nn.Module):
             name = name[len("local-dir:"):]
         if os.path.isdir(name):
             return cls._from_dir(Path(name), device=device, precision=precision, **kwargs)
+        if name.endswith(".ckpt") and os.path.isfile(name):
+            return cls._from_training_checkpoint(Path(name), device=device, precision=precision)
         if name.startswith("hf-hub:"):
             model, pre_train, pre_val = open_clip.create_model_and_transforms(
                 name, device=device, precision=precision, cache_dir=cache_dir, **kwargs)
@@ -163,6 +167,35 @@ class CultureCLIP(nn.Module):
                               preprocess_cfg=saved.get("preprocess_cfg"), **kwargs)
         _load_weights_strict(obj.model, weights, obj.model_cfg)
         return obj
+
+    @classmethod
+    def _from_training_checkpoint(cls, path: Path, **kwargs) -> "CultureCLIP":
+        """A Lightning checkpoint written by ``cultureclip.train`` (LoRA merged on load)."""
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        meta = ckpt.get(TRAINING_CKPT_KEY)
+        if meta is None:
+            raise ValueError(f"{path} was not written by cultureclip.train (no {TRAINING_CKPT_KEY!r} entry); "
+                             f"load its state dict with an architecture name and pretrained=<file>")
+        obj = cls.from_config(meta["model_cfg"], name=meta.get("name", "custom"),
+                              preprocess_cfg=meta.get("preprocess_cfg"), **kwargs)
+        if meta.get("lora"):
+            obj.add_lora(**meta["lora"])
+        prefix = meta.get("prefix", "encoder.")
+        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        try:
+            obj.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointMismatchError(f"{path} does not fit its recorded architecture:\n{e}") from e
+        obj.merge_lora()
+        return obj.eval()
+
+    def checkpoint_metadata(self, prefix: str = "encoder.") -> dict:
+        """What a training checkpoint records to rebuild this model (see ``_from_training_checkpoint``)."""
+        pp = getattr(self.model.visual, "preprocess_cfg", {}) or {}
+        preprocess_cfg = {"mean": list(self.model.visual.image_mean), "std": list(self.model.visual.image_std)}
+        preprocess_cfg.update({k: pp[k] for k in ("interpolation", "resize_mode") if k in pp})
+        return {"name": self.name, "model_cfg": self.model_cfg, "preprocess_cfg": preprocess_cfg,
+                "lora": self.lora_config if self.has_lora else None, "prefix": prefix}
 
     @classmethod
     def from_config(cls, model_cfg: dict, name: str = "custom", preprocess_cfg: Optional[dict] = None,
@@ -265,7 +298,11 @@ class CultureCLIP(nn.Module):
         unknown = set(towers) - set(available)
         if unknown or not towers:
             raise ValueError(f"towers must be a non-empty subset of {sorted(available)}, got {list(towers)}")
+        if self.has_lora:
+            raise ValueError("LoRA adapters are already in place; merge_lora() first to stack another set")
         self.requires_grad_(False)
+        self.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets,
+                            "towers": list(towers), "layers": layers if isinstance(layers, str) else list(layers)}
         wrapped = lora_lib.add_lora({t: available[t] for t in towers}, r=r, alpha=alpha, dropout=dropout,
                                     targets=targets, layers=layers)
         for w in wrapped:
@@ -274,7 +311,9 @@ class CultureCLIP(nn.Module):
 
     def merge_lora(self) -> int:
         """Fold adapters into the base weights (outputs unchanged); returns how many modules were merged."""
-        return lora_lib.merge_lora(self.model)
+        n = lora_lib.merge_lora(self.model)
+        self.lora_config = None
+        return n
 
     @property
     def has_lora(self) -> bool:
@@ -303,10 +342,8 @@ class CultureCLIP(nn.Module):
             model = deepcopy(self.model)
             lora_lib.merge_lora(model)
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        pp = getattr(model.visual, "preprocess_cfg", {}) or {}
-        preprocess_cfg = {"mean": list(model.visual.image_mean), "std": list(model.visual.image_std)}
-        preprocess_cfg.update({k: pp[k] for k in ("interpolation", "resize_mode") if k in pp})
-        config = {"model_cfg": self.model_cfg, "preprocess_cfg": preprocess_cfg, "name": self.name}
+        config = {"model_cfg": self.model_cfg, "preprocess_cfg": self.checkpoint_metadata()["preprocess_cfg"],
+                  "name": self.name}
         tmp_w, tmp_c = directory / (WEIGHTS_NAME + ".tmp"), directory / (CONFIG_NAME + ".tmp")
         save_file(state, str(tmp_w), metadata={_CFG_META_KEY: json.dumps(self.model_cfg, sort_keys=True),
                                                 "format": "pt"})

@@ -93,8 +93,9 @@ def test_config_errors_are_clear(tmp_path, toy_root, monkeypatch):
 
 def test_smoke_train_exports_model_and_metrics(tmp_path, toy_root):
     run = tmp_path / "run"
-    cfg = make_cfg(["+experiment=smoke"], run, toy_root)
+    cfg = make_cfg(["+experiment=smoke", "model.lora={r:2,alpha:8,dropout:0.0,targets:qv}"], run, toy_root)
     record, objs = train(cfg)
+    assert objs["encoder"].has_lora
     assert objs["trainer"].global_step == 4
     metrics = json.loads((run / "metrics.json").read_text())
     for stage in ("before", "after"):
@@ -108,6 +109,11 @@ def test_smoke_train_exports_model_and_metrics(tmp_path, toy_root):
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(F.normalize(model.eval().encode_image(x), dim=-1), enc.encode_image(x),
                                atol=1e-5, rtol=1e-5)
+    # a training checkpoint loads back as an encoder (adapters merged) with the same features
+    from_ckpt = cultureclip.CultureCLIP.from_pretrained(str(run / "checkpoints" / "last.ckpt"))
+    assert not from_ckpt.has_lora
+    torch.testing.assert_close(from_ckpt.encode_image(x), enc.encode_image(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(from_ckpt.encode_text(["a hanbok"]), enc.encode_text(["a hanbok"]), atol=1e-5, rtol=1e-5)
     # a second fresh run over the same directory is refused rather than overwriting checkpoints
     with pytest.raises(FileExistsError, match="ckpt_path=last"):
         train(make_cfg(["+experiment=smoke"], run, toy_root))

@@ -5,6 +5,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # any accidental hub access fails fast instead of hanging
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # for subprocesses the tests start (DDP ranks, CLIs)
+# the test tensors are tiny: one thread avoids spin-waiting between 2 cores and loader workers
+torch.set_num_threads(1)
 
 TINY_VIT = {
     "embed_dim": 32,

@@ -16,6 +16,7 @@ from PIL import Image
 
 from cultureclip import schema
 
+SHARD_MTIME = 1_700_000_000  # 2023-11-14, any fixed integer works
 ImageLike = Union[Image.Image, bytes, str, os.PathLike]
 
 
@@ -92,17 +93,20 @@ class TwinShardWriter:
         maxcount: pairs per shard.
         maxsize: bytes per shard before a new one starts.
         resize: optional shorter-side size for stored images (pre-resized JPEGs train faster).
+        mtime: the timestamp stamped on every tar member. webdataset's default (a float ``time.time()``)
+            makes tarfile add a pax header of about 1 KiB to every member (more than a small JPEG)
+            and makes the shards differ from run to run; a fixed integer avoids both.
     """
 
     def __init__(self, out_dir: Union[str, os.PathLike], maxcount: int = 1000,
-                 maxsize: float = 3e9, resize: Optional[int] = None):
+                 maxsize: float = 3e9, resize: Optional[int] = None, mtime: int = SHARD_MTIME):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.resize = resize
         self.sizes: dict[str, int] = {}
         self._keys: set[str] = set()
         self._writer = wds.ShardWriter(str(self.out_dir / schema.SHARD_PATTERN), maxcount=maxcount,
-                                       maxsize=maxsize, verbose=0)
+                                       maxsize=maxsize, verbose=0, mtime=int(mtime))
 
     def write(self, key: str, pos_image: ImageLike, neg_image: ImageLike, meta: Mapping[str, Any]) -> None:
         """Validate and write one pair; raises ``RecordError``/``OSError`` and writes nothing on bad input."""

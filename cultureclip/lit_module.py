@@ -200,13 +200,16 @@ class CultureCLIPModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimizers and state
     def total_steps(self) -> int:
-        """Optimizer steps of the whole run (for the lr schedule)."""
+        """Optimizer steps of the whole run (for the lr schedule): ``max_steps``, else epochs x steps per epoch."""
         if self.trainer.max_steps and self.trainer.max_steps > 0:
             return int(self.trainer.max_steps)
-        batches = self.trainer.estimated_stepping_batches  # micro-batches, since accumulation is ours
-        if not math.isfinite(batches):
-            raise ValueError("cannot size the lr schedule: set trainer.max_steps or an epoch length")
-        return max(1, int(batches) // self.accum_freq)
+        # Lightning cannot size an IterableDataset epoch; the datamodule knows it (micro-batches per device)
+        per_epoch = getattr(self.trainer.datamodule, "batches_per_epoch", None)
+        epochs = self.trainer.max_epochs
+        if per_epoch is None or epochs is None or epochs < 1:
+            raise ValueError("cannot size the lr schedule: set trainer.max_steps, or trainer.max_epochs with a "
+                             "datamodule that has batches_per_epoch")
+        return max(1, epochs * int(per_epoch) // self.accum_freq)
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(params=param_groups(self.encoder, self.weight_decay))

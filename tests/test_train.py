@@ -97,6 +97,10 @@ def test_smoke_train_exports_model_and_metrics(tmp_path, toy_root):
     record, objs = train(cfg)
     assert objs["encoder"].has_lora
     assert objs["trainer"].global_step == 4
+    trainer, module = objs["trainer"], objs["module"]
+    assert module.total_steps() == 4  # the lr schedule spans max_steps
+    trainer.fit_loop.epoch_loop.max_steps, trainer.fit_loop.max_epochs = -1, 3
+    assert module.total_steps() == 3 * objs["datamodule"].batches_per_epoch  # ... or the epochs
     metrics = json.loads((run / "metrics.json").read_text())
     for stage in ("before", "after"):
         assert {"val/twin_acc", "val/concept_top1", "val/loss"} <= set(metrics[stage])

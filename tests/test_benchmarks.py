@@ -35,15 +35,6 @@ GROUNDING = [("japan", c) for c in ("kimono", "sushi", "torii", "geta", "bento",
 GROUNDING_BROKEN = {"tabla", "chullo"}  # their images are corrupt: verified pools must not contain them
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy CPU their spin-waits cost seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

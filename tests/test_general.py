@@ -15,15 +15,6 @@ from conftest import TINY_VIT
 NAMES = ["tench", "goldfish", "great white shark"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning makes them 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def save_image(path, seed, size=36):
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

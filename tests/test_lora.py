@@ -2,10 +2,8 @@
 numerically the same attention as nn.MultiheadAttention, and the paper's parameter count holds."""
 import copy
 
-import open_clip
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cultureclip import CultureCLIP

@@ -25,15 +25,6 @@ TEMPLATES = ["a photo of a {c}.", "a {c} at a festival.", "{c}"]
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning makes them 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def save_image(path, seed, size=40):
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

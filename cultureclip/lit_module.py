@@ -60,6 +60,7 @@ class CultureCLIPModule(L.LightningModule):
         self._vocab_index: dict[str, int] = {}
         self._timer = {"window_start": None, "batch_end": None, "wait": 0.0, "pairs": 0}
         self._skipped_total = 0
+        self._val_skipped = 0
 
     # ------------------------------------------------------------------ encoding
     def encode(self, batch: dict, keys: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -170,6 +171,7 @@ class CultureCLIPModule(L.LightningModule):
             raise RuntimeError("the datamodule must expose val_concepts (the concept names of the "
                                "validation split) for val/concept_top1")
         self._vocab_index = {n: i for i, n in enumerate(names)}
+        self._val_skipped = 0
         feats = [self.encoder.encode_text(list(names[i:i + 256])) for i in range(0, len(names), 256)]
         self._vocab_feats = torch.cat(feats)  # [V, D]
 
@@ -188,12 +190,13 @@ class CultureCLIPModule(L.LightningModule):
         target = torch.tensor([self._vocab_index[n] for n in names], device=images.device)
         pred = (images @ self._vocab_feats.to(images.dtype).T).argmax(dim=-1)  # [2B]
         self.val_concept_top1.update((pred == target).float())
-        self._skipped_total += int(batch.get(schema.N_SKIPPED, 0))
+        self._val_skipped += int(batch.get(schema.N_SKIPPED, 0))
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/loss", self.val_loss.compute(), sync_dist=False)
         self.log("val/twin_acc", self.val_twin_acc.compute(), prog_bar=True)
         self.log("val/concept_top1", self.val_concept_top1.compute(), prog_bar=True)
+        self.log("val/skipped_samples", float(self._val_skipped), reduce_fx="sum", sync_dist=self.trainer.world_size > 1)
         for m in (self.val_loss, self.val_twin_acc, self.val_concept_top1):
             m.reset()
         self._vocab_feats = None

@@ -255,12 +255,10 @@ class CultureCLIP(nn.Module):
         L = tokens.shape[1]
         if L > self.context_length:
             raise ValueError(f"token ids of length {L} exceed the model's context length {self.context_length}")
-        if L == self.context_length or not isinstance(m, open_clip.CLIP):
-            if L < self.context_length and not self.supports_short_context:
-                raise ValueError(f"this text tower needs the full context length {self.context_length}, got {L}")
-            return m.encode_text(tokens)  # CustomTextCLIP's TextTransformer slices by itself
-        if not self.supports_short_context:
+        if L < self.context_length and not self.supports_short_context:
             raise ValueError(f"this text tower needs the full context length {self.context_length}, got {L}")
+        if L == self.context_length or not isinstance(m, open_clip.CLIP):
+            return m.encode_text(tokens)  # CustomTextCLIP's TextTransformer slices by itself
         # open_clip.CLIP.encode_text adds the full positional table; slice it and the causal mask to L
         cast = m.transformer.get_cast_dtype()
         x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:L].to(cast)  # [N, L, W]

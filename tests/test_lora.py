@@ -94,7 +94,7 @@ def test_wrapper_matches_multihead_attention(batch_first):
     causal = torch.full((7, 7), float("-inf")).triu(1)
     pad = torch.zeros(3, 7, dtype=torch.bool)
     pad[0, -2:] = True
-    for kwargs in ({}, {"attn_mask": causal}, {"key_padding_mask": pad}, {"attn_mask": causal.bool().logical_not().logical_not()}):
+    for kwargs in ({}, {"attn_mask": causal}, {"key_padding_mask": pad}, {"attn_mask": causal.isinf()}):
         expected = ref(x, x, x, need_weights=False, **kwargs)[0]
         got = wrapper(x, x, x, need_weights=False, **kwargs)[0]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -1,10 +1,11 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install the package.
+# `make test` runs the fast tests; `make test-all` adds the end-to-end ones marked slow (what CI runs).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-all clean
 
 install: $(STAMP)
 
@@ -18,6 +19,9 @@ demo: install
 	$(PY) -m cultureclip.train
 
 test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: install
 	$(PY) -m pytest -q
 
 clean:

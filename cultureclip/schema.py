@@ -36,7 +36,6 @@ OPTIONAL_FIELDS = (POS_COUNTRY, NEG_COUNTRY, CATEGORY, PAIR_ID)
 # ---- the authors' JSON/JSONL rows (CultureCLIP reference code) ----
 POS_IMAGE_PATH = "pos_image_path"
 NEG_IMAGE_PATH = "neg_image_path"
-AUTHOR_COLUMNS = (POS_IMAGE_PATH, POS_CAPTION, POS_CONCEPT, NEG_IMAGE_PATH, NEG_CAPTION, NEG_CONCEPT)
 
 # ---- batch keys and feature keys (the loss consumes features under the same names) ----
 POS_IMAGE = "pos_image"

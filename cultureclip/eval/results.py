@@ -31,7 +31,8 @@ def _slug(text: str) -> str:
 def write_result(out_dir: os.PathLike | str, *, model: str, pretrained: Optional[str], task: str, dataset: str,
                  split: Optional[str], revision: Optional[str], seed: Optional[int], n: int,
                  metrics: Mapping[str, Any], extra: Optional[Mapping[str, Any]] = None) -> Path:
-    """Write ``{header..., "versions", "metrics"}`` to ``out_dir/<model>__<pretrained>__<task>.json``.
+    """Write ``{header..., "versions", "metrics"}`` to ``out_dir/<model>__<pretrained>__<task>.json``,
+    or ``out_dir/<model>__<task>.json`` when ``pretrained`` is None (a local model, random weights).
 
     ``metrics`` must be flat (``{"acc1": 0.71, "i2t_recall@5": ...}``); nested values are refused so
     the aggregator can turn every file into one CSV row.
@@ -46,7 +47,8 @@ def write_result(out_dir: os.PathLike | str, *, model: str, pretrained: Optional
         record["extra"] = dict(extra)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{_slug(model)}__{_slug(pretrained)}__{_slug(task)}.json"
+    parts = [model] + ([] if pretrained is None else [pretrained]) + [task]
+    path = out_dir / ("__".join(map(_slug, parts)) + ".json")
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=False, default=float))
     os.replace(tmp, path)

@@ -45,15 +45,9 @@ def _as_float32(x: Union[torch.Tensor, np.ndarray], name: str, check_normalized:
 
 @dataclass
 class SearchIndex:
-    """An inner-product FAISS index; ``search`` returns torch tensors.
-
-    Attributes:
-        index: the FAISS index (on GPU when ``on_gpu``).
-        kind: ``"flat"`` (exact) or ``"ivf"`` (approximate unless ``nprobe == nlist``).
-        ntotal, dim: gallery size and feature dimension.
-        on_gpu: whether the index was moved with ``faiss.index_cpu_to_all_gpus``.
-        nlist, nprobe: IVF parameters (None for flat).
-    """
+    """An inner-product FAISS index (``kind`` ``"flat"``: exact; ``"ivf"``: approximate unless
+    ``nprobe == nlist``) over ``ntotal`` items of dimension ``dim``; ``search`` returns torch tensors.
+    ``on_gpu``: moved with ``faiss.index_cpu_to_all_gpus``; ``nlist``/``nprobe`` are None for flat."""
 
     index: faiss.Index
     kind: str
@@ -68,13 +62,9 @@ class SearchIndex:
                check_normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` gallery items per query, best first.
 
-        Args:
-            queries: [Q, D] L2-normalised features.
-            k: 1 <= k <= ntotal (FAISS would pad with index -1; we refuse instead).
-            check_normalized: raise when a query row is not unit norm.
-
-        Returns:
-            ``(scores, indices)``: float32 [Q, k] inner products and int64 [Q, k] gallery indices.
+        ``queries``: [Q, D] L2-normalised (``check_normalized`` raises on a row that is not unit norm);
+        ``k``: 1 <= k <= ntotal (FAISS would pad with index -1; we refuse instead). Returns
+        ``(scores, indices)``: float32 [Q, k] inner products and int64 [Q, k] gallery indices.
         """
         q = _as_float32(queries, "queries", check_normalized)
         if q.shape[1] != self.dim:
@@ -83,6 +73,20 @@ class SearchIndex:
             raise ValueError(f"k must be an int in [1, {self.ntotal}] (the gallery size), got {k!r}")
         scores, indices = self.index.search(q, int(k))  # [Q, k] each
         return torch.from_numpy(scores), torch.from_numpy(indices.astype(np.int64))
+
+
+def _ivf_lists(n: int, nlist: Optional[int]) -> int:
+    """IVF list count for ``n`` training points: ``nlist``, checked, or the default of :func:`build_index`."""
+    if nlist is None:
+        nlist = min(max(1, round(4 * n ** 0.5)), n // MIN_POINTS_PER_CENTROID)
+        if nlist < 1:
+            raise ValueError(f"an IVF index needs at least {MIN_POINTS_PER_CENTROID} gallery points to train "
+                             f"one list, got {n}; use kind='flat' (exact, and fast at this size)")
+    elif not isinstance(nlist, int) or nlist < 1 or n < MIN_POINTS_PER_CENTROID * nlist:
+        raise ValueError(f"nlist={nlist!r} needs a positive int and at least {MIN_POINTS_PER_CENTROID} * nlist "
+                         f"= {MIN_POINTS_PER_CENTROID * max(1, int(nlist or 1))} training points, got {n}; "
+                         f"lower nlist, leave it None, or use kind='flat'")
+    return nlist
 
 
 def build_index(gallery: Union[torch.Tensor, np.ndarray], kind: str = "flat", nlist: Optional[int] = None,
@@ -100,12 +104,9 @@ def build_index(gallery: Union[torch.Tensor, np.ndarray], kind: str = "flat", nl
         use_gpu: ``"auto"``: GPU when FAISS sees one; True: GPU or an error; False: CPU.
         check_normalized: raise when a gallery row is not unit norm.
 
-    Returns:
-        A :class:`SearchIndex`.
-
     Raises:
-        ValueError: bad kind/shape/norm, or too few points to train the requested IVF.
-        RuntimeError: ``use_gpu=True`` but this FAISS build has no GPU support or sees no GPU.
+        ValueError: bad kind/shape/norm, or too few points to train the requested IVF; RuntimeError:
+            ``use_gpu=True`` but this FAISS build has no GPU support or sees no GPU.
     """
     if use_gpu not in (True, False, "auto"):
         raise ValueError(f"use_gpu must be True, False or 'auto', got {use_gpu!r}")
@@ -115,15 +116,7 @@ def build_index(gallery: Union[torch.Tensor, np.ndarray], kind: str = "flat", nl
     if kind == "flat":
         index, nlist, nprobe = faiss.IndexFlatIP(d), None, None
     elif kind == "ivf":
-        if nlist is None:
-            nlist = min(max(1, round(4 * n ** 0.5)), n // MIN_POINTS_PER_CENTROID)
-            if nlist < 1:
-                raise ValueError(f"an IVF index needs at least {MIN_POINTS_PER_CENTROID} gallery points to train "
-                                 f"one list, got {n}; use kind='flat' (exact, and fast at this size)")
-        elif not isinstance(nlist, int) or nlist < 1 or n < MIN_POINTS_PER_CENTROID * nlist:
-            raise ValueError(f"nlist={nlist!r} needs a positive int and at least {MIN_POINTS_PER_CENTROID} * nlist "
-                             f"= {MIN_POINTS_PER_CENTROID * max(1, int(nlist or 1))} training points, got {n}; "
-                             f"lower nlist, leave it None, or use kind='flat'")
+        nlist = _ivf_lists(n, nlist)
         nprobe = min(nlist, 32) if nprobe is None else int(nprobe)
         if not 1 <= nprobe <= nlist:
             raise ValueError(f"nprobe must be in [1, nlist={nlist}], got {nprobe}")
@@ -136,8 +129,7 @@ def build_index(gallery: Union[torch.Tensor, np.ndarray], kind: str = "flat", nl
         raise ValueError(f"kind must be 'flat' or 'ivf', got {kind!r}")
     index.add(x)
 
-    can_gpu = hasattr(faiss, "index_cpu_to_all_gpus") and hasattr(faiss, "get_num_gpus") \
-        and faiss.get_num_gpus() > 0
+    can_gpu = hasattr(faiss, "index_cpu_to_all_gpus") and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
     if use_gpu is True and not can_gpu:
         raise RuntimeError("use_gpu=True but FAISS has no GPU support or sees no GPU (faiss-cpu is installed, or "
                            "CUDA_VISIBLE_DEVICES hides the devices); pass use_gpu='auto' or False")
@@ -156,8 +148,7 @@ def positive_pairs(positives: Positives, n_queries: int,
     Args:
         positives: int64 [Q] (one positive per query), bool [Q, N] mask, or a length-Q sequence whose
             items are an int or an iterable of ints.
-        n_queries: Q.
-        n_gallery: N, to range-check the indices (None: skip the upper-bound check).
+        n_queries, n_gallery: Q and N (N range-checks the indices; None skips the upper-bound check).
 
     Raises:
         ValueError: wrong length/shape, an index out of range, or a query with no positive (its
@@ -208,9 +199,7 @@ def hits_at_k(indices: torch.Tensor, positives: Positives, ks: Sequence[int] = (
     """Per-query hit@k, ``{k: bool [Q]}``: any positive among the first k retrieved.
 
     ``n_gallery`` (optional) range-checks the positives, so an off-by-one never reads as a miss.
-
-    Raises:
-        ValueError: a k larger than the number of retrieved columns.
+    A k larger than the number of retrieved columns raises ValueError.
     """
     if indices.dim() != 2:
         raise ValueError(f"indices must be [Q, k], got shape {tuple(indices.shape)}")
@@ -230,14 +219,8 @@ def recall_at_k(indices: torch.Tensor, positives: Positives, ks: Sequence[int] =
     COCO give each image 5 equally correct captions: finding one is success, and the IR recall
     would cap image->text recall@1 at 1/5. With exactly one positive per query both definitions agree.
 
-    Args:
-        indices: [Q, K] retrieved gallery indices, best first.
-        positives: see :func:`positive_pairs`.
-        ks: each k <= K.
-        n_gallery: N, to range-check the positives (optional).
-
-    Returns:
-        ``{k: recall}``.
+    ``indices``: [Q, K] retrieved gallery indices, best first; ``positives``: see :func:`positive_pairs`;
+    each k of ``ks`` <= K; ``n_gallery``: N, to range-check the positives (optional). Returns ``{k: recall}``.
     """
     hits = hits_at_k(indices, positives, ks, n_gallery)
     return {k: float(h.sum()) / h.numel() for k, h in hits.items()}  # an exact ratio, not a float32 mean
@@ -296,8 +279,7 @@ def retrieval_metrics(query_feats: torch.Tensor, gallery_feats: torch.Tensor, po
     """Recall@k (see :func:`recall_at_k`) and rank metrics for queries against a gallery, as a flat dict.
 
     Args:
-        query_feats: [Q, D] normalised features.
-        gallery_feats: [N, D] normalised features.
+        query_feats, gallery_feats: [Q, D] and [N, D] normalised features.
         positives: see :func:`positive_pairs`; every query needs at least one.
         ks: recall cut-offs; a k above N is recall@N (see :func:`retrieval_hits`).
         prefix: key prefix, e.g. ``"i2t_"`` gives ``i2t_recall@1``.

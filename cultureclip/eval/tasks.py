@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from cultureclip.data.pipeline import build_twin_pipeline, expand_shards, make_loader
-from cultureclip.eval.benchmarks import get_benchmark
+from cultureclip.eval.cultural import get_evaluator
 from cultureclip.eval.general import image_text_retrieval, imagenet_zeroshot
 from cultureclip.eval.twins import confusions, embed_twin_split, twin_metrics
 from cultureclip.model import CultureCLIP
@@ -120,8 +120,8 @@ def twins(model: CultureCLIP, shards: Union[str, Sequence[str]], batch_size: int
     return metrics, header, extra
 
 
-def benchmark(model: CultureCLIP, name: str, source: Any = None, **kwargs: Any) -> TaskOutput:
-    """One registered cultural benchmark (``cultureclip.eval.benchmarks.BENCHMARKS``: ``globalrg_retrieval``,
+def cultural(model: CultureCLIP, name: str, source: Any = None, **kwargs: Any) -> TaskOutput:
+    """One registered cultural benchmark (``cultureclip.eval.cultural.EVALUATORS``: ``globalrg_retrieval``,
     ``globalrg_grounding``, ``crope``, ``cultureverse``).
 
     Args:
@@ -134,7 +134,7 @@ def benchmark(model: CultureCLIP, name: str, source: Any = None, **kwargs: Any) 
     Returns:
         ``(metrics, header, extra)``: the benchmark's header with its ``extra`` moved out.
     """
-    evaluate = get_benchmark(name)
+    evaluate = get_evaluator(name)
     metrics, header = evaluate(model, **kwargs) if source is None else evaluate(model, source=source, **kwargs)
     header = dict(header)
     return metrics, header, dict(header.pop("extra", None) or {})

@@ -27,7 +27,7 @@ import re
 import unicodedata
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
-from cultureclip.eval.benchmarks import RowError, check_on_bad_row, get_field, is_file_list, read_rows
+from cultureclip.eval.cultural import RowError, check_on_bad_row, get_field, is_file_list, read_rows
 from cultureclip.eval.multiple_choice import (PROTOCOLS, MCItem, accuracy_report, make_header, score_items,
                                               skip_summary)
 
@@ -112,7 +112,7 @@ def resolve_answer(answer: Any, keys: Optional[Sequence[str]], texts: Sequence[s
 
 def load_rows(source: Any, split: Optional[str] = None, revision: Optional[str] = None, images_dir=None,
               fields: Optional[Mapping[str, str]] = None):
-    """Raw question rows (see :func:`cultureclip.eval.benchmarks.read_rows`); ``split=None`` reads
+    """Raw question rows (see :func:`cultureclip.eval.cultural.read_rows`); ``split=None`` reads
     every data file of a folder."""
     f = {**DEFAULT_FIELDS, **(fields or {})}
     return read_rows(source, split, revision, image_fields=(f["image"],), images_dir=images_dir)
@@ -146,7 +146,7 @@ def build_items(rows, question_type_match: Optional[str] = "recognition", templa
     """``(items of the image-recognition rows, bad-row messages, number of other-type rows)``.
 
     Args:
-        rows: :class:`~cultureclip.eval.benchmarks.SourceRow` list from :func:`load_rows`.
+        rows: :class:`~cultureclip.eval.cultural.SourceRow` list from :func:`load_rows`.
         question_type_match: substring of the normalised question type that selects a row
             (``None``: every row is used and no type field is needed).
         template: turns an option text into the text scored against the image (``{option}``).

@@ -1,6 +1,6 @@
 """Cultural benchmarks as zero-shot multiple choice: the registry, and the row sources they share.
 
-``BENCHMARKS`` maps a benchmark name to ``"module:function"``; :func:`get_benchmark` imports it on
+``EVALUATORS`` maps a benchmark name to ``"module:function"``; :func:`get_evaluator` imports it on
 first use (lazily, so the benchmark modules can import the helpers below without an import cycle).
 Every benchmark function has the signature
 ``evaluate(model, source, split, revision, seeds, protocol, batch_size, num_workers, ...) -> (metrics, header)``
@@ -32,21 +32,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-BENCHMARKS: dict[str, str] = {
-    "globalrg_retrieval": "cultureclip.eval.benchmarks.globalrg:evaluate_retrieval",
-    "globalrg_grounding": "cultureclip.eval.benchmarks.globalrg:evaluate_grounding",
-    "crope": "cultureclip.eval.benchmarks.crope:evaluate",
-    "cultureverse": "cultureclip.eval.benchmarks.cultureverse:evaluate",
+EVALUATORS: dict[str, str] = {
+    "globalrg_retrieval": "cultureclip.eval.cultural.globalrg:evaluate_retrieval",
+    "globalrg_grounding": "cultureclip.eval.cultural.globalrg:evaluate_grounding",
+    "crope": "cultureclip.eval.cultural.crope:evaluate",
+    "cultureverse": "cultureclip.eval.cultural.cultureverse:evaluate",
 }
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 _HF_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def get_benchmark(name: str) -> Callable:
+def get_evaluator(name: str) -> Callable:
     """The ``evaluate`` function registered under ``name``."""
-    if name not in BENCHMARKS:
-        raise KeyError(f"unknown benchmark {name!r}; registered: {sorted(BENCHMARKS)}")
-    module, func = BENCHMARKS[name].split(":")
+    if name not in EVALUATORS:
+        raise KeyError(f"unknown benchmark {name!r}; registered: {sorted(EVALUATORS)}")
+    module, func = EVALUATORS[name].split(":")
     return getattr(importlib.import_module(module), func)
 
 
@@ -163,7 +163,7 @@ def load_hf_rows(dataset_id: str, split: Optional[str], revision: Optional[str])
         import datasets
     except ImportError as e:
         raise ImportError(f"loading {dataset_id!r} from the hub needs the optional `datasets` package "
-                          f"(pip install datasets), or pass a local copy (see cultureclip.eval.benchmarks)") from e
+                          f"(pip install datasets), or pass a local copy (see cultureclip.eval.cultural)") from e
     ds = datasets.load_dataset(dataset_id, split=split, revision=revision)
     ds = ds.cast(datasets.Features({k: _undecoded(v, datasets) for k, v in ds.features.items()}))
     origin = f"hf:{dataset_id}@{revision or 'default'}[{split}]"

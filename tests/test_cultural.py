@@ -21,8 +21,8 @@ from PIL import Image
 from conftest import TINY_VIT
 from cultureclip import CultureCLIP
 from cultureclip.eval import multiple_choice as mc
-from cultureclip.eval.benchmarks import (BENCHMARKS, RowError, get_benchmark, read_rows, select_fields)
-from cultureclip.eval.benchmarks import crope, cultureverse, globalrg
+from cultureclip.eval.cultural import (EVALUATORS, RowError, get_evaluator, read_rows, select_fields)
+from cultureclip.eval.cultural import crope, cultureverse, globalrg
 from cultureclip.eval.results import write_result
 
 RETRIEVAL = [("drinks", r) for r in ("kenya", "japan", "peru", "china", "japan", "india", "mexico")] + \
@@ -217,7 +217,7 @@ def test_bad_rows_name_row_and_field(model, retrieval_dir):
 
 DRAW_SCRIPT = """
 import json, random, sys
-from cultureclip.eval.benchmarks import crope, globalrg, read_rows, select_fields
+from cultureclip.eval.cultural import crope, globalrg, read_rows, select_fields
 dump = lambda items: [[list(i.options), i.answer] for i in items]
 out = {}
 for seed in (0, 42):
@@ -373,11 +373,11 @@ def test_score_items_sources_workers_and_brute_force(model, tmp_path):
 
 
 def test_registry_header_write_result_and_sources(model, retrieval_dir, tmp_path, monkeypatch):
-    assert set(BENCHMARKS) == {"globalrg_retrieval", "globalrg_grounding", "crope", "cultureverse"}
-    assert get_benchmark("crope") is crope.evaluate
+    assert set(EVALUATORS) == {"globalrg_retrieval", "globalrg_grounding", "crope", "cultureverse"}
+    assert get_evaluator("crope") is crope.evaluate
     with pytest.raises(KeyError, match="registered"):
-        get_benchmark("nope")
-    metrics, header = get_benchmark("globalrg_retrieval")(model, retrieval_dir)
+        get_evaluator("nope")
+    metrics, header = get_evaluator("globalrg_retrieval")(model, retrieval_dir)
     path = write_result(tmp_path / "out", model="tiny", pretrained=None, metrics=metrics, **header)
     record = json.loads(path.read_text())
     assert record["task"] == "globalrg_retrieval" and record["seed"] == 0 and record["n"] == 11

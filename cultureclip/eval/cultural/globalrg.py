@@ -18,7 +18,7 @@ but over sorted pools: they drew from ``list(set(...))``, whose order depends on
 ``reference`` matches their numbers only up to that pool order (the result header says so too).
 Placing the truth first before the shuffle is our reading of the reference loop. The grounding image
 check decodes each image fully, which is stricter than PIL's ``verify``. Local layout: a JSONL (or JSON/parquet)
-with the hub field names and ``image`` a path relative to the file (see ``cultureclip.eval.benchmarks``).
+with the hub field names and ``image`` a path relative to the file (see ``cultureclip.eval.cultural``).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import random
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from cultureclip.eval.benchmarks import check_on_bad_row, read_rows, select_fields
+from cultureclip.eval.cultural import check_on_bad_row, read_rows, select_fields
 from cultureclip.eval.multiple_choice import (ImageDecodeError, MCItem, check_on_error, draw_options,
                                               evaluate_item_sets, find_undecodable, make_header, resolve_seeds)
 
@@ -43,7 +43,7 @@ NUM_OPTIONS = 4
 
 def load_rows(source: Any = RETRIEVAL_ID, split: Optional[str] = "test", revision: Optional[str] = None,
               images_dir=None):
-    """Raw rows of either GlobalRG dataset (see :func:`cultureclip.eval.benchmarks.read_rows`)."""
+    """Raw rows of either GlobalRG dataset (see :func:`cultureclip.eval.cultural.read_rows`)."""
     return read_rows(source, split, revision, image_fields=("image",), images_dir=images_dir)
 
 

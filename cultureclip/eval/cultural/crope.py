@@ -13,14 +13,14 @@ draws from no set-built pool, so given the same row order and the option list st
 exactly. ``"fixed"`` runs ``seeds`` and reports mean/std.
 
 Local layout: a JSONL (or JSON/parquet) with the hub field names, ``metadata`` a nested object, and
-``image``/``definition_images`` paths relative to the file (see ``cultureclip.eval.benchmarks``).
+``image``/``definition_images`` paths relative to the file (see ``cultureclip.eval.cultural``).
 """
 from __future__ import annotations
 
 import random
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from cultureclip.eval.benchmarks import RowError, check_on_bad_row, read_rows, select_fields
+from cultureclip.eval.cultural import RowError, check_on_bad_row, read_rows, select_fields
 from cultureclip.eval.multiple_choice import MCItem, evaluate_item_sets, make_header, resolve_seeds
 
 if TYPE_CHECKING:  # scoring imports torch lazily; building items does not need it
@@ -37,7 +37,7 @@ FIELDS = ("image", "definition_images", IMAGE_CONCEPT, DEFINITION_CONCEPT)
 
 def load_rows(source: Any = DATASET_ID, split: Optional[str] = "test", revision: Optional[str] = None,
               images_dir=None):
-    """Raw CROPE rows (see :func:`cultureclip.eval.benchmarks.read_rows`)."""
+    """Raw CROPE rows (see :func:`cultureclip.eval.cultural.read_rows`)."""
     return read_rows(source, split, revision, image_fields=("image", "definition_images"), images_dir=images_dir)
 
 

@@ -1,13 +1,20 @@
-"""The training benchmark: the plain open_clip copy holds the same images, and both sides and the
-pipeline run end to end and count the images they were given (no timing assertions)."""
+"""The training benchmark (``benchmarks/train_harness.py``): the plain open_clip copy holds the same
+images and captions, and both sides and the pipeline run end to end and count the images they were
+given (no timing assertions)."""
 import collections
 import json
+import sys
+from pathlib import Path
 
+import pytest
 import webdataset as wds
 
-from cultureclip import bench, schema
+from cultureclip import schema
 from cultureclip.data.shards import read_sizes
 from cultureclip.data.toy import ensure_toy_shards
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # scripts, not a package
+import train_harness as bench  # noqa: E402
 
 
 def _members(urls, keys):

@@ -3,8 +3,12 @@
 The twin shards are copied into a plain open_clip WebDataset (``jpg`` + ``txt``, one pair -> two
 samples), and open_clip gets ``2 * B`` images per batch when ours gets ``B`` pairs. Ours also encodes
 up to four texts per pair (captions and concept names) against open_clip's one per image, hence
-``texts/s``. Each side runs in its own process (``python -m cultureclip.bench SIDE CONFIG OUT``), so
-its peak memory is its own. A step is timed from the end of the previous one (data wait included).
+``texts/s``. Each side runs in its own process (``python benchmarks/train_harness.py SIDE CONFIG OUT``),
+so its peak memory is its own. A step is timed from the end of the previous one (data wait included).
+
+This is a benchmark helper, not part of the package: driving open_clip's trainer needs a stand-in
+``pandas`` module and a patched ``open_clip_train.data`` function (see :func:`bench_open_clip`), which
+no library code should do. Run it through ``benchmarks/bench_train.py``.
 """
 from __future__ import annotations
 
@@ -282,7 +286,7 @@ def run_side_isolated(side: str, cfg: BenchConfig):
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path, out_path = Path(tmp) / "cfg.json", Path(tmp) / "out.json"
         cfg_path.write_text(json.dumps(dataclasses.asdict(cfg)))
-        proc = subprocess.run([sys.executable, "-m", "cultureclip.bench", side, str(cfg_path), str(out_path)],
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), side, str(cfg_path), str(out_path)],
                               capture_output=True, text=True)
         if proc.returncode != 0:  # Lightning's banners stay hidden unless the side failed
             raise RuntimeError(f"benchmark side {side!r} failed:\n{proc.stderr[-4000:]}")

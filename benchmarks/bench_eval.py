@@ -3,13 +3,13 @@
 
 Examples::
 
-    python tools/bench_eval.py --model cultureclip-tiny --images 2000 --texts 2000 --sizes 10000,100000
-    python tools/bench_eval.py --model ViT-B-32-quickgelu --images 256 --skip-search --out bench.json
-    python tools/bench_eval.py --skip-embed --sizes 1000000 --ivf-max-size 100000
+    python benchmarks/bench_eval.py --model cultureclip-tiny --images 2000 --texts 2000 --sizes 10000,100000
+    python benchmarks/bench_eval.py --model ViT-B-32-quickgelu --images 256 --skip-search --out bench.json
+    python benchmarks/bench_eval.py --skip-embed --sizes 1000000 --ivf-max-size 100000
 
 Synthetic JPEGs are written to a temporary folder and deleted afterwards. CLIP_benchmark's own loop is
 imported when ``clip_benchmark`` (and the scikit-learn it imports) is installed, and re-implemented
-otherwise; the output says which. See cultureclip.eval.bench.
+otherwise; the output says which. See eval_harness.py beside this script.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import tempfile  # noqa: E402
 
 import torch  # noqa: E402
 
-from cultureclip.eval import bench  # noqa: E402
+import eval_harness as bench  # noqa: E402  (beside this script)
 from cultureclip.model import CultureCLIP  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
 
-    result = {"command": " ".join(["python", "tools/bench_eval.py"] + (sys.argv[1:] if argv is None else argv)),
+    result = {"command": " ".join(["python", "benchmarks/bench_eval.py"] + (sys.argv[1:] if argv is None else argv)),
               "environment": bench.environment(args.device)}
     if not args.skip_embed:
         model = CultureCLIP.from_pretrained(args.model, pretrained=args.pretrained, device=args.device)

@@ -1,8 +1,8 @@
 """Training throughput benchmark: our Lightning step vs open_clip's ``train_one_epoch`` on the same
-images, model and batch, plus the data pipeline alone per worker count (``cultureclip.bench``).
+images, model and batch, plus the data pipeline alone per worker count (``train_harness.py`` beside this script).
 
-    python tools/bench_train.py --model cultureclip-tiny --batch-size 32 --steps 20 --workers 2 --repeats 3
-    python tools/bench_train.py --model ViT-B-32-quickgelu --batch-size 8 --steps 5 --warmup 2 --device auto
+    python benchmarks/bench_train.py --model cultureclip-tiny --batch-size 32 --steps 20 --workers 2 --repeats 3
+    python benchmarks/bench_train.py --model ViT-B-32-quickgelu --batch-size 8 --steps 5 --warmup 2 --device auto
 
 Prints markdown tables and writes the figures as JSON (``--out``). On a shared machine trust the
 ours/open_clip ratio more than the absolute rates.
@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cultureclip.bench import BenchConfig, prepare_shards, resolve_device, run_benchmark
+from train_harness import BenchConfig, prepare_shards, resolve_device, run_benchmark
 
 
 def format_table(res: dict) -> str:

@@ -10,6 +10,9 @@
 
 Methods run in rotating order (A B, B A, ...) and ratios are medians of per-round ratios: on a shared
 machine a neighbour's load drifts, and the runs of one round see about the same load.
+
+A benchmark helper, not part of the package (it carries a copy of CLIP_benchmark's loops and writes
+synthetic JPEGs); run it through ``benchmarks/bench_eval.py``.
 """
 from __future__ import annotations
 

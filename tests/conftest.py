@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny open_clip models built in memory (no download, ever)."""
+"""Shared fixtures: tiny open_clip models built in memory (no download, ever) and the embedded toy
+twin-pair set, built once per test session."""
 import os
 
 import pytest
@@ -19,6 +20,18 @@ TINY_RESNET = {
     "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "patch_size": None},
     "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
+
+
+@pytest.fixture(scope="session")
+def toy_shards(tmp_path_factory):
+    """The default embedded toy set (seed 0), built once per session (~10 s): returns ``HOME/data/toy``,
+    holding ``train/`` and ``val/`` shard folders with their ``sizes.json``.
+
+    The layout matches the configs' defaults, so ``toy_shards.parent`` serves as ``paths.data_dir`` and
+    ``toy_shards.parents[1]`` as ``paths.root_dir``. Tests must not write into it.
+    """
+    from cultureclip.data.toy import ensure_toy_shards
+    return ensure_toy_shards(tmp_path_factory.mktemp("home") / "data" / "toy", seed=0)
 
 
 @pytest.fixture

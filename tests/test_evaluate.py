@@ -1,10 +1,13 @@
 """Tests for the evaluation entry point: ``conf/evaluate.yaml`` + ``conf/eval/*`` composed with Hydra and
 ``cultureclip.evaluate.evaluate`` run in-process on ``model=tiny``.
 
-The twin task runs on the embedded toy validation split (built once per session); the cultural benchmarks,
-ImageNet and COCO retrieval on tiny local fixtures in each one's real schema.
+The twin task runs on the embedded toy validation split (conftest's session ``toy_shards``); the cultural
+benchmarks, ImageNet and COCO retrieval on tiny local fixtures in each one's real schema.
 """
+import io
 import json
+import tarfile
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +18,9 @@ from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 import cultureclip
-from cultureclip.data.pipeline import build_twin_pipeline
-from cultureclip.data.toy import ensure_toy_shards
+from cultureclip import schema
 from cultureclip.eval import aggregate, tasks
-from cultureclip.eval.results import RESULT_KEYS
-from cultureclip.eval.twins import embed_twin_split, twin_metrics
+from cultureclip.eval.results import RESULT_KEYS, write_result
 from cultureclip.evaluate import evaluate
 
 CONF = Path(cultureclip.__file__).parent / "conf"
@@ -90,12 +91,9 @@ def benchmark_fixtures(d):
 
 
 @pytest.fixture(scope="session")
-def root(tmp_path_factory):
-    """A CULTURECLIP_HOME-like folder whose data/toy holds the toy set (built once, ~10 s)."""
-    torch.set_num_threads(1)  # tiny model: intra-op threads only spin on a busy CPU
-    root = tmp_path_factory.mktemp("home")
-    ensure_toy_shards(root / "data" / "toy")
-    return root
+def root(toy_shards):
+    """A CULTURECLIP_HOME-like folder whose data/toy holds the toy set."""
+    return toy_shards.parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +114,7 @@ def test_one_result_per_task_with_header_and_flat_metrics(run):
     tasks_seen = set()
     for key, path in paths.items():
         record = json.loads(Path(path).read_text())
-        assert Path(path).parent == out and HEADER <= set(record)
+        assert Path(path).parent == out and HEADER <= set(record) and "None" not in Path(path).name
         assert record["model"] == "cultureclip-tiny" and record["pretrained"] is None
         assert all(isinstance(v, (int, float)) for v in record["metrics"].values()), key
         assert record["n"] > 0 and aggregate.load_result(path)["task"] == record["task"]
@@ -124,18 +122,63 @@ def test_one_result_per_task_with_header_and_flat_metrics(run):
     assert {"twins", "crope", "cultureverse_recognition", "imagenet_zeroshot", "coco_retrieval"} <= tasks_seen
 
 
-def test_twin_acc_equals_twin_metrics_computed_directly(run, root):
-    cfg, paths, objects, _ = run
+def _read_pairs(urls):
+    """Every pair of the shards, read with tarfile and PIL (not the project's pipeline): (pil_pos, pil_neg, meta)."""
+    pairs = []
+    for url in urls:
+        members = defaultdict(dict)
+        with tarfile.open(url) as tar:
+            for m in tar.getmembers():
+                key, _, ext = m.name.partition(".")
+                members[key][ext] = tar.extractfile(m).read()
+        for key in sorted(members):
+            raw = members[key]
+            pos, neg = (Image.open(io.BytesIO(raw[next(x for x in exts if x in raw)])).convert("RGB")
+                        for exts in (schema.POS_IMAGE_MEMBERS, schema.NEG_IMAGE_MEMBERS))
+            pairs.append((pos, neg, json.loads(raw[schema.META])))
+    return pairs
+
+
+@torch.no_grad()
+def test_twin_metrics_match_a_brute_force_reference(run, root):
+    """twin_acc, twin_caption_acc and concept recall@1/@5 recomputed from raw features, by plain matmuls."""
+    _, paths, objects, _ = run
     record = json.loads(Path(paths["twins"]).read_text())
-    model = objects["model"]
+    model = objects["model"].eval()
     urls = sorted(str(p) for p in (root / "data" / "toy" / "val").glob("*.tar"))
     assert record["extra"]["shards"] == urls and record["split"] == "val" and record["n"] == 768
-    pipeline = build_twin_pipeline(urls, model.preprocess_val, model.tokenizer, 64, train=False)
-    emb = embed_twin_split(model, pipeline, concept_context_length=16 if model.supports_short_context else None)
-    direct = twin_metrics(emb)
-    assert record["metrics"]["twin_acc"] == direct["twin_acc"]
-    assert record["metrics"]["img2concept_recall@5"] == pytest.approx(direct["img2concept_recall@5"])
     assert len(record["extra"]["predictions"]) == record["n"]
+    pairs = _read_pairs(urls)
+    images = [im for pos, neg, _ in pairs for im in (pos, neg)]  # row 2p: pos of pair p, 2p + 1: its neg
+    own = [m[k] for _, _, m in pairs for k in (schema.POS_CONCEPT, schema.NEG_CONCEPT)]
+    twin = [m[k] for _, _, m in pairs for k in (schema.NEG_CONCEPT, schema.POS_CONCEPT)]
+    captions = [m[k] for _, _, m in pairs for k in (schema.POS_CAPTION, schema.NEG_CAPTION)]
+    img = torch.cat([model.encode_image(torch.stack([model.preprocess_val(im) for im in images[i:i + 128]]))
+                     for i in range(0, len(images), 128)])  # [2P, D]
+    vocab = sorted(set(own))
+    names, caps = model.encode_text(vocab), model.encode_text(captions)  # [C, D], [2P, D]
+    sim = img @ names.T  # [2P, C]
+    own_i, twin_i = torch.tensor([vocab.index(c) for c in own]), torch.tensor([vocab.index(c) for c in twin])
+    rows = torch.arange(len(images))
+    margin = sim[rows, own_i] - sim[rows, twin_i]
+    cap_sim = (img * caps).sum(1), (img * caps[rows ^ 1]).sum(1)
+    rank = (sim > sim[rows, own_i].unsqueeze(1)).sum(1) + 1  # 1 + concepts scoring strictly higher
+    n = len(images)
+    # counts over n, not float32 means; the pipeline batches differently, so a score may move in the last
+    # float bits: allow the near-ties
+    near = int((margin.abs() < 1e-5).sum())
+    m = record["metrics"]
+    assert abs(m["twin_acc"] - int((margin > 0).sum()) / n) <= near / n
+    assert m["twin_caption_acc"] == pytest.approx(int((cap_sim[0] > cap_sim[1]).sum()) / n, abs=2 / n)
+    for k in (1, 5):
+        assert m[f"img2concept_recall@{k}"] == pytest.approx(int((rank <= k).sum()) / n, abs=2 / n), k
+    assert m["n_concepts"] == len(vocab) and m["n_pairs"] == len(pairs)
+
+
+def test_result_file_names_carry_no_none(tmp_path):
+    common = dict(task="twins", dataset="d", split="val", revision=None, seed=None, n=1, metrics={"a": 1.0})
+    assert write_result(tmp_path, model="out/run/model", pretrained=None, **common).name == "out_run_model__twins.json"
+    assert write_result(tmp_path, model="ViT-B-32", pretrained="openai", **common).name == "ViT-B-32__openai__twins.json"
 
 
 def test_report_and_plots_written(run):

@@ -178,7 +178,8 @@ def test_twin_metrics_match_a_brute_force_reference(run, root):
 def test_result_file_names_carry_no_none(tmp_path):
     common = dict(task="twins", dataset="d", split="val", revision=None, seed=None, n=1, metrics={"a": 1.0})
     assert write_result(tmp_path, model="out/run/model", pretrained=None, **common).name == "out_run_model__twins.json"
-    assert write_result(tmp_path, model="ViT-B-32", pretrained="openai", **common).name == "ViT-B-32__openai__twins.json"
+    named = write_result(tmp_path, model="ViT-B-32", pretrained="openai", **common)
+    assert named.name == "ViT-B-32__openai__twins.json"
 
 
 def test_report_and_plots_written(run):

@@ -1,6 +1,6 @@
 """The twin hard-negative contrastive loss of CultureCLIP, all nine ablation variants in one module.
 
-Notation (PAPER.md): features are L2-normalised ``[B, D]`` tensors, ``s`` is the exponentiated logit
+Notation (docs/method.md): features are L2-normalised ``[B, D]`` tensors, ``s`` is the exponentiated logit
 scale, ``CE`` is the mean cross-entropy against the diagonal.
 
     clip(I, T)       = ( CE(s I Tᵀ) + CE(s T Iᵀ) ) / 2

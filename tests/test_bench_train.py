@@ -17,13 +17,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # s
 import train_harness as bench  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def small_toy(tmp_path_factory):
+    """One variant per concept (48 training pairs): the copy is the point here, not the set's size."""
+    return ensure_toy_shards(tmp_path_factory.mktemp("toy") / "toy", train_variants=1, val_variants=1)
+
+
 def _members(urls, keys):
     samples = wds.DataPipeline(wds.SimpleShardList([str(u) for u in urls]), wds.tarfile_to_samples())
     return collections.Counter(s[k] for s in samples for k in keys if k in s)
 
 
-def test_plain_shards_hold_the_same_images_and_captions(tmp_path):
-    toy = ensure_toy_shards(tmp_path / "toy", train_variants=1, val_variants=1)
+def test_plain_shards_hold_the_same_images_and_captions(tmp_path, small_toy):
+    toy = small_toy
     twin_dir, plain_dir = bench.prepare_shards(str(toy / "train"), tmp_path / "cache")
     assert bench.prepare_shards(str(toy / "train"), tmp_path / "cache") == (twin_dir, plain_dir)  # reused
     twin_urls, plain_urls = sorted((toy / "train").glob("*.tar")), sorted(bench.Path(plain_dir).glob("*.tar"))
@@ -36,8 +42,9 @@ def test_plain_shards_hold_the_same_images_and_captions(tmp_path):
     assert _members(plain_urls, ["txt"]) == captions
 
 
-def test_both_sides_and_the_pipeline_count_their_images(tmp_path):
-    toy = ensure_toy_shards(tmp_path / "toy", train_variants=1, val_variants=1)
+@pytest.mark.slow
+def test_both_sides_and_the_pipeline_count_their_images(tmp_path, small_toy):
+    toy = small_toy
     twin_dir, plain_dir = bench.prepare_shards(str(toy / "train"), tmp_path / "cache")
     cfg = bench.BenchConfig(twin_dir=twin_dir, plain_dir=plain_dir, model="cultureclip-tiny", batch_size=4,
                             steps=2, warmup=1, workers=0, pipeline_workers=(0,), pipeline_batches=3)
@@ -51,10 +58,6 @@ def test_both_sides_and_the_pipeline_count_their_images(tmp_path):
         assert r["images_total"] == (cfg.warmup + cfg.steps) * 2 * cfg.batch_size, side
         assert r["images_per_s"] > 0 and r["peak_mem_mib"] > 0 and len(r["runs"]) == 1
     assert res["ours"]["texts_per_pair"] == 4 and res["open_clip"]["texts_per_pair"] == 2
-    assert res["ours"]["texts_per_s"] == 2 * res["ours"]["images_per_s"]  # 4 texts per 2 images
-    assert "train_one_epoch" in res["open_clip"]["driver"]
-    assert res["ratios_images_per_s"] == [res["ours"]["images_per_s"] / res["open_clip"]["images_per_s"]]
-    assert res["ratio_images_per_s"] == res["ratios_images_per_s"][0]
     [row] = res["pipeline"]
     assert (row["workers"], row["pairs"]) == (0, cfg.pipeline_batches * cfg.batch_size)
     assert isinstance(res["pipeline_is_bottleneck"], bool)

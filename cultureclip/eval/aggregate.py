@@ -2,7 +2,7 @@
 
 One row per (model, pretrained, task), as CLIP_benchmark's ``build`` does: the header fields first,
 then every metric of every file (the union of columns; a metric a task does not report is blank).
-A metric whose name equals a header field (the benchmarks' ``n``) is written as ``metric.n``, so the
+A metric whose name equals a header field (the cultural benchmarks' ``n``) is written as ``metric.n``, so the
 header value is never overwritten. ``tools/aggregate_results.py`` is the command line.
 """
 from __future__ import annotations

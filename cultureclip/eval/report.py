@@ -29,7 +29,7 @@ from PIL import Image
 from cultureclip import schema
 from cultureclip.eval.aggregate import load_results
 
-# the headline metric of a result: the first of these it reports (twins, benchmarks, ImageNet, retrieval)
+# the headline metric of a result: the first of these it reports (twins, cultural benchmarks, ImageNet, retrieval)
 MAIN_METRICS = ("twin_acc", "acc", "acc1", "i2t_recall@1", "t2i_recall@1")
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key.ext split (base_plus_ext)
 

@@ -1,4 +1,6 @@
-"""The package builds as a regular (non-editable) wheel that carries its configs and data files."""
+"""The package builds as a regular (non-editable) wheel that carries its configs and data files, and
+importing it never pulls in the benchmark drivers (open_clip's trainer) nor patches another library."""
+import re
 import subprocess
 import sys
 import zipfile
@@ -40,4 +42,30 @@ def test_wheel_installs_and_runs_outside_the_repo(tmp_path):
     env = {"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", CHECK, str(site)], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+IMPORT_ALL = r"""
+import importlib, pkgutil, sys, cultureclip
+for m in pkgutil.walk_packages(cultureclip.__path__, "cultureclip."):
+    if not m.name.endswith("__main__"):
+        importlib.import_module(m.name)
+assert "open_clip_train" not in sys.modules, "a package module imports open_clip_train"
+print("ok")
+"""
+
+
+def test_no_package_module_patches_other_libraries():
+    """Static guard: the benchmark harnesses (benchmarks/) may drive and patch open_clip_train, the package
+    may not."""
+    forbidden = re.compile(r"^\s*(from|import)\s+open_clip_train|sys\.modules\[[^]]+\]\s*=|monkeypatch", re.M)
+    for path in sorted((ROOT / "cultureclip").rglob("*.py")):
+        found = forbidden.search(path.read_text())
+        assert found is None, f"{path.relative_to(ROOT)}: {found.group(0)!r}"
+    assert forbidden.search((ROOT / "benchmarks" / "train_harness.py").read_text())  # the pattern does match
+
+
+@pytest.mark.slow
+def test_importing_every_module_leaves_open_clip_train_unimported():
+    out = subprocess.run([sys.executable, "-c", IMPORT_ALL], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

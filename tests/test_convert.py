@@ -186,9 +186,10 @@ def test_skip_mode_counts_lists_and_substitutes_nothing(tmp_path, caplog):
     assert (report.written, report.skipped) == (3, 4)
     assert [where for where, _ in report.skips] == [f"{src}:{n}" for n in (2, 4, 5, 6)]
     assert schema.POS_CONCEPT in report.skips[0][1] and schema.POS_IMAGE_PATH in report.skips[1][1]
-    assert sum("skipping" in r.message for r in caplog.records) == 4
+    assert sum(r.message.startswith(f"skipped {src}:") for r in caplog.records) == 4
     saved = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
     assert saved["skipped"] == 4 and len(saved["skips"]) == 4
+    assert saved["skipped_by_reason"] == {"bad_image": 1, "bad_record": 2, "missing_image": 1}
     samples, counts = _read(tmp_path / "out")
     # keys number input rows, so the survivors keep theirs; the invalid JSON line is row 5
     assert sorted(samples) == ["pair000000000", "pair000000002", "pair000000006"]

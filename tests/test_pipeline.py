@@ -251,7 +251,7 @@ def test_broken_samples_are_skipped_counted_and_logged(broken, tokenizer, prepro
                               ("nofield", bad, P.BAD_META), ("badjson", bad, P.BAD_META),
                               ("pair0021", truncated, P.MISSING_MEMBER)]:
         assert f"skipped sample {name} from {url} ({reason})" in text
-    assert f"shard {truncated} is damaged" in text
+    assert f"skipped shard {truncated} ({P.BAD_SHARD}): damaged" in text
     assert "neg_concept" in text  # the reason names the missing field
 
 

@@ -178,7 +178,7 @@ def test_source_errors_name_file_and_line(tmp_path, class_tree):
     bad.write_text("path\na.png\nmissing.png\n")
     with pytest.raises(FileNotFoundError, match=r"bad.csv:3: image .*missing.png"):
         csv_images(bad)
-    with pytest.raises(NotImplementedError, match="register_image_source"):
+    with pytest.raises(ValueError, match="unknown image source prefix 'shards'"):
         open_images("shards:/data/twins")
 
 

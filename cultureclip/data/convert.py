@@ -97,11 +97,16 @@ def iter_records(path: PathLike) -> Iterator[tuple[str, dict]]:
         RecordError: a line is not valid JSON, or a row is not an object.
     """
     for where, row in _iter_rows(path):
-        if isinstance(row, Exception):
-            raise row
-        if not isinstance(row, dict):
-            raise RecordError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        yield where, row
+        yield where, _checked_row(where, row)
+
+
+def _checked_row(where: str, row: object) -> dict:
+    """The row if it is a JSON object; raises the RecordError of an unparsable line, or a new one."""
+    if isinstance(row, Exception):
+        raise row
+    if not isinstance(row, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def _image_paths(row: dict, where: str) -> list[tuple[str, object]]:
@@ -237,10 +242,7 @@ def _convert(inputs, writer, image_root, resize, on_error, key_prefix, report, m
         for where, row in _iter_rows(input_path):
             n += 1
             try:
-                if isinstance(row, Exception):
-                    raise row
-                if not isinstance(row, dict):
-                    raise RecordError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                row = _checked_row(where, row)
                 images = _image_paths(row, where)
                 meta = validate_pair_meta(row, where)
                 key = _pair_key(row, n, key_prefix, where)

@@ -248,13 +248,12 @@ class ImageBatches:
     """Decode images in a ``DataLoader``, in order, skipping or raising on the ones that fail.
 
     Iterating yields ``(pixels [b, 3, H, W], labels [b] or None, ids)`` for an :class:`ImageSet`;
-    :meth:`indexed` yields ``(indices, pixels)`` for any sources. A batch whose images all failed
-    is not yielded. ``skipped`` lists ``(name, error)``, ``failed`` maps index -> error and
-    ``counter`` counts them by reason (``bad_image``, ``too_large``); all are reset per pass.
+    :meth:`indexed` yields ``(indices, pixels)`` for any sources; a batch whose images all failed is
+    not yielded. ``skipped`` lists ``(name, error)``, ``failed`` maps index -> error, ``counter``
+    counts by reason (``bad_image``, ``too_large``); all are reset per pass.
 
     Args:
-        images: an :class:`ImageSet`, or a sequence of sources (paths, bytes, PIL images, Hugging
-            Face image dicts).
+        images: an :class:`ImageSet`, or a sequence of sources (paths, bytes, PIL images, HF image dicts).
         transform: PIL image -> tensor (the model's ``preprocess_val``); None: decode only.
         batch_size, num_workers: as for ``torch.utils.data.DataLoader``.
         on_error: ``"skip"`` (count and list) or ``"raise"`` (:class:`ImageDecodeError` naming the image).

@@ -203,7 +203,8 @@ def twin_split(folder, n_good, n_bad):
         (folder / "good" / "shard-000000.tar").rename(folder / "shard-000000.tar")
     with wds.TarWriter(str(folder / "shard-000001.tar")) as w:
         for i in range(n_bad):
-            w.write({schema.KEY: f"bad{i}", "pos.jpg": b"broken", "neg.jpg": b"broken", "json": json.dumps(meta).encode()})
+            w.write({schema.KEY: f"bad{i}", "pos.jpg": b"broken", "neg.jpg": b"broken",
+                     "json": json.dumps(meta).encode()})
     return folder
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import random
 from typing import Callable, Iterable, Iterator, Mapping, Optional
 
@@ -20,7 +19,6 @@ from cultureclip.data.shards import validate_pair_meta
 from cultureclip.images import (  # noqa: F401  (BAD_IMAGE, TOO_LARGE: reasons re-exported with the rest)
     BAD_IMAGE, DEFAULT_MAX_PIXELS, TOO_LARGE, ImageDecodeError, SkipCounter, decode_image)
 
-log = logging.getLogger(__name__)
 
 # reasons a sample (or the rest of a shard) was skipped: keys of SkipCounter.by_reason
 BAD_SHARD = "bad_shard"  # tar read error; the shard's remaining samples are lost, count unknown

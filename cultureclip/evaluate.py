@@ -40,6 +40,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
         paths[key] = write_result(out_dir, model=label, pretrained=pretrained, metrics=metrics, extra=extra,
                                   **header)
         print(f"{key}: {paths[key]}")
+        if metrics.get("n_skipped"):  # counted by the data path; its warnings name the items
+            print(f"{key}: {int(metrics['n_skipped'])} samples were skipped")
     if cfg.report:
         print(f"report: {report.write_report(out_dir)}")
     return paths, {"model": model}

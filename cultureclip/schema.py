@@ -10,6 +10,7 @@ same batch::
 
 No other module spells these strings; import them from here.
 """
+from collections.abc import Mapping
 
 # ---- tar members (webdataset groups files by the part of the name before the first dot) ----
 KEY = "__key__"
@@ -53,3 +54,13 @@ N_SKIPPED = "n_skipped"
 # ---- files stored next to the shards ----
 SIZES_FILE = "sizes.json"  # {"shard-000000.tar": n_pairs, ...}, as open_clip reads it
 SHARD_PATTERN = "shard-%06d.tar"
+
+
+def is_skip_report(batch) -> bool:
+    """Whether a pipeline item is a *skip report* rather than a batch.
+
+    A stream that ends with skipped samples and no batch left to carry their count (e.g. a loader
+    worker whose shards hold no valid pair) yields ``{N_SKIPPED: n}``: no images, no texts. Consumers
+    add ``batch[N_SKIPPED]`` to their skip count and otherwise ignore it.
+    """
+    return isinstance(batch, Mapping) and N_SKIPPED in batch and POS_IMAGE not in batch

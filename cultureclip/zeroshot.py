@@ -10,9 +10,11 @@ Example::
     print(result.metrics)  # acc1, acc5, mean_per_class_recall when the images have labels
     zeroshot.write_predictions(result, "predictions.csv")
 
-The implementation lives in :mod:`cultureclip.eval.zeroshot` and :mod:`cultureclip.eval.imagesets`.
+The implementation lives in :mod:`cultureclip.eval.zeroshot` and :mod:`cultureclip.eval.imagesets`;
+images are decoded by :mod:`cultureclip.images` (pixel cap ``max_pixels``, 8-bit RGB, ``ImageDecodeError``).
 """
-from cultureclip.eval.imagesets import ImageDecodeError, ImageSet, open_images, register_image_source
+from cultureclip.eval.imagesets import ImageSet, open_images, register_image_source
+from cultureclip.images import ImageDecodeError
 from cultureclip.eval.zeroshot import (DEFAULT_TEMPLATES, IMAGENET_CLASSNAMES_FILE, OPENAI_TEMPLATES_FILE,
                                        ClassificationResult, classification_metrics, classify, confusion_matrix,
                                        load_classnames, load_templates, write_confusion, write_predictions)

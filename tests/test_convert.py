@@ -9,6 +9,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -186,9 +187,10 @@ def test_skip_mode_counts_lists_and_substitutes_nothing(tmp_path, caplog):
     assert (report.written, report.skipped) == (3, 4)
     assert [where for where, _ in report.skips] == [f"{src}:{n}" for n in (2, 4, 5, 6)]
     assert schema.POS_CONCEPT in report.skips[0][1] and schema.POS_IMAGE_PATH in report.skips[1][1]
-    assert sum("skipping" in r.message for r in caplog.records) == 4
+    assert sum(r.message.startswith(f"skipped {src}:") for r in caplog.records) == 4
     saved = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
     assert saved["skipped"] == 4 and len(saved["skips"]) == 4
+    assert saved["skipped_by_reason"] == {"bad_image": 1, "bad_record": 2, "missing_image": 1}
     samples, counts = _read(tmp_path / "out")
     # keys number input rows, so the survivors keep theirs; the invalid JSON line is row 5
     assert sorted(samples) == ["pair000000000", "pair000000002", "pair000000006"]
@@ -267,3 +269,27 @@ def test_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "wrote 1 pairs" in proc.stdout and "skipped 1" in proc.stdout
     assert read_sizes(tmp_path / "out2") == {"shard-000000.tar": 1}
+
+
+@pytest.mark.slow  # two CLI runs: ~4 s of imports each
+def test_cli_pixel_cap_and_16bit_images(tmp_path):
+    rows = [_row(i, tmp_path) for i in range(3)]
+    _image(tmp_path / "p1.png", (100, 100), fmt="PNG")  # 10000 pixels: over a 64x64 cap
+    deep = np.full((30, 40), 50000, dtype=np.uint16)  # a 16-bit gray PNG, resized below
+    Image.fromarray(deep).save(tmp_path / "n2.png")
+    rows[2][schema.NEG_IMAGE_PATH] = "n2.png"
+    src = _jsonl(tmp_path / "rows.jsonl", rows)
+    proc = _cli(src, "--out", tmp_path / "out", "--max-pixels", 64 * 64)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"rows.jsonl:2: {schema.POS_IMAGE_PATH} '{tmp_path / 'p1.png'}': image too large" in proc.stderr
+    assert "100x100" in proc.stderr and not (tmp_path / "out" / schema.SIZES_FILE).exists()
+
+    proc = _cli(src, "--out", tmp_path / "skip", "--max-pixels", 64 * 64, "--on-error", "skip", "--resize", 20)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 2 pairs" in proc.stdout and "skipped 1 (too_large 1)" in proc.stdout
+    report = json.loads((tmp_path / "skip" / REPORT_FILE).read_text())
+    assert report["skipped_by_reason"] == {"too_large": 1} and report["skips"][0][0] == f"{src}:2"
+    samples, _ = _read(tmp_path / "skip")
+    with Image.open(io.BytesIO(samples["pair000000002"][f"{schema.NEG_PREFIX}.jpg"])) as im:
+        out = np.asarray(im.convert("L"), dtype=int)
+    assert out.shape == (20, 27) and np.abs(out - (50000 >> 8)).max() <= 2  # scaled, not clipped to 255

@@ -18,6 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
+from cultureclip.images import ImageDecodeError, decode_image
+
 from conftest import TINY_VIT
 from cultureclip import CultureCLIP
 from cultureclip.eval import multiple_choice as mc
@@ -101,8 +103,8 @@ def brute_force(model, items):
     preds = []
     for it in items:
         try:
-            image = mc.load_image(it.image)
-        except OSError:
+            image = decode_image(it.image)
+        except ImageDecodeError:
             preds.append(None)
             continue
         img = model.encode_image(model.preprocess_val(image).unsqueeze(0))  # [1, D]

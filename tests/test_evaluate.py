@@ -229,3 +229,45 @@ def test_every_eval_config_composes(name, tmp_path):
     ("outputs/run/checkpoints/last.ckpt", "openai", "run_last"), ("cultureclip-tiny", None, "cultureclip-tiny")])
 def test_model_slug(name, pretrained, slug):
     assert tasks.model_slug(name, pretrained) == slug
+
+
+def twin_split(folder, n_good, n_bad):
+    """One shard of ``n_good`` valid pairs (if any) and one of ``n_bad`` pairs with an undecodable image."""
+    import webdataset as wds
+
+    from cultureclip import schema
+    from cultureclip.data.shards import TwinShardWriter
+    folder.mkdir(parents=True)
+    meta = {schema.POS_CAPTION: "a qipao", schema.NEG_CAPTION: "an ao dai", schema.POS_CONCEPT: "qipao",
+            schema.NEG_CONCEPT: "ao dai"}
+    if n_good:
+        with TwinShardWriter(folder / "good", maxcount=100) as w:
+            for i in range(n_good):
+                w.write(f"good{i}", Image.new("RGB", (32, 32), (i, 0, 0)), Image.new("RGB", (32, 32), (0, i, 0)), meta)
+        (folder / "good" / "shard-000000.tar").rename(folder / "shard-000000.tar")
+    with wds.TarWriter(str(folder / "shard-000001.tar")) as w:
+        for i in range(n_bad):
+            w.write({schema.KEY: f"bad{i}", "pos.jpg": b"broken", "neg.jpg": b"broken",
+                     "json": json.dumps(meta).encode()})
+    return folder
+
+
+def test_skip_count_survives_a_worker_without_pairs(root, tmp_path):
+    split = twin_split(tmp_path / "mixed", n_good=3, n_bad=4)
+    cfg = compose_cfg(root, ["eval=twins", "device=cpu", f"eval.tasks.twins.shards={split}", "report=false",
+                             "eval.tasks.twins.num_workers=2"], results_dir=tmp_path / "out")
+    paths, _ = evaluate(cfg)  # worker 1 reads only the bad shard: its count comes in a skip report
+    record = json.loads(Path(paths["twins"]).read_text())
+    assert record["metrics"]["n_skipped"] == 4 and record["n"] == 6
+
+
+@pytest.mark.slow  # one CLI run
+def test_cli_empty_twin_split_is_an_error_with_the_true_skip_count(root, tmp_path):
+    import subprocess
+    import sys
+    split = twin_split(tmp_path / "allbad", n_good=0, n_bad=5)
+    cmd = [sys.executable, "-m", "cultureclip.evaluate", "eval=twins", "device=cpu", "report=false",
+           f"eval.tasks.twins.shards={split}", "eval.tasks.twins.num_workers=0", f"paths.root_dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(cultureclip.__file__).parents[1])
+    assert proc.returncode != 0
+    assert "twin split 'allbad'" in proc.stderr and "5 samples were skipped" in proc.stderr, proc.stderr[-2000:]

@@ -6,6 +6,7 @@ import pickle
 import socket
 import tarfile
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -251,7 +252,7 @@ def test_broken_samples_are_skipped_counted_and_logged(broken, tokenizer, prepro
                               ("nofield", bad, P.BAD_META), ("badjson", bad, P.BAD_META),
                               ("pair0021", truncated, P.MISSING_MEMBER)]:
         assert f"skipped sample {name} from {url} ({reason})" in text
-    assert f"shard {truncated} is damaged" in text
+    assert f"skipped shard {truncated} ({P.BAD_SHARD}): damaged" in text
     assert "neg_concept" in text  # the reason names the missing field
 
 
@@ -341,3 +342,107 @@ def test_loader_under_spawn(tmp_path, tokenizer, preprocess):
     # one worker: spawn re-imports torch and open_clip in every child (~6 s each on CPU)
     loader = P.make_loader(pipe, num_workers=1, persistent_workers=False, multiprocessing_context="spawn")
     assert sorted(keys_of(loader)) == [key(i) for i in range(4)]
+
+
+# ---------------------------------------------------------------- no progress, skip reports, truncation, images
+
+def write_corrupt_shards(folder, n_shards=2, per_shard=3):
+    """Shards whose every sample has an undecodable pos image (and a sizes.json that lists them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for s in range(n_shards):
+        name = schema.SHARD_PATTERN % s
+        with wds.TarWriter(str(folder / name)) as w:
+            for i in range(per_shard):
+                w.write({schema.KEY: f"bad{s}_{i}", schema.POS_IMAGE_MEMBERS[0]: b"garbage",
+                         schema.NEG_IMAGE_MEMBERS[0]: png((0, 0, 0)), schema.META: json.dumps(pair_meta(i)).encode()})
+        sizes[name] = per_shard
+    (folder / schema.SIZES_FILE).write_text(json.dumps(sizes))
+    return folder
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("damage", ["bad_samples", "garbage_tars", "empty_tars"])
+def test_train_stream_with_nothing_usable_stops_naming_the_shards(tmp_path, tokenizer, preprocess, damage, caplog):
+    folder = write_corrupt_shards(tmp_path / "d")
+    for shard in folder.glob("*.tar"):
+        if damage == "garbage_tars":
+            shard.write_bytes(b"this is not a tar file" * 50)
+        elif damage == "empty_tars":
+            tarfile.open(shard, "w").close()
+    pipe = build(str(folder), tokenizer, preprocess, train=True, shuffle_buffer=8)  # default limit: 1000
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(P.NoProgressError, match="no usable twin pair") as err:
+            next(iter(pipe))
+    assert str(folder / "shard-000000.tar") in str(err.value) and str(folder / "shard-000001.tar") in str(err.value)
+    # bounded log: ten single lines plus at most a summary per 1000 skips (and one before raising)
+    assert len(caplog.records) <= 10 + 3
+
+
+@pytest.mark.timeout(60)
+def test_no_progress_error_reaches_the_main_process_from_a_worker(tmp_path, tokenizer, preprocess):
+    folder = write_corrupt_shards(tmp_path / "d", n_shards=1)
+    pipe = build(str(folder), tokenizer, preprocess, train=True, shuffle_buffer=0, max_consecutive_skips=20)
+    with pytest.raises(P.NoProgressError, match=r"last 20 samples.*shard-000000.tar"):
+        next(iter(P.make_loader(pipe, num_workers=1, epoch_length_batches=4)))
+
+
+def test_empty_eval_split_yields_a_skip_report(tmp_path, tokenizer, preprocess):
+    folder = write_corrupt_shards(tmp_path / "d", n_shards=2, per_shard=3)
+    items = list(build(str(folder), tokenizer, preprocess))
+    assert items == [{schema.N_SKIPPED: 6}] and schema.is_skip_report(items[0])
+    # two workers, one of which only sees bad samples: its count arrives in a skip report
+    write_pairs(tmp_path / "g", range(4), per_shard=4)
+    (tmp_path / "d" / "shard-000001.tar").unlink()
+    urls = [str(tmp_path / "g" / "shard-000000.tar"), str(folder / "shard-000000.tar")]
+    items = list(P.make_loader(build(urls, tokenizer, preprocess), num_workers=2))
+    assert sum(b[schema.N_SKIPPED] for b in items) == 3 and sum(map(schema.is_skip_report, items)) == 1
+    assert sorted(keys_of(b for b in items if not schema.is_skip_report(b))) == [key(i) for i in range(4)]
+
+
+def test_shard_cut_at_a_member_boundary_is_counted_against_sizes_json(tmp_path, tokenizer, preprocess, caplog):
+    folder = write_pairs(tmp_path / "t", range(6), per_shard=6)
+    shard = folder / "shard-000000.tar"
+    with tarfile.open(shard) as tf:
+        cut = tf.getmembers()[9].offset  # 3 members per sample: the header of the 4th sample's first one
+    shard.write_bytes(shard.read_bytes()[:cut])
+    with caplog.at_level(logging.WARNING):
+        batches = list(build(str(folder), tokenizer, preprocess, batch_size=4))
+    assert keys_of(batches) == [key(i) for i in range(3)]
+    assert sum(b[schema.N_SKIPPED] for b in batches) == 3  # the three missing pairs
+    assert f"skipped shard {shard} ({P.TRUNCATED_SHARD}): it holds 3 of the 6 pairs" in caplog.text
+    (folder / schema.SIZES_FILE).unlink()  # without sizes.json the shortfall cannot be seen
+    assert sum(b[schema.N_SKIPPED] for b in build(str(folder), tokenizer, preprocess)) == 0
+
+
+def test_pixel_cap_and_16bit_images_in_shards(tmp_path, tokenizer):
+    gray16 = Image.fromarray(np.full((SIZE, SIZE), 30000, dtype=np.uint16))  # mode I;16
+    buf = io.BytesIO()
+    gray16.save(buf, format="PNG")
+    big = io.BytesIO()
+    Image.new("RGB", (100, 100), (9, 9, 9)).save(big, format="PNG")
+    with TwinShardWriter(tmp_path / "s", maxcount=10, max_pixels=None) as w:
+        w.write("deep", buf.getvalue(), png((0, 0, 0)), pair_meta(1))
+        w.write("huge", big.getvalue(), png((0, 0, 0)), pair_meta(2))
+    to_tensor = open_clip.image_transform(SIZE, is_train=False, mean=(0, 0, 0), std=(1, 1, 1))
+    pipe = build(str(tmp_path / "s"), tokenizer, to_tensor, max_pixels=64 * 64)
+    batches = list(pipe)
+    assert keys_of(batches) == ["deep"] and pipe.skip_counter.by_reason == {P.TOO_LARGE: 1}
+    expected = (30000 >> 8) / 255  # the high byte, not a clipped white 1.0
+    assert torch.allclose(batches[0][schema.POS_IMAGE][0], torch.full((3, SIZE, SIZE), expected))
+
+
+def test_read_concept_names_skips_and_counts_like_the_pipeline(broken, tmp_path):
+    from cultureclip.data.datamodule import read_concept_names as from_datamodule
+    folder, good, _ = broken
+    counter = P.SkipCounter()
+    names = P.read_concept_names(str(folder), skip_counter=counter)
+    expected = {pair_meta(int(k[len("pair"):]))[f] for k in good for f in schema.CONCEPT_KEYS}
+    assert names == sorted(expected) and from_datamodule is P.read_concept_names
+    # the json checks only: the undecodable image's pair still names its concepts (pair 0's)
+    assert counter.by_reason == {P.MISSING_MEMBER: 2, P.BAD_META: 2, P.BAD_SHARD: 1}
+    bad = write_corrupt_shards(tmp_path / "bad")
+    for shard in bad.glob("*.tar"):
+        shard.write_bytes(b"damaged" * 100)
+    with pytest.raises(ValueError, match=r"the val split has no usable twin pair: 2 shard\(s\) .*shard-000000.tar"):
+        P.read_concept_names(str(bad), split="val")

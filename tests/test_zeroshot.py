@@ -178,7 +178,7 @@ def test_source_errors_name_file_and_line(tmp_path, class_tree):
     bad.write_text("path\na.png\nmissing.png\n")
     with pytest.raises(FileNotFoundError, match=r"bad.csv:3: image .*missing.png"):
         csv_images(bad)
-    with pytest.raises(NotImplementedError, match="register_image_source"):
+    with pytest.raises(ValueError, match="unknown image source prefix 'shards'"):
         open_images("shards:/data/twins")
 
 
@@ -207,3 +207,27 @@ def test_cli_end_to_end(tmp_path, class_tree):
     confusion = list(csv.reader((out.parent / "predictions_confusion.csv").open()))
     assert confusion[0] == ["true\\pred"] + CLASSES
     assert sum(int(v) for row in confusion[1:] for v in row[1:]) == 15
+
+
+@pytest.mark.slow  # two CLI runs (open_clip import each)
+def test_cli_pixel_cap_counts_or_names_the_file(tmp_path, class_tree):
+    torch.manual_seed(0)
+    model_dir = CultureCLIP.from_config(TINY_VIT, name="tiny-vit").save_pretrained(tmp_path / "model")
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    huge = save_image(class_tree / "sari" / "huge.png", 99, size=100)  # 108x100 > the 64x64 cap below
+    (class_tree / "kimono" / "broken.jpg").write_bytes(b"not a jpeg")
+    cmd = [sys.executable, str(REPO / "tools" / "zeroshot_classify.py"), "--model", str(model_dir),
+           "--classes", str(tmp_path / "classes.txt"), "--images", str(class_tree), "--workers", "0",
+           "--device", "cpu", "--max-pixels", str(64 * 64), "--out", str(tmp_path / "p.csv")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "classified 15 images" in proc.stdout
+    assert "skipped 2 images (bad_image 1, too_large 1)" in proc.stderr
+    assert f"skipped: {huge}: ImageTooLargeError: 108x100 = 10800 pixels" in proc.stderr
+    assert len(list(csv.DictReader((tmp_path / "p.csv").open()))) == 15
+
+    proc = subprocess.run(cmd + ["--on-error", "raise"], capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                          env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "broken.jpg: cannot decode image" in proc.stderr  # the first bad file in listing order

@@ -17,6 +17,7 @@ import sys
 
 from cultureclip.data.convert import REPORT_FILE, convert_to_shards
 from cultureclip.data.shards import RecordError
+from cultureclip.images import DEFAULT_MAX_PIXELS
 
 
 def main(argv=None) -> int:
@@ -31,18 +32,23 @@ def main(argv=None) -> int:
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                         help="stop at the first bad record (default) or skip and count it")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="refuse images with more pixels (read from the header, before decoding); "
+                             "0: no cap beyond Pillow's own limit (default %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         report = convert_to_shards(args.inputs, args.out, image_root=args.image_root,
                                    maxcount=args.maxcount, resize=args.resize,
-                                   on_error=args.on_error, overwrite=args.overwrite)
+                                   on_error=args.on_error, overwrite=args.overwrite,
+                                   max_pixels=args.max_pixels or None)
     except (RecordError, FileExistsError, OSError, ValueError) as exc:
         # the message names file:line and field; a traceback would add nothing for the user
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    reasons = ", ".join(f"{k} {v}" for k, v in report.skipped_by_reason.items())
     print(f"wrote {report.written} pairs in {len(report.sizes)} shards to {args.out}; "
-          f"skipped {report.skipped} (details in {REPORT_FILE})")
+          f"skipped {report.skipped}{f' ({reasons})' if reasons else ''} (details in {REPORT_FILE})")
     if report.written == 0:
         print("error: no pair was written", file=sys.stderr)
         return 1

@@ -19,9 +19,9 @@ import sys
 
 import torch
 
-from cultureclip.eval.imagesets import ImageDecodeError
 from cultureclip.eval.zeroshot import (DEFAULT_TEMPLATES, classify, load_classnames, load_templates,
                                        write_confusion, write_predictions)
+from cultureclip.images import DEFAULT_MAX_PIXELS, ImageDecodeError
 from cultureclip.model import CultureCLIP
 
 
@@ -41,24 +41,30 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     parser.add_argument("--on-error", choices=("skip", "raise"), default="skip",
-                        help="skip and list images that do not decode (default) or stop at the first")
+                        help="skip and list images that do not decode or are too large (default), "
+                             "or stop at the first")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="refuse images with more pixels, read from the header before decoding "
+                             "(0: only Pillow's own limit; default %(default)s)")
     args = parser.parse_args(argv)
     try:
         classnames = load_classnames(args.classes)
         templates = load_templates(args.templates) if args.templates else list(DEFAULT_TEMPLATES)
         model = CultureCLIP.from_pretrained(args.model, pretrained=args.pretrained, device=args.device)
         result = classify(model, args.images, classnames, templates, k=args.topk, batch_size=args.batch_size,
-                          num_workers=args.workers, amp=not args.no_amp, on_error=args.on_error)
-    except (ValueError, OSError, ImageDecodeError, NotImplementedError) as exc:
+                          num_workers=args.workers, amp=not args.no_amp, on_error=args.on_error,
+                          max_pixels=args.max_pixels or None)
+    except (ValueError, OSError, ImageDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)  # the message names the file/line; no traceback needed
         return 1
     out = write_predictions(result, args.out)
     m = result.metrics
     print(f"classified {m['n']} images into {len(classnames)} classes; predictions in {out}")
     for path, err in result.skipped:
-        print(f"skipped (does not decode): {path}: {err}", file=sys.stderr)
+        print(f"skipped: {path}: {err}", file=sys.stderr)
     if result.skipped:
-        print(f"skipped {len(result.skipped)} images that do not decode", file=sys.stderr)
+        reasons = ", ".join(f"{k} {v}" for k, v in result.skipped_by_reason.items())
+        print(f"skipped {len(result.skipped)} images ({reasons})", file=sys.stderr)
     if result.labels is not None:
         cm_path = write_confusion(result, out.with_name(f"{out.stem}_confusion.csv"))
         print(f"top-1 {m['acc1']:.4f}  top-5 {m['acc5']:.4f}  mean per-class recall "

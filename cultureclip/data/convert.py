@@ -8,9 +8,11 @@ Two row formats are accepted, detected per row:
 Both may carry ``pos_country, neg_country, category, pair_id``; other columns are dropped. Relative
 image paths are resolved against ``image_root``, or against the input file's folder when it is None.
 
-A bad record (missing column, blank caption, missing or undecodable image) either raises a
-:class:`RecordError` naming ``file:line`` and the field, or, with ``on_error="skip"``, is skipped,
-counted and logged. An unreadable image is never replaced by a placeholder.
+A bad record (missing column, blank caption, missing or undecodable image, an image over the pixel
+cap ``max_pixels``) either raises a :class:`RecordError` naming ``file:line`` and the field, or, with
+``on_error="skip"``, is skipped, counted by reason (``bad_record``, ``missing_image``, ``bad_image``,
+``too_large``) and logged. An unreadable image is never replaced by a placeholder. Images are read by
+:mod:`cultureclip.images` (8-bit RGB rules, header-checked pixel cap).
 
 Output: ``shard-%06d.tar`` files, ``convert_report.json`` (always written: counts and the skip list)
 and ``sizes.json``. Everything is written into a hidden temporary folder inside ``out_dir`` and moved
@@ -29,10 +31,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
-from PIL import Image
-
 from cultureclip import schema
-from cultureclip.data.shards import RecordError, TwinShardWriter, encode_image, validate_pair_meta
+from cultureclip.data.shards import RecordError, TwinShardWriter, validate_pair_meta
+from cultureclip.images import DEFAULT_MAX_PIXELS, ImageDecodeError, SkipCounter, check_on_error, image_to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ PathLike = Union[str, os.PathLike]
 REPORT_FILE = "convert_report.json"
 _head, _tail = schema.SHARD_PATTERN.split("%06d")
 _SHARD_RE = re.compile(re.escape(_head) + r"\d{6,}" + re.escape(_tail) + "$")
-# PIL signals broken files with several exception types; all of them mean "cannot use this image"
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass
@@ -51,12 +50,14 @@ class ConvertReport:
     Attributes:
         written: pairs written.
         skipped: records skipped (only with ``on_error="skip"``).
-        skips: ``(where, reason)`` for every skipped record, in input order.
+        skipped_by_reason: ``{reason: count}`` of the skipped records.
+        skips: ``(where, message)`` for every skipped record, in input order.
         sizes: ``{shard name: pairs}``, as stored in ``sizes.json``.
     """
 
     written: int = 0
     skipped: int = 0
+    skipped_by_reason: dict = field(default_factory=dict)
     skips: list = field(default_factory=list)
     sizes: dict = field(default_factory=dict)
 
@@ -96,11 +97,16 @@ def iter_records(path: PathLike) -> Iterator[tuple[str, dict]]:
         RecordError: a line is not valid JSON, or a row is not an object.
     """
     for where, row in _iter_rows(path):
-        if isinstance(row, Exception):
-            raise row
-        if not isinstance(row, dict):
-            raise RecordError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        yield where, row
+        yield where, _checked_row(where, row)
+
+
+def _checked_row(where: str, row: object) -> dict:
+    """The row if it is a JSON object; raises the RecordError of an unparsable line, or a new one."""
+    if isinstance(row, Exception):
+        raise row
+    if not isinstance(row, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def _image_paths(row: dict, where: str) -> list[tuple[str, object]]:
@@ -121,17 +127,21 @@ def _image_paths(row: dict, where: str) -> list[tuple[str, object]]:
     return [(column, row[column]) for column in columns]
 
 
-def _load_image(column: str, value: object, base: Path, resize: Optional[int], where: str):
+def _load_image(column: str, value: object, base: Path, resize: Optional[int], where: str,
+                max_pixels: Optional[int]) -> tuple[bytes, str]:
     """Encode one image, turning any failure into a RecordError naming the column and path."""
     if not isinstance(value, str) or not value.strip():
         raise RecordError(f"{where}: field {column!r} must be a non-empty path, got {value!r}")
     path = base / value  # an absolute value replaces base
     if not path.is_file():
-        raise RecordError(f"{where}: {column} {str(path)!r}: image file not found")
+        raise RecordError(f"{where}: {column} {str(path)!r}: image file not found", reason="missing_image")
     try:
-        return encode_image(path, resize)
-    except _IMAGE_ERRORS as exc:
-        raise RecordError(f"{where}: {column} {str(path)!r}: cannot decode image: {exc}") from exc
+        return image_to_bytes(path, resize, max_pixels=max_pixels, name=f"{where}: {column} {str(path)!r}")
+    except ImageDecodeError as exc:  # its message names the row, the column and the path
+        raise RecordError(str(exc), reason=exc.reason) from exc
+    except OSError as exc:  # unreadable file (permissions, I/O error)
+        raise RecordError(f"{where}: {column} {str(path)!r}: cannot read image: {exc}",
+                          reason="missing_image") from exc
 
 
 def _pair_key(row: dict, n: int, key_prefix: str, where: str) -> str:
@@ -157,7 +167,8 @@ def _existing_outputs(out_dir: Path) -> list[Path]:
 
 def convert_to_shards(inputs: Sequence[PathLike], out_dir: PathLike, image_root: Optional[PathLike] = None,
                       maxcount: int = 1000, resize: Optional[int] = None, on_error: str = "raise",
-                      key_prefix: str = "pair", overwrite: bool = False) -> ConvertReport:
+                      key_prefix: str = "pair", overwrite: bool = False,
+                      max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> ConvertReport:
     """Convert record files into twin shards in ``out_dir``.
 
     Args:
@@ -172,6 +183,8 @@ def convert_to_shards(inputs: Sequence[PathLike], out_dir: PathLike, image_root:
             all inputs (skipped rows included, so keys do not shift when a bad row is fixed).
         overwrite: replace shards, ``sizes.json`` and ``convert_report.json`` already in ``out_dir``
             (they are removed only once the new conversion has succeeded).
+        max_pixels: pixel cap per image, checked from the file header before decoding (None:
+            Pillow's own limit only); a larger image is a bad record (reason ``too_large``).
 
     Returns:
         A :class:`ConvertReport`.
@@ -181,8 +194,7 @@ def convert_to_shards(inputs: Sequence[PathLike], out_dir: PathLike, image_root:
         FileNotFoundError: an input file does not exist.
         FileExistsError: ``out_dir`` already holds shards and ``overwrite`` is False.
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    check_on_error(on_error)
     if not key_prefix or not re.fullmatch(r"[A-Za-z0-9_-]+", key_prefix):
         raise ValueError(f"key_prefix must be non-empty letters, digits, '_' or '-', got {key_prefix!r}")
     for path in inputs:  # fail before any work rather than after converting the first inputs
@@ -200,7 +212,7 @@ def convert_to_shards(inputs: Sequence[PathLike], out_dir: PathLike, image_root:
         # the writer does no resizing: images are encoded here once, so errors name their field
         writer = TwinShardWriter(tmp, maxcount=maxcount)
         try:
-            _convert(inputs, writer, image_root, resize, on_error, key_prefix, report)
+            _convert(inputs, writer, image_root, resize, on_error, key_prefix, report, max_pixels)
         except BaseException:
             with contextlib.suppress(Exception):  # only to release the file; tmp is deleted below
                 writer.close()
@@ -221,18 +233,16 @@ def convert_to_shards(inputs: Sequence[PathLike], out_dir: PathLike, image_root:
     return report
 
 
-def _convert(inputs, writer, image_root, resize, on_error, key_prefix, report) -> None:
+def _convert(inputs, writer, image_root, resize, on_error, key_prefix, report, max_pixels) -> None:
     seen: dict[str, str] = {}  # key -> where it was first used, to name both rows of a duplicate
+    counter = SkipCounter(logger=log)
     n = -1
     for input_path in inputs:
         base = Path(image_root) if image_root is not None else Path(input_path).parent
         for where, row in _iter_rows(input_path):
             n += 1
             try:
-                if isinstance(row, Exception):
-                    raise row
-                if not isinstance(row, dict):
-                    raise RecordError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                row = _checked_row(where, row)
                 images = _image_paths(row, where)
                 meta = validate_pair_meta(row, where)
                 key = _pair_key(row, n, key_prefix, where)
@@ -240,14 +250,16 @@ def _convert(inputs, writer, image_root, resize, on_error, key_prefix, report) -
                     raise RecordError(f"{where}: duplicate {schema.PAIR_ID} / key {key!r}, "
                                       f"already used at {seen[key]}")
                 # both images are decoded before anything is written: no half-written pair
-                pos, neg = (_load_image(c, v, base, resize, where)[0] for c, v in images)
+                pos, neg = (_load_image(c, v, base, resize, where, max_pixels)[0] for c, v in images)
             except RecordError as exc:
                 if on_error == "raise":
                     raise
-                log.warning("skipping %s", exc)
+                counter.add(exc.reason, where, str(exc).removeprefix(f"{where}: "))
                 report.skipped += 1
                 report.skips.append((where, str(exc)))
+                report.skipped_by_reason = dict(sorted(counter.by_reason.items()))
                 continue
             writer.write(key, pos, neg, meta)
             seen[key] = where
             report.written += 1
+    counter.flush()

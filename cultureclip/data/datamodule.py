@@ -2,7 +2,6 @@
 validation pass, and the validation concept vocabulary for ``val/concept_top1``."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -10,26 +9,11 @@ from typing import Optional, Sequence, Union
 
 import lightning as L
 import torch
-import webdataset as wds
 
-from cultureclip import schema
-from cultureclip.data.pipeline import build_twin_pipeline, count_pairs, expand_shards, make_loader
+from cultureclip.data.pipeline import (  # noqa: F401  (read_concept_names: importable from here too)
+    build_twin_pipeline, count_pairs, expand_shards, make_loader, read_concept_names)
 
 log = logging.getLogger(__name__)
-
-
-def read_concept_names(urls: Sequence[str]) -> list[str]:
-    """Sorted concept names of a split, read from the json members only (images are not decoded)."""
-    names: set[str] = set()
-    stream = wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.tarfile_to_samples())
-    for sample in stream:
-        if schema.META not in sample:
-            continue
-        meta = json.loads(sample[schema.META])
-        names.update(meta[k] for k in schema.CONCEPT_KEYS if isinstance(meta.get(k), str))
-    if not names:
-        raise ValueError(f"no concept names found in {len(urls)} validation shard(s): {urls[:3]}")
-    return sorted(names)
 
 
 class TwinDataModule(L.LightningDataModule):

@@ -4,13 +4,22 @@ Built like open_clip_train's ``get_wds_dataset``: a list of stages ending in ``w
 each a module-level function or small class so that it pickles into workers (fork, forkserver, spawn)::
 
     shards   train: ResampledShards, endless | eval: SimpleShardList, split_by_node, split_by_worker
-    tar      TarSamples: one shard at a time; read errors logged and counted, never raised
+    tar      TarSamples: one shard at a time; read errors and shards shorter than their sizes.json
+             entry are logged and counted, never raised
     shuffle  train only: SeededShuffle
-    decode   DecodeTwin: images + json -> tensors and texts; a bad sample is logged, counted, dropped
+    decode   DecodeTwin: images (cultureclip.images: pixel cap, 8-bit RGB) + json -> tensors and
+             texts; a bad sample is logged, counted, dropped
     batch    wds.batched(collation_fn=TwinCollate): stack images, tokenize the four texts per batch
-    count    AttachSkipCount: batch[N_SKIPPED] = skips since the previous batch (sum it over workers)
+    count    AttachSkipCount: batch[N_SKIPPED] = skips since the previous batch (sum it over workers);
+             a stream that ends with skips and no batch yields a skip report ``{N_SKIPPED: n}``
+             (``schema.is_skip_report``): count it, use nothing else from it
 
-No bad sample is ever replaced by a blank image.
+Skip reasons (``SkipCounter.by_reason``): ``bad_shard``, ``truncated_shard``, ``missing_member``,
+``bad_meta``, ``bad_image``, ``too_large``. Skips are logged one line each for the first ten, then
+as a summary line every 1000 skips or 30 s. No bad sample is ever replaced by a blank image. A
+training stream that skips ``max_consecutive_skips`` samples (or empty/damaged shards) in a row
+without one good pair stops with :class:`NoProgressError` naming the shards, instead of spinning.
+The validation vocabulary is read by :func:`read_concept_names` with the same checks and counts.
 """
 from __future__ import annotations
 
@@ -27,10 +36,15 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from cultureclip import schema
 from cultureclip.data.shards import read_sizes
 from cultureclip.data.stages import (  # noqa: F401  (re-exported: the stage names are part of the API)
-    BAD_IMAGE, BAD_META, BAD_SHARD, MISSING_MEMBER, AttachSkipCount, DecodeTwin, SeededShuffle, SkipCounter,
-    TarSamples, TwinCollate)
+    BAD_IMAGE, BAD_META, BAD_SHARD, MISSING_MEMBER, TOO_LARGE, TRUNCATED_SHARD, AttachSkipCount, DecodeTwin,
+    NoProgressError, ProgressGuard, SeededShuffle, SkipCounter, TarSamples, TwinCollate, _Skip, skip_where,
+    split_pair)
+from cultureclip.images import DEFAULT_MAX_PIXELS
+
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 1000
 
 log = logging.getLogger(__name__)
 
@@ -80,28 +94,40 @@ def expand_shards(spec: Union[str, Sequence[str]]) -> list[str]:
     return list(dict.fromkeys(urls))
 
 
+def listed_sizes(urls: Sequence[str]) -> dict[str, int]:
+    """``{url: pairs}`` for the local shards listed in the ``sizes.json`` beside them.
+
+    Remote urls, shards missing from their folder's ``sizes.json`` and folders without a readable one
+    are left out (an unreadable ``sizes.json`` is logged, not raised: the check is a safety net).
+    """
+    sizes_by_dir: dict[str, Optional[dict]] = {}
+    found = {}
+    for url in urls:
+        if _REMOTE.match(url):
+            continue
+        folder, name = os.path.split(os.path.abspath(url))
+        if folder not in sizes_by_dir:
+            sizes_by_dir[folder] = None
+            if os.path.isfile(os.path.join(folder, schema.SIZES_FILE)):
+                try:
+                    sizes_by_dir[folder] = read_sizes(folder)
+                except (OSError, ValueError) as exc:
+                    log.warning("cannot read %s in %s, shard lengths are not checked: %s", schema.SIZES_FILE,
+                                folder, exc)
+        sizes = sizes_by_dir[folder]
+        if isinstance(sizes, dict) and isinstance(sizes.get(name), int):
+            found[url] = sizes[name]
+    return found
+
+
 def count_pairs(urls: Union[str, Sequence[str]]) -> Optional[int]:
     """Number of pairs in local shards (urls or a spec string), from the ``sizes.json`` beside them.
 
     Returns None when any shard is remote or missing from a readable ``sizes.json``.
     """
     urls = expand_shards(urls) if isinstance(urls, str) else list(urls)
-    sizes_by_dir: dict[str, Optional[dict]] = {}
-    total = 0
-    for url in urls:
-        if _REMOTE.match(url):
-            return None
-        folder, name = os.path.split(os.path.abspath(url))
-        if folder not in sizes_by_dir:
-            try:
-                sizes_by_dir[folder] = read_sizes(folder)
-            except (OSError, ValueError):
-                sizes_by_dir[folder] = None
-        sizes = sizes_by_dir[folder]
-        if not sizes or name not in sizes:
-            return None
-        total += int(sizes[name])
-    return total
+    sizes = listed_sizes(urls)
+    return sum(sizes[u] for u in urls) if all(u in sizes for u in urls) else None
 
 
 class TwinPipeline(wds.DataPipeline):
@@ -139,8 +165,9 @@ def build_twin_pipeline(urls: Union[str, Sequence[str]], preprocess: Callable[[I
                         caption_context_length: Optional[int] = None,
                         concept_context_length: Optional[int] = None,
                         partial_batches: Optional[bool] = None, num_workers: Optional[int] = None,
-                        world_size: Optional[int] = None,
-                        skip_counter: Optional[SkipCounter] = None) -> TwinPipeline:
+                        world_size: Optional[int] = None, skip_counter: Optional[SkipCounter] = None,
+                        max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+                        max_consecutive_skips: Optional[int] = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> TwinPipeline:
     """Build the twin-pair batch stream.
 
     Args:
@@ -157,12 +184,17 @@ def build_twin_pipeline(urls: Union[str, Sequence[str]], preprocess: Callable[[I
         partial_batches: keep a last smaller batch; default ``not train``.
         num_workers, world_size: if num_workers is given (eval), check the shard count now.
         skip_counter: counter to fill; a new one otherwise (``pipeline.skip_counter``).
+        max_pixels: pixel cap per image, checked from the header before decoding (None: Pillow's
+            own limit only); a larger image is skipped as ``too_large``.
+        max_consecutive_skips: train only: this many skipped samples (or damaged/empty shards) in
+            a row without one good pair raise :class:`NoProgressError` naming the shards; None: never.
 
     Returns:
         A :class:`TwinPipeline` yielding dicts: ``POS_IMAGE``/``NEG_IMAGE`` float [B, 3, H, W];
         ``POS_CAPTION``/``NEG_CAPTION`` long [B, Lc]; ``POS_CONCEPT``/``NEG_CONCEPT`` long [B, Lk];
         each text key + ``TEXT_SUFFIX``: list[str]; ``KEY``: list[str]; ``schema.OPTIONAL_FIELDS``:
-        lists with None where absent; ``N_SKIPPED``: int.
+        lists with None where absent; ``N_SKIPPED``: int. Possibly a last skip report
+        ``{N_SKIPPED: n}`` (see :func:`cultureclip.schema.is_skip_report`).
     """
     urls = expand_shards(urls)
     counter = skip_counter if skip_counter is not None else SkipCounter()
@@ -174,12 +206,13 @@ def build_twin_pipeline(urls: Union[str, Sequence[str]], preprocess: Callable[[I
         if num_workers is not None:
             check_shard_count(len(urls), num_workers, world_size)
         stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
-    stages.append(TarSamples(counter))
+    guard = ProgressGuard(max_consecutive_skips if train else None)  # an evaluation pass ends by itself
+    stages.append(TarSamples(counter, listed_sizes(urls), guard))
     if train and shuffle_buffer > 0:
         initial = shuffle_buffer // 5 if shuffle_initial is None else shuffle_initial
         stages.append(SeededShuffle(shuffle_buffer, max(1, initial), seed))
     collate = TwinCollate(tokenizer, caption_context_length, concept_context_length)
-    stages += [DecodeTwin(preprocess, counter),
+    stages += [DecodeTwin(preprocess, counter, max_pixels, guard),
                wds.batched(batch_size, collation_fn=collate,
                            partial=(not train) if partial_batches is None else partial_batches),
                AttachSkipCount(counter)]
@@ -226,3 +259,37 @@ def make_loader(pipeline: wds.DataPipeline, num_workers: int = 0, epoch_length_b
                            persistent_workers=persistent_workers and num_workers > 0, **loader_kwargs)
     loader.num_batches = num_batches
     return loader
+
+
+def read_concept_names(urls: Union[str, Sequence[str]], split: str = "validation",
+                       skip_counter: Optional[SkipCounter] = None) -> list[str]:
+    """Sorted concept names of a split, read from the json members (images are not decoded).
+
+    Samples are read and checked as the pipeline reads them (:class:`TarSamples`, :func:`split_pair`):
+    a damaged tar, a shard shorter than its ``sizes.json`` entry, a missing member or a bad json is
+    logged, counted in ``skip_counter`` and skipped, never raised.
+
+    Args:
+        urls: shard urls or a spec for :func:`expand_shards`.
+        split: the split's name for messages.
+        skip_counter: counter to fill; a new one otherwise.
+
+    Raises:
+        ValueError: no usable sample in the split; the message names its shards and the skip counts.
+    """
+    urls = expand_shards(urls) if isinstance(urls, str) else list(urls)
+    counter = skip_counter if skip_counter is not None else SkipCounter()
+    names: set[str] = set()
+    for raw in TarSamples(counter, listed_sizes(urls))([{"url": u} for u in urls]):
+        try:
+            meta = split_pair(raw)[2]
+        except _Skip as skip:
+            counter.add(skip.args[0], skip_where(raw), skip.args[1])
+            continue
+        names.update(meta[k] for k in schema.CONCEPT_KEYS)
+    counter.flush()
+    if not names:
+        more = f" and {len(urls) - 5} more" if len(urls) > 5 else ""
+        raise ValueError(f"the {split} split has no usable twin pair: {len(urls)} shard(s) "
+                         f"({', '.join(urls[:5])}{more}); skipped: {counter.by_reason or 'nothing (no samples)'}")
+    return sorted(names)

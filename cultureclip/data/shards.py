@@ -5,7 +5,6 @@ Both twins live in one sample so that a batch always holds both halves of every 
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -15,13 +14,22 @@ import webdataset as wds
 from PIL import Image
 
 from cultureclip import schema
+from cultureclip.images import DEFAULT_MAX_PIXELS, image_to_bytes
 
 SHARD_MTIME = 1_700_000_000  # 2023-11-14, any fixed integer works
 ImageLike = Union[Image.Image, bytes, str, os.PathLike]
 
 
 class RecordError(ValueError):
-    """A twin-pair record is invalid; the message names where (file:line) and which field."""
+    """A twin-pair record is invalid; the message names where (file:line) and which field.
+
+    ``reason`` says what kind of problem it is, for skip counts (``bad_record``, ``missing_image``,
+    or an image reason of :mod:`cultureclip.images` such as ``bad_image`` / ``too_large``).
+    """
+
+    def __init__(self, message: str, reason: str = "bad_record") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def validate_pair_meta(meta: Mapping[str, Any], where: str = "record") -> dict:
@@ -51,35 +59,6 @@ def validate_pair_meta(meta: Mapping[str, Any], where: str = "record") -> dict:
     return clean
 
 
-def encode_image(image: ImageLike, resize: Optional[int] = None, quality: int = 95) -> tuple[bytes, str]:
-    """Return ``(bytes, ext)`` for one image, checking that it decodes.
-
-    A path or bytes that already hold a JPEG/PNG/WebP are passed through untouched unless ``resize``
-    is set; otherwise the image is re-encoded as JPEG. ``resize`` shrinks the shorter side to that
-    many pixels (never enlarges). Raises ``OSError``/``PIL.UnidentifiedImageError`` when the image
-    cannot be decoded: no blank image is ever substituted.
-    """
-    raw = None
-    if isinstance(image, (str, os.PathLike)):
-        raw = Path(image).read_bytes()
-        image = Image.open(io.BytesIO(raw))
-    elif isinstance(image, bytes):
-        raw = image
-        image = Image.open(io.BytesIO(raw))
-    fmt = (image.format or "").lower()
-    image.load()  # force a full decode so truncated files fail here, not in training
-    ext = {"jpeg": "jpg", "png": "png", "webp": "webp"}.get(fmt)
-    if raw is not None and ext is not None and resize is None:
-        return raw, ext
-    if resize is not None and min(image.size) > resize:
-        scale = resize / min(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(size, Image.BICUBIC)
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue(), "jpg"
-
-
 class TwinShardWriter:
     """Write twin pairs into ``out_dir/shard-%06d.tar`` and ``sizes.json`` on close.
 
@@ -93,31 +72,38 @@ class TwinShardWriter:
         maxcount: pairs per shard.
         maxsize: bytes per shard before a new one starts.
         resize: optional shorter-side size for stored images (pre-resized JPEGs train faster).
+        max_pixels: pixel cap per image (:mod:`cultureclip.images`); a larger image is refused.
         mtime: the timestamp stamped on every tar member. webdataset's default (a float ``time.time()``)
             makes tarfile add a pax header of about 1 KiB to every member (more than a small JPEG)
             and makes the shards differ from run to run; a fixed integer avoids both.
     """
 
     def __init__(self, out_dir: Union[str, os.PathLike], maxcount: int = 1000,
-                 maxsize: float = 3e9, resize: Optional[int] = None, mtime: int = SHARD_MTIME):
+                 maxsize: float = 3e9, resize: Optional[int] = None, mtime: int = SHARD_MTIME,
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.resize = resize
+        self.resize, self.max_pixels = resize, max_pixels
         self.sizes: dict[str, int] = {}
         self._keys: set[str] = set()
         self._writer = wds.ShardWriter(str(self.out_dir / schema.SHARD_PATTERN), maxcount=maxcount,
                                        maxsize=maxsize, verbose=0, mtime=int(mtime))
 
     def write(self, key: str, pos_image: ImageLike, neg_image: ImageLike, meta: Mapping[str, Any]) -> None:
-        """Validate and write one pair; raises ``RecordError``/``OSError`` and writes nothing on bad input."""
+        """Validate and write one pair; writes nothing on bad input.
+
+        Raises:
+            RecordError: a bad key or meta. ImageDecodeError: an image that does not decode or is
+            over the pixel cap. OSError: an image path that cannot be read.
+        """
         if "." in key or not key:
             raise RecordError(f"pair key {key!r} must be non-empty and contain no dot (webdataset splits on it)")
         if key in self._keys:
             raise RecordError(f"duplicate pair key {key!r}")
         meta = validate_pair_meta(meta, where=f"pair {key}")
         # encode both images before writing anything, so a bad image leaves no half-written sample
-        pos_bytes, pos_ext = encode_image(pos_image, self.resize)
-        neg_bytes, neg_ext = encode_image(neg_image, self.resize)
+        pos_bytes, pos_ext = image_to_bytes(pos_image, self.resize, max_pixels=self.max_pixels)
+        neg_bytes, neg_ext = image_to_bytes(neg_image, self.resize, max_pixels=self.max_pixels)
         sample = {
             schema.KEY: key,
             f"{schema.POS_PREFIX}.{pos_ext}": pos_bytes,
@@ -128,10 +114,6 @@ class TwinShardWriter:
         self._keys.add(key)
         name = os.path.basename(self._writer.fname)
         self.sizes[name] = self.sizes.get(name, 0) + 1
-
-    @property
-    def count(self) -> int:
-        return sum(self.sizes.values())
 
     def close(self) -> dict[str, int]:
         """Finish the last shard and write ``sizes.json``; returns the sizes."""

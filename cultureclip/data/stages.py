@@ -5,12 +5,10 @@ forkserver/spawn workers): tar reading, seeded shuffle, decoding, collation and 
 """
 from __future__ import annotations
 
-import io
 import itertools
 import json
-import logging
 import random
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 import webdataset as wds
@@ -18,37 +16,85 @@ from PIL import Image
 
 from cultureclip import schema
 from cultureclip.data.shards import validate_pair_meta
+from cultureclip.images import (  # noqa: F401  (BAD_IMAGE, TOO_LARGE: reasons re-exported with the rest)
+    BAD_IMAGE, DEFAULT_MAX_PIXELS, TOO_LARGE, ImageDecodeError, SkipCounter, decode_image)
 
-log = logging.getLogger(__name__)
 
 # reasons a sample (or the rest of a shard) was skipped: keys of SkipCounter.by_reason
 BAD_SHARD = "bad_shard"  # tar read error; the shard's remaining samples are lost, count unknown
+TRUNCATED_SHARD = "truncated_shard"  # a shard ended cleanly with fewer pairs than sizes.json lists: the missing ones
 MISSING_MEMBER = "missing_member"  # no pos image, no neg image or no json
 BAD_META = "bad_meta"  # json does not parse or lacks a required text
-BAD_IMAGE = "bad_image"  # an image does not decode or the preprocess fails on it
+# BAD_IMAGE: an image does not decode or the preprocess fails on it; TOO_LARGE: over the pixel cap
 
-class SkipCounter:
-    """Running count of skipped samples (and damaged shards), ``by_reason`` and ``total``.
 
-    It travels inside the pipeline, so each DataLoader worker counts on its own copy: the caller's
-    object is exact for num_workers=0 only. With workers, sum ``batch[schema.N_SKIPPED]`` instead.
+class NoProgressError(RuntimeError):
+    """An endless (resampled) stream skipped sample after sample without yielding one."""
+
+
+class ProgressGuard:
+    """Stops an endless stream that makes no progress, instead of letting it skip forever.
+
+    Every skipped sample, damaged shard or shard without any sample is one bad event; a good sample
+    resets the run. ``limit`` bad events in a row raise :class:`NoProgressError` naming the shards.
+    ``limit=None`` (evaluation passes, which end by themselves) never raises.
     """
 
-    def __init__(self) -> None:
-        self.by_reason: dict[str, int] = {}
-        self._reported = 0
+    def __init__(self, limit: Optional[int] = None) -> None:
+        self.limit = limit
+        self.run = 0
+        self.shards: dict[str, None] = {}  # ordered set of the shards of the current run
 
-    @property
-    def total(self) -> int:
-        return sum(self.by_reason.values())
+    def good(self) -> None:
+        self.run = 0
+        self.shards.clear()
 
-    def add(self, reason: str) -> None:
-        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+    def bad(self, url: Optional[str], counter: SkipCounter) -> None:
+        self.run += 1
+        self.shards[str(url)] = None
+        if self.limit is not None and self.run >= self.limit:
+            counter.flush()
+            names = list(self.shards)
+            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+            raise NoProgressError(
+                f"no usable twin pair in the last {self.run} samples/shards read (skipped so far: {counter.by_reason}; "
+                f"latest: {counter.example}); shards involved: {', '.join(names[:5])}{more}. Check these shards "
+                f"(a stream that never yields a pair would otherwise skip forever)")
 
-    def take_unreported(self) -> int:
-        """Skips since the previous call (the next batch's ``N_SKIPPED``)."""
-        new, self._reported = self.total - self._reported, self.total
-        return new
+
+def _list_members(raw: Mapping) -> list[str]:
+    return sorted(k for k in raw if not k.startswith("__"))
+
+
+class TarSamples:
+    """Stage: shard dicts ``{"url": ...}`` -> raw samples ``{"__key__", "pos.jpg": bytes, ...}``.
+
+    Each shard gets its own ``wds.tarfile_samples`` call, so key grouping restarts at every shard:
+    the partial last sample of a truncated shard can never merge with a same-key sample of the next
+    shard (keys are unique within a writer, not across datasets joined with ``::``). A shard that
+    ends cleanly with fewer samples than ``expected`` (its ``sizes.json`` entry) is counted as
+    ``TRUNCATED_SHARD``, one per missing pair: a tar cut at a member boundary looks like a clean end.
+    """
+
+    def __init__(self, counter: SkipCounter, expected: Optional[Mapping[str, int]] = None,
+                 guard: Optional[ProgressGuard] = None) -> None:
+        self.counter = counter
+        self.expected = dict(expected or {})
+        self.guard = guard or ProgressGuard()
+
+    def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
+        for shard in shards:
+            url, errors, n = shard.get("url"), _ErrorList(), 0
+            for sample in wds.tarfile_samples([shard], handler=errors):
+                n += 1
+                yield sample
+            if errors:  # one count per damaged shard, however many errors it raised
+                self.counter.add(BAD_SHARD, f"shard {url}", f"damaged, skipped the rest of it: {errors[0]!r}")
+            elif url in self.expected and n < self.expected[url]:
+                self.counter.add(TRUNCATED_SHARD, f"shard {url}", f"it holds {n} of the {self.expected[url]} "
+                                 f"pairs its {schema.SIZES_FILE} lists", count=self.expected[url] - n)
+            if errors or n == 0:
+                self.guard.bad(url, self.counter)
 
 
 class _ErrorList(list):
@@ -57,26 +103,6 @@ class _ErrorList(list):
     def __call__(self, exn: Exception) -> bool:
         self.append(exn)
         return True
-
-
-class TarSamples:
-    """Stage: shard dicts ``{"url": ...}`` -> raw samples ``{"__key__", "pos.jpg": bytes, ...}``.
-
-    Each shard gets its own ``wds.tarfile_samples`` call, so key grouping restarts at every shard:
-    the partial last sample of a truncated shard can never merge with a same-key sample of the next
-    shard (keys are unique within a writer, not across datasets joined with ``::``).
-    """
-
-    def __init__(self, counter: SkipCounter) -> None:
-        self.counter = counter
-
-    def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
-        for shard in shards:
-            errors = _ErrorList()
-            yield from wds.tarfile_samples([shard], handler=errors)
-            if errors:  # one count per damaged shard, however many errors it raised
-                self.counter.add(BAD_SHARD)
-                log.warning("shard %s is damaged, skipped the rest of it: %r", shard.get("url"), errors[0])
 
 
 class SeededShuffle(wds.PipelineStage):
@@ -94,39 +120,61 @@ class SeededShuffle(wds.PipelineStage):
 
 
 class _Skip(Exception):
-    """Raised by DecodeTwin.decode with ``args = (reason, detail)``."""
+    """Raised by :func:`split_pair` and DecodeTwin.decode with ``args = (reason, detail)``."""
+
+
+def split_pair(raw: Mapping) -> tuple[tuple[str, bytes], tuple[str, bytes], dict]:
+    """``((pos member, bytes), (neg member, bytes), checked meta)`` of a raw sample; raises ``_Skip``.
+
+    The members and the json are checked here, before the (slower) image decode; the validation
+    vocabulary is read with the same checks (:func:`cultureclip.data.pipeline.read_concept_names`).
+    """
+    pos = next(((m, raw[m]) for m in schema.POS_IMAGE_MEMBERS if m in raw), None)
+    neg = next(((m, raw[m]) for m in schema.NEG_IMAGE_MEMBERS if m in raw), None)
+    if pos is None or neg is None or schema.META not in raw:
+        raise _Skip(MISSING_MEMBER, f"needs a pos image, a neg image and {schema.META}, has {_list_members(raw)}")
+    try:
+        meta = json.loads(raw[schema.META])
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected a json object, got {type(meta).__name__}")
+        meta = validate_pair_meta(meta, where=f"pair {raw.get(schema.KEY)}")
+    except ValueError as exn:  # includes JSONDecodeError, UnicodeDecodeError and RecordError
+        raise _Skip(BAD_META, str(exn)) from exn
+    return pos, neg, meta
+
+
+def skip_where(raw: Mapping) -> str:
+    return f"sample {raw.get(schema.KEY)} from {raw.get(schema.URL)}"
 
 
 class DecodeTwin:
     """Stage: raw samples -> ``{KEY, POS_IMAGE, NEG_IMAGE: [3,H,W], the four texts, optional meta}``.
 
-    A sample with a missing member, bad json, an undecodable image or a failing preprocess is
-    logged with its key, shard url and reason, counted and dropped.
+    A sample with a missing member, bad json, an undecodable image, an image over ``max_pixels``
+    (:mod:`cultureclip.images`) or a failing preprocess is counted with its key, shard url and
+    reason, and dropped; ``guard`` stops an endless stream in which nothing decodes.
     """
 
-    def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor], counter: SkipCounter) -> None:
+    def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor], counter: SkipCounter,
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, guard: Optional[ProgressGuard] = None) -> None:
         self.preprocess = preprocess
         self.counter = counter
+        self.max_pixels = max_pixels
+        self.guard = guard or ProgressGuard()
 
     def decode(self, raw: dict) -> dict:
-        pos = next((raw[m] for m in schema.POS_IMAGE_MEMBERS if m in raw), None)
-        neg = next((raw[m] for m in schema.NEG_IMAGE_MEMBERS if m in raw), None)
-        if pos is None or neg is None or schema.META not in raw:
-            members = sorted(k for k in raw if not k.startswith("__"))
-            raise _Skip(MISSING_MEMBER, f"needs a pos image, a neg image and {schema.META}, has {members}")
-        try:  # the json is checked before the (slower) image decode
-            meta = json.loads(raw[schema.META])
-            if not isinstance(meta, dict):
-                raise ValueError(f"expected a json object, got {type(meta).__name__}")
-            meta = validate_pair_meta(meta, where=f"pair {raw.get(schema.KEY)}")
-        except ValueError as exn:  # includes JSONDecodeError, UnicodeDecodeError and RecordError
-            raise _Skip(BAD_META, str(exn)) from exn
-        try:
-            # convert() forces the full decode, so a truncated image fails here
-            images = {k: self.preprocess(Image.open(io.BytesIO(data)).convert("RGB"))  # [3, H, W]
-                      for k, data in ((schema.POS_IMAGE, pos), (schema.NEG_IMAGE, neg))}
-        except Exception as exn:  # PIL raises several types (OSError, SyntaxError, ValueError, ...)
-            raise _Skip(BAD_IMAGE, repr(exn)) from exn
+        pos, neg, meta = split_pair(raw)
+        images = {}
+        for key, (member, data) in ((schema.POS_IMAGE, pos), (schema.NEG_IMAGE, neg)):
+            try:
+                image = decode_image(data, f"{raw.get(schema.URL)} sample {raw.get(schema.KEY)} member {member}",
+                                     self.max_pixels)
+            except ImageDecodeError as exn:
+                raise _Skip(exn.reason, f"{member}: {exn.detail}") from exn
+            try:
+                images[key] = self.preprocess(image)  # [3, H, W]
+            except Exception as exn:  # data-dependent transform failures, e.g. a degenerate size
+                raise _Skip(BAD_IMAGE, f"{member}: preprocess failed: {exn!r}") from exn
         return {schema.KEY: raw.get(schema.KEY), **images, **meta}
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
@@ -135,10 +183,10 @@ class DecodeTwin:
                 sample = self.decode(raw)
             except _Skip as skip:
                 reason, detail = skip.args
-                self.counter.add(reason)
-                log.warning("skipped sample %s from %s (%s): %s", raw.get(schema.KEY), raw.get(schema.URL),
-                            reason, detail)
+                self.counter.add(reason, skip_where(raw), detail)
+                self.guard.bad(raw.get(schema.URL), self.counter)
                 continue
+            self.guard.good()
             yield sample
 
 
@@ -173,7 +221,10 @@ class AttachSkipCount:
     """Stage: set ``batch[schema.N_SKIPPED]`` to the skips since the previous batch.
 
     One batch is held back so that the last batch is sent only after the stream ended: skips after
-    the last good sample of a finite (evaluation) stream are still reported.
+    the last good sample of a finite (evaluation) stream are still reported. If the stream ends with
+    skips unreported and no batch to carry them (a worker or split with no valid sample), a *skip
+    report* ``{schema.N_SKIPPED: n}`` is yielded instead: no images, no texts; recognise it with
+    :func:`cultureclip.schema.is_skip_report`, count its skips and otherwise ignore it.
     """
 
     def __init__(self, counter: SkipCounter) -> None:
@@ -186,3 +237,7 @@ class AttachSkipCount:
                 pending[schema.N_SKIPPED] = self.counter.take_unreported()
                 yield pending
             pending = batch
+        self.counter.flush()  # the end of a finite stream: summarise skips not logged yet
+        left = self.counter.take_unreported()
+        if left:
+            yield {schema.N_SKIPPED: left}

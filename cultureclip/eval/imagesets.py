@@ -11,12 +11,12 @@ Sources understood by :func:`open_images`:
   name is looked up in the class list; a folder that is not in it is an error naming it.
 - ``DIR`` holding images directly (no sub-folders): unlabelled.
 - ``FILE.csv`` with a header ``path,label`` (``label`` optional); paths are relative to the CSV's folder.
-- ``PREFIX:REST`` for a prefix registered with :func:`register_image_source`. This is the extension
-  point for twin-pair WebDataset shards (``shards:DIR``): the shard pipeline lives in
-  ``cultureclip.data.pipeline`` and can register a lister here without this module importing it.
+- ``PREFIX:REST`` for a prefix registered with :func:`register_image_source` (your own lister).
 
-Images that do not decode are never replaced: they are skipped, counted and listed in
-``ImageBatches.skipped`` as ``(path, error)``, or raise :class:`ImageDecodeError` with
+:class:`ImageBatches` is the one batched decoding path of evaluation (classification, retrieval and
+the multiple-choice benchmarks). Images are decoded by :mod:`cultureclip.images` (pixel cap, 8-bit
+RGB); one that cannot be used is never replaced: it is skipped, counted by reason and listed in
+``ImageBatches.skipped`` as ``(name, error)``, or raises :class:`ImageDecodeError` with
 ``on_error="raise"``. Decoding errors are caught inside the workers and raised (if asked) in the main
 process, so the behaviour is the same for ``num_workers=0`` and ``> 0``.
 """
@@ -26,21 +26,17 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from cultureclip.images import (  # noqa: F401  (ImageDecodeError: re-exported, the error of this module)
+    DEFAULT_MAX_PIXELS, ImageDecodeError, SkipCounter, check_on_error, decode_image, source_name)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-# What PIL raises for a file that is not a readable image (SyntaxError: some broken PNG/GIF headers)
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 Classes = Union[Sequence[str], Mapping[str, int], None]
-
-
-class ImageDecodeError(RuntimeError):
-    """An image could not be decoded (raised only with ``on_error="raise"``)."""
 
 
 @dataclass
@@ -188,25 +184,21 @@ def csv_images(csv_path: Union[str, os.PathLike], classes: Classes = None) -> Im
     return ImageSet(paths, [index[lab] for _, lab in raw_labels], ids, classnames, str(csv_path))
 
 
-# Extension point: "PREFIX:rest" sources, e.g. register_image_source("shards", list_twin_shards)
+# Extension point: "PREFIX:rest" sources listed by a user's function
 _SOURCES: dict[str, Callable[[str, Classes], ImageSet]] = {}
 
 
 def register_image_source(prefix: str, lister: Callable[[str, Classes], ImageSet]) -> None:
     """Make ``open_images("PREFIX:rest", classes)`` call ``lister("rest", classes)``.
 
-    Intended for twin-pair shards (``shards:DIR``), whose pipeline lives elsewhere; the lister must
-    return an :class:`ImageSet` (or an object with the same attributes whose images it can decode).
+    The lister must return an :class:`ImageSet`; its ``paths`` may hold any source that
+    :func:`cultureclip.images.decode_image` reads (paths, bytes, PIL images).
     """
     _SOURCES[prefix] = lister
 
 
 def open_images(spec: Union[str, os.PathLike, ImageSet], classes: Classes = None) -> ImageSet:
-    """List an image source: an :class:`ImageSet`, ``PREFIX:rest``, a ``.csv`` file or a folder.
-
-    Raises:
-        NotImplementedError: ``shards:...`` before a shard lister is registered.
-    """
+    """List an image source: an :class:`ImageSet`, ``PREFIX:rest``, a ``.csv`` file or a folder."""
     if isinstance(spec, ImageSet):
         return spec
     text = str(spec)
@@ -215,83 +207,96 @@ def open_images(spec: Union[str, os.PathLike, ImageSet], classes: Classes = None
     if sep and len(prefix) > 1 and not os.path.exists(text):
         if prefix in _SOURCES:
             return _SOURCES[prefix](rest, classes)
-        if prefix == "shards":
-            raise NotImplementedError("shards:... image sources are not wired yet; register a lister with "
-                                      "cultureclip.eval.imagesets.register_image_source('shards', fn)")
         raise ValueError(f"unknown image source prefix {prefix!r} in {text!r}; known: {sorted(_SOURCES)}")
     if text.lower().endswith(".csv"):
         return csv_images(text, classes)
     return folder_images(text, classes)
 
 
-class ImageFileDataset(Dataset):
-    """Decode and preprocess one image per index; a failure is returned, not raised.
+class DecodedImages(Dataset):
+    """Decode (:func:`cultureclip.images.decode_image`) and transform one image per index.
 
-    ``__getitem__`` returns ``(index, pixels or None, error message or None)`` so that the collate
-    function can drop failures and the caller decides whether to skip or raise.
+    ``__getitem__`` returns ``(index, pixels or None, ImageDecodeError or None)``: a decoding failure
+    comes back as a value, so that the caller decides (in the main process) whether to skip or
+    raise, the same for ``num_workers=0`` and ``> 0``. The transform runs outside that: a failing
+    transform is a bug, not a bad image. ``transform=None`` only checks that the images decode.
     """
 
-    def __init__(self, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.paths = list(paths)
-        self.transform = transform
+    def __init__(self, sources: Sequence[Any], transform: Optional[Callable] = None,
+                 names: Optional[Sequence[str]] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> None:
+        self.sources, self.transform, self.names, self.max_pixels = sources, transform, names, max_pixels
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.sources)
 
     def __getitem__(self, i: int):
         try:
-            with Image.open(self.paths[i]) as im:
-                im = im.convert("RGB")  # forces the full decode here, inside the try
-        except _DECODE_ERRORS as exc:
-            return i, None, f"{type(exc).__name__}: {exc}"
-        return i, self.transform(im), None
+            image = decode_image(self.sources[i], self.names[i] if self.names else None, self.max_pixels)
+        except ImageDecodeError as exc:
+            return i, None, exc
+        return i, (self.transform(image) if self.transform is not None else None), None
 
 
-def collate_decoded(samples: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
-    """``(indices [b], pixels [b, 3, H, W], failures [(index, error)])`` from dataset samples."""
+def collate_decoded(samples: list) -> tuple[list[int], Optional[torch.Tensor], list[tuple[int, ImageDecodeError]]]:
+    """``(indices of decoded images, pixels [b, 3, H, W] or None, [(index, error), ...])``."""
     ok = [(i, x) for i, x, err in samples if err is None]
-    failed = [(i, err) for i, _, err in samples if err is not None]
-    idx = torch.tensor([i for i, _ in ok], dtype=torch.long)
-    pixels = torch.stack([x for _, x in ok]) if ok else torch.empty(0)
-    return idx, pixels, failed
+    pixels = torch.stack([x for _, x in ok]) if ok and ok[0][1] is not None else None
+    return [i for i, _ in ok], pixels, [(i, err) for i, _, err in samples if err is not None]
 
 
 class ImageBatches:
-    """Iterate ``(pixels [b, 3, H, W], labels [b] or None, ids)`` over an :class:`ImageSet`.
+    """Decode images in a ``DataLoader``, in order, skipping or raising on the ones that fail.
 
-    After (or during) iteration, ``skipped`` lists ``(path, error)`` for images that did not decode.
-    A batch whose images all failed is not yielded. Order follows the image set.
+    Iterating yields ``(pixels [b, 3, H, W], labels [b] or None, ids)`` for an :class:`ImageSet`;
+    :meth:`indexed` yields ``(indices, pixels)`` for any sources; a batch whose images all failed is
+    not yielded. ``skipped`` lists ``(name, error)``, ``failed`` maps index -> error, ``counter``
+    counts by reason (``bad_image``, ``too_large``); all are reset per pass.
 
     Args:
-        images: the listed source.
-        transform: PIL image -> tensor (the model's ``preprocess_val``).
+        images: an :class:`ImageSet`, or a sequence of sources (paths, bytes, PIL images, HF image dicts).
+        transform: PIL image -> tensor (the model's ``preprocess_val``); None: decode only.
         batch_size, num_workers: as for ``torch.utils.data.DataLoader``.
-        on_error: ``"skip"`` (count and list) or ``"raise"`` (:class:`ImageDecodeError` naming the path).
+        on_error: ``"skip"`` (count and list) or ``"raise"`` (:class:`ImageDecodeError` naming the image).
+        names: how messages name each image (default: the path, or the source kind).
+        max_pixels: pixel cap per image (:mod:`cultureclip.images`); a larger image fails as ``too_large``.
     """
 
-    def __init__(self, images: ImageSet, transform: Callable, batch_size: int = 64, num_workers: int = 0,
-                 on_error: str = "skip") -> None:
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-        self.images, self.on_error = images, on_error
-        self.loader = DataLoader(ImageFileDataset(images.paths, transform), batch_size=batch_size,
+    def __init__(self, images: Union[ImageSet, Sequence[Any]], transform: Optional[Callable] = None,
+                 batch_size: int = 64, num_workers: int = 0, on_error: str = "skip",
+                 names: Optional[Sequence[str]] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> None:
+        check_on_error(on_error)
+        self.images = images if isinstance(images, ImageSet) else None
+        sources = images.paths if isinstance(images, ImageSet) else list(images)
+        self.names = list(names) if names is not None else [source_name(x) for x in sources]
+        self.on_error = on_error
+        self.loader = DataLoader(DecodedImages(sources, transform, self.names, max_pixels), batch_size=batch_size,
                                  shuffle=False, num_workers=num_workers, collate_fn=collate_decoded,
                                  pin_memory=False, persistent_workers=False)
         self.skipped: list[tuple[str, str]] = []
+        self.failed: dict[int, str] = {}
+        self.counter = SkipCounter()
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor], list[str]]]:
-        self.skipped = []
-        labels = self.images.labels
-        for idx, pixels, failed in self.loader:
-            for i, err in failed:
-                path = self.images.paths[i]
+    def indexed(self) -> Iterator[tuple[list[int], Optional[torch.Tensor]]]:
+        """Yield ``(indices, pixels [b, 3, H, W] or None)`` over the decodable images, in order."""
+        self.skipped, self.failed, self.counter = [], {}, SkipCounter()
+        for indices, pixels, failures in self.loader:
+            for i, err in failures:
                 if self.on_error == "raise":
-                    raise ImageDecodeError(f"cannot decode image {path}: {err}")
-                self.skipped.append((path, err))
-            if len(idx) == 0:
-                continue
-            y = None if labels is None else torch.tensor([labels[i] for i in idx.tolist()], dtype=torch.long)
-            yield pixels, y, [self.images.ids[i] for i in idx.tolist()]
+                    raise err
+                self.skipped.append((self.names[i], err.detail))
+                self.failed[i] = err.detail
+                self.counter.add(err.reason, self.names[i], err.detail)
+            if indices:
+                yield indices, pixels
+        self.counter.flush()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor], list[str]]]:
+        if self.images is None:
+            raise TypeError("iterate ImageBatches over plain sources with .indexed()")
+        labels = self.images.labels
+        for indices, pixels in self.indexed():
+            y = None if labels is None else torch.tensor([labels[i] for i in indices], dtype=torch.long)
+            yield pixels, y, [self.images.ids[i] for i in indices]

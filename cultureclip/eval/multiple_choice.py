@@ -12,21 +12,20 @@ The engine shared by every benchmark in ``cultureclip.eval.benchmarks``:
 - the distractor protocols (:func:`resolve_seeds`, :func:`draw_options`) and the result header.
 
 Unlike the reference code, an image that cannot be decoded is never silently dropped nor replaced:
-it is skipped and counted with its reason, or raises with ``on_error="raise"``. Reading benchmark
+it is skipped and counted with its reason, or raises with ``on_error="raise"``. Images are decoded
+and batched by the one evaluation path, :class:`cultureclip.eval.imagesets.ImageBatches`. Reading benchmark
 rows (local files or the Hugging Face hub) lives in :mod:`cultureclip.eval.benchmarks`.
 """
 from __future__ import annotations
 
-import io
 import math
-import os
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
-from PIL import Image
+from cultureclip.images import (  # noqa: F401  (ImageDecodeError, check_on_error: re-exported for benchmarks)
+    DEFAULT_MAX_PIXELS, ImageDecodeError, check_on_error)
 
 if TYPE_CHECKING:
     import torch
@@ -42,12 +41,6 @@ REFERENCE_NOTE = (
     "distractors, then random.shuffle of the options, in dataset order) but over SORTED candidate pools. "
     "The authors drew from list(set(...)), whose order depends on PYTHONHASHSEED, so this matches their "
     "numbers only up to that hash-seed-dependent pool order; unlike theirs it is reproducible.")
-# exceptions PIL raises for missing, truncated or corrupt files; anything else is a bug and propagates
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-class ImageDecodeError(RuntimeError):
-    """An item's image could not be decoded and ``on_error="raise"`` was asked for."""
 
 
 @dataclass(frozen=True)
@@ -85,101 +78,41 @@ class Prediction:
 
 # ---------------------------------------------------------------------------- images
 
-def load_image(source: Any) -> Image.Image:
-    """Decode an image source fully (``load``, so truncated files fail here) into RGB."""
-    if isinstance(source, Mapping):  # Hugging Face Image(decode=False) / parquet export
-        source = source.get("bytes") if source.get("bytes") is not None else source.get("path")
-        if source is None:  # a row whose image is missing: data, not a bug, so it is skipped and counted
-            raise ValueError("image dict has neither 'bytes' nor 'path'")
-    if isinstance(source, Image.Image):
-        image = source
-    elif isinstance(source, (bytes, bytearray, memoryview)):
-        image = Image.open(io.BytesIO(bytes(source)))
-    elif isinstance(source, (str, os.PathLike)):
-        image = Image.open(io.BytesIO(Path(source).read_bytes()))  # read first: no lingering file handle
-    else:
-        raise TypeError(f"unsupported image source of type {type(source).__name__}")
-    image.load()
-    return image.convert("RGB")
-
-
-class ImageDataset:
-    """Decodes and preprocesses image sources; a failure comes back as a reason string, not an exception.
-
-    A map-style dataset for ``torch.utils.data.DataLoader``; module-level (not a closure) so it
-    pickles into workers.
-    """
-
-    def __init__(self, sources: Sequence[Any], transform: Optional[Callable] = None):
-        self.sources, self.transform = sources, transform
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, i: int):
-        try:
-            image = load_image(self.sources[i])
-        except DECODE_ERRORS as e:
-            return i, None, f"{type(e).__name__}: {e}"
-        # the transform runs outside the try: a broken transform is a bug, not a bad image
-        return i, (self.transform(image) if self.transform is not None else None), None
-
-
-def collate_images(batch):
-    """``(indices of decoded images, pixels [b, 3, H, W] or None, [(index, reason), ...])``."""
-    import torch
-    ok = [b for b in batch if b[2] is None]
-    pixels = torch.stack([b[1] for b in ok]) if ok and ok[0][1] is not None else None
-    return [b[0] for b in ok], pixels, [(b[0], b[2]) for b in batch if b[2] is not None]
-
-
-def check_on_error(on_error: str) -> None:
-    if on_error not in ("skip", "raise"):
-        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-
-
-def find_undecodable(sources: Sequence[Any], num_workers: int = 0, batch_size: int = 64) -> dict[int, str]:
+def find_undecodable(sources: Sequence[Any], num_workers: int = 0, batch_size: int = 64,
+                     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> dict[int, str]:
     """``{index: reason}`` for the sources that do not decode (the reference's image verification)."""
-    from torch.utils.data import DataLoader
-    failed: dict[int, str] = {}
-    loader = DataLoader(ImageDataset(sources), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_images)
-    for _, _, errors in loader:
-        failed.update(errors)
-    return failed
+    from cultureclip.eval.imagesets import ImageBatches
+    batches = ImageBatches(sources, None, batch_size, num_workers, "skip", max_pixels=max_pixels)
+    for _ in batches.indexed():
+        pass
+    return batches.failed
 
 
 def embed_images(model: CultureCLIP, sources: Sequence[Any], batch_size: int = 64, num_workers: int = 0,
-                 amp: bool = True, on_error: str = "skip",
-                 names: Optional[Sequence[str]] = None) -> tuple[torch.Tensor, dict[int, str]]:
+                 amp: bool = True, on_error: str = "skip", names: Optional[Sequence[str]] = None,
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, dict[int, str]]:
     """Features ``[N, D]`` (zero rows where skipped) and ``{index: reason}`` of undecodable images.
 
-    ``names`` (e.g. ``"file.jsonl: row 7"``) are used in the ``on_error="raise"`` message.
+    ``names`` (e.g. ``"file.jsonl: row 7"``) name the images in the ``on_error="raise"`` message.
     """
     import torch
-    from torch.utils.data import DataLoader
 
     from cultureclip.eval.embed import embed_image_batches
-    check_on_error(on_error)
+    from cultureclip.eval.imagesets import ImageBatches
     feats = torch.zeros(len(sources), int(model.model_cfg["embed_dim"]))
-    failed: dict[int, str] = {}
-    loader = DataLoader(ImageDataset(sources, model.preprocess_val), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=collate_images)
-    for indices, pixels, errors in loader:
-        if errors and on_error == "raise":
-            i, reason = errors[0]
-            raise ImageDecodeError(f"{names[i] if names else f'item {i}'}: image cannot be decoded: {reason}")
-        failed.update(errors)
-        if pixels is not None:
-            feats[indices] = embed_image_batches(model, [pixels], amp=amp)  # [b, D]
-    return feats, failed
+    names = list(names) if names else [f"item {i}" for i in range(len(sources))]
+    batches = ImageBatches(sources, model.preprocess_val, batch_size, num_workers, on_error, names, max_pixels)
+    for indices, pixels in batches.indexed():
+        feats[indices] = embed_image_batches(model, [pixels], amp=amp)  # [b, D]
+    return feats, batches.failed
 
 
 # ---------------------------------------------------------------------------- scoring
 
 def score_item_sets(model: CultureCLIP, item_sets: Mapping[Any, Sequence[MCItem]], batch_size: int = 64,
                     num_workers: int = 0, amp: bool = True, on_error: str = "skip",
-                    text_batch_size: int = 256) -> dict[Any, list[Prediction]]:
+                    text_batch_size: int = 256,
+                    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> dict[Any, list[Prediction]]:
     """Score several item lists that share their images position by position (one per distractor seed).
 
     Images are embedded once (from the first list), the union of option texts once.
@@ -191,6 +124,7 @@ def score_item_sets(model: CultureCLIP, item_sets: Mapping[Any, Sequence[MCItem]
         amp: bf16 autocast on CUDA.
         on_error: ``"skip"`` counts undecodable images (``Prediction.skipped``), ``"raise"`` raises.
         text_batch_size: batch size for the option texts.
+        max_pixels: pixel cap per image (:mod:`cultureclip.images`); larger ones are skipped or raise.
 
     Returns:
         ``{key: [Prediction, ...]}``, one prediction per item, in item order.
@@ -203,7 +137,8 @@ def score_item_sets(model: CultureCLIP, item_sets: Mapping[Any, Sequence[MCItem]
                                           for a, b in zip(base, other)):
             raise ValueError("item sets must share their images position by position")
     names = [str(it.meta.get("where", f"item {i}")) for i, it in enumerate(base)]
-    feats, failed = embed_images(model, [it.image for it in base], batch_size, num_workers, amp, on_error, names)
+    feats, failed = embed_images(model, [it.image for it in base], batch_size, num_workers, amp, on_error, names,
+                                 max_pixels)
     texts = sorted({t for items in lists for it in items for t in it.options})  # sorted: stable batches
     text_feats = embed_texts(model, texts, batch_size=text_batch_size, amp=amp)  # [T, D]
     row = {t: i for i, t in enumerate(texts)}
@@ -224,9 +159,10 @@ def score_item_sets(model: CultureCLIP, item_sets: Mapping[Any, Sequence[MCItem]
 
 
 def score_items(model: CultureCLIP, items: Sequence[MCItem], batch_size: int = 64, num_workers: int = 0,
-                amp: bool = True, on_error: str = "skip") -> list[Prediction]:
+                amp: bool = True, on_error: str = "skip",
+                max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> list[Prediction]:
     """Score one list of items; see :func:`score_item_sets` for the arguments."""
-    return score_item_sets(model, {0: items}, batch_size, num_workers, amp, on_error)[0]
+    return score_item_sets(model, {0: items}, batch_size, num_workers, amp, on_error, max_pixels=max_pixels)[0]
 
 
 # ---------------------------------------------------------------------------- metrics

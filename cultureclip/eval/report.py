@@ -13,7 +13,6 @@ bare ``matplotlib.figure.Figure`` objects on the Agg canvas (no pyplot state, wo
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 import re
@@ -24,10 +23,10 @@ from typing import Mapping, Optional, Sequence, Union
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image
 
 from cultureclip import schema
 from cultureclip.eval.aggregate import load_results
+from cultureclip.images import decode_image
 
 # the headline metric of a result: the first of these it reports (twins, cultural benchmarks, ImageNet, retrieval)
 MAIN_METRICS = ("twin_acc", "acc", "acc1", "i2t_recall@1", "t2i_recall@1")
@@ -159,7 +158,7 @@ def fetch_images(shards: Sequence[Union[str, os.PathLike]], wanted: Sequence[tup
                     continue
                 role, _, ext = m.group(2).partition(".")
                 if (m.group(1), role) in want and ext in schema.IMAGE_EXTS:
-                    found[(m.group(1), role)] = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+                    found[(m.group(1), role)] = decode_image(tar.extractfile(member).read(), f"{shard}:{member.name}")
         if len(found) == len(want):
             break
     return found

@@ -110,7 +110,8 @@ def twins(model: CultureCLIP, shards: Union[str, Sequence[str]], batch_size: int
         urls, model.preprocess_val, model.tokenizer, batch_size, train=False, num_workers=workers,
         caption_context_length=caption_context_length, concept_context_length=concept_ctx)
     emb = embed_twin_split(model, make_loader(pipeline, num_workers=workers), amp=amp,
-                           caption_context_length=caption_context_length, concept_context_length=concept_ctx)
+                           caption_context_length=caption_context_length, concept_context_length=concept_ctx,
+                           where=f"twin split {split or _split_name(urls)!r} ({len(urls)} shard(s): {urls[0]}, ...)")
     metrics = twin_metrics(emb, ks=ks, index_kind=index_kind)
     conf = confusions(emb, top_n=top_confusions, index_kind=index_kind)
     header = {"task": task, "dataset": dataset or ",".join(map(str, specs)), "split": split or _split_name(urls),

@@ -95,7 +95,7 @@ def _column(batch: dict, key: str, size: int, required: bool) -> list:
 
 def embed_twin_split(model: CultureCLIP, batches: Iterable[dict], amp: bool = True, text_batch_size: int = 256,
                      caption_context_length: Optional[int] = None,
-                     concept_context_length: Optional[int] = None) -> TwinEmbeddings:
+                     concept_context_length: Optional[int] = None, where: str = "the split") -> TwinEmbeddings:
     """Embed both images of every pair, every caption and each distinct concept name once.
 
     Args:
@@ -104,10 +104,12 @@ def embed_twin_split(model: CultureCLIP, batches: Iterable[dict], amp: bool = Tr
             ``POS_IMAGE``/``NEG_IMAGE`` [B, 3, H, W], the four raw-text lists (text key +
             ``TEXT_SUFFIX``), ``KEY``, and optionally ``CATEGORY``, ``POS_COUNTRY``, ``NEG_COUNTRY``,
             ``PAIR_ID``, ``N_SKIPPED``. Token tensors are ignored: captions and names are tokenised here
-            from the raw strings, so the result does not depend on how the pipeline tokenised.
+            from the raw strings, so the result does not depend on how the pipeline tokenised. A skip
+            report (:func:`cultureclip.schema.is_skip_report`) only adds to ``n_skipped``.
         amp: bf16 autocast on CUDA (see :func:`cultureclip.eval.embed.autocast`).
         text_batch_size: texts per encoder call.
         caption_context_length, concept_context_length: token lengths (None: the model's).
+        where: names the split in the error raised when it holds no valid pair.
 
     Raises:
         ValueError: no pairs, or a pair whose two concept names are equal (not a twin pair; its
@@ -117,9 +119,11 @@ def embed_twin_split(model: CultureCLIP, batches: Iterable[dict], amp: bool = Tr
     captions, names, keys, roles, countries, categories, pair_ids = [], [], [], [], [], [], []
     n_skipped = 0
     for batch in batches:
+        n_skipped += int(batch.get(schema.N_SKIPPED, 0) or 0)
+        if schema.is_skip_report(batch):  # a stream part with skips and no pair: only its count
+            continue
         pos, neg = batch[schema.POS_IMAGE], batch[schema.NEG_IMAGE]  # [B, 3, H, W] each
         b = pos.shape[0]
-        n_skipped += int(batch.get(schema.N_SKIPPED, 0) or 0)
         if b == 0:
             continue
         feats = embed_image_batches(model, [torch.cat([pos, neg])], amp=amp)  # [2B, D]: one tower call
@@ -139,7 +143,8 @@ def embed_twin_split(model: CultureCLIP, batches: Iterable[dict], amp: bool = Tr
             categories += [meta[schema.CATEGORY][r]] * 2
             pair_ids += [meta[schema.PAIR_ID][r]] * 2
     if not image_chunks:
-        raise ValueError(f"the split holds no twin pairs ({n_skipped} samples were skipped by the pipeline)")
+        raise ValueError(f"{where} holds no twin pairs ({n_skipped} samples were skipped by the pipeline; "
+                         f"its warnings name them)")
     concepts = sorted(set(names))  # sorted, never hash order: the vocabulary is the same in every run
     lookup = {c: i for i, c in enumerate(concepts)}
     return TwinEmbeddings(

@@ -29,6 +29,7 @@ import torch
 
 from cultureclip.eval.embed import autocast, zero_shot_classifier
 from cultureclip.eval.imagesets import ImageBatches, ImageSet, open_images
+from cultureclip.images import DEFAULT_MAX_PIXELS
 from cultureclip.model import CultureCLIP
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data_files"
@@ -108,7 +109,8 @@ class ClassificationResult:
         labels: ``[N]`` true class indices, or ``None`` for unlabelled images.
         metrics: flat: ``n``, ``n_skipped`` and, with labels, ``acc1``, ``acc5``, ``mean_per_class_recall``.
         confusion: ``[C, C]`` counts, rows = true class, columns = predicted (torchmetrics' layout).
-        skipped: ``(path, error)`` of images that did not decode.
+        skipped: ``(path, error)`` of images that did not decode or were over the pixel cap.
+        skipped_by_reason: ``{reason: count}`` of those (``bad_image``, ``too_large``).
     """
 
     classnames: list[str]
@@ -119,6 +121,7 @@ class ClassificationResult:
     metrics: dict
     confusion: Optional[torch.Tensor] = None
     skipped: list = field(default_factory=list)
+    skipped_by_reason: dict = field(default_factory=dict)
 
 
 def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -147,7 +150,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, k: int = 
 @torch.no_grad()
 def classify(model: CultureCLIP, images: Union[str, os.PathLike, ImageSet], classnames: Sequence[str],
              templates: Sequence[str] = DEFAULT_TEMPLATES, k: int = 5, batch_size: int = 64,
-             num_workers: int = 0, amp: bool = True, on_error: str = "skip") -> ClassificationResult:
+             num_workers: int = 0, amp: bool = True, on_error: str = "skip",
+             max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> ClassificationResult:
     """Classify every image into one of ``classnames`` with CLIP's zero-shot classifier.
 
     Args:
@@ -160,6 +164,8 @@ def classify(model: CultureCLIP, images: Union[str, os.PathLike, ImageSet], clas
         batch_size, num_workers: image DataLoader settings (texts use the same batch size).
         amp: bf16 autocast on CUDA.
         on_error: ``"skip"`` undecodable images (counted in ``metrics["n_skipped"]``) or ``"raise"``.
+        max_pixels: pixel cap per image, read from the header before decoding (None: Pillow's own
+            limit only); a larger image is skipped as ``too_large`` (or raises).
 
     Returns:
         A :class:`ClassificationResult`.
@@ -177,7 +183,7 @@ def classify(model: CultureCLIP, images: Union[str, os.PathLike, ImageSet], clas
     weights = zero_shot_classifier(model, classnames, templates, batch_size=batch_size, amp=amp)  # [C, D]
     weights = weights.to(model.device)
     batches = ImageBatches(image_set, model.preprocess_val, batch_size=batch_size, num_workers=num_workers,
-                           on_error=on_error)
+                           on_error=on_error, max_pixels=max_pixels)
     model.eval()
     logits, labels, ids = [], [], []
     for pixels, y, batch_ids in batches:
@@ -201,7 +207,7 @@ def classify(model: CultureCLIP, images: Union[str, os.PathLike, ImageSet], clas
         metrics.update(classification_metrics(logits_all, label_t, k=k))
         cm = confusion_matrix(label_t, logits_all.argmax(dim=1), len(classnames))
     return ClassificationResult(classnames, ids, topk_indices, topk_scores, label_t, metrics, cm,
-                                list(batches.skipped))
+                                list(batches.skipped), dict(sorted(batches.counter.by_reason.items())))
 
 
 def write_predictions(result: ClassificationResult, path: Union[str, os.PathLike]) -> Path:

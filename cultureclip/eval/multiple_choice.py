@@ -1,6 +1,6 @@
 """Zero-shot multiple choice: one image scored against its own option texts, as the reference scripts do.
 
-The engine shared by every benchmark in ``cultureclip.eval.benchmarks``:
+The engine shared by every cultural benchmark in ``cultureclip.eval.cultural``:
 
 - :class:`MCItem` (image source, option texts, index of the correct option, metadata) and
   :class:`Prediction` (one per item, skipped ones included, with the reason);
@@ -14,7 +14,7 @@ The engine shared by every benchmark in ``cultureclip.eval.benchmarks``:
 Unlike the reference code, an image that cannot be decoded is never silently dropped nor replaced:
 it is skipped and counted with its reason, or raises with ``on_error="raise"``. Images are decoded
 and batched by the one evaluation path, :class:`cultureclip.eval.imagesets.ImageBatches`. Reading benchmark
-rows (local files or the Hugging Face hub) lives in :mod:`cultureclip.eval.benchmarks`.
+rows (local files or the Hugging Face hub) lives in :mod:`cultureclip.eval.cultural`.
 """
 from __future__ import annotations
 

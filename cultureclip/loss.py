@@ -77,7 +77,8 @@ class CultureCLIPLoss(nn.Module):
         lambda_concept: weight of the concept term of a two-term variant (default 0.3).
         gather: gather features across ranks when ``torch.distributed`` is initialised.
 
-    Single-term variants use weight 1 and refuse a ``lambda_*`` (it would be silently ignored). ``forward`` returns ``{"loss": total, "<term>_loss": ...}``
+    Single-term variants use weight 1 and refuse a ``lambda_*`` (it would be silently ignored).
+    ``forward`` returns ``{"loss": total, "<term>_loss": ...}``
     where the named terms are unweighted (so they stay comparable across weightings) and ``loss`` is
     their weighted sum.
     """

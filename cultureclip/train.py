@@ -33,14 +33,12 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     # building the toy set is safe on several ranks at once, and a no-op once it exists
     datamodule.prepare_data()
     datamodule.setup("fit")
-    accum = cfg.optim.accum_freq
-    steps = schedule_length(trainer.max_steps, trainer.max_epochs, datamodule.batches_per_epoch(trainer.world_size),
-                            accum)
+    accum, per_epoch = cfg.optim.accum_freq, datamodule.batches_per_epoch(trainer.world_size)
     module = CultureCLIPModule(
         encoder, instantiate(cfg.loss), optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler), weight_decay=cfg.optim.weight_decay, accum_freq=accum,
-        grad_clip_norm=cfg.optim.grad_clip_norm, total_steps=steps, val_concepts=datamodule.val_concepts,
-        val_shards=datamodule.val_urls)
+        grad_clip_norm=cfg.optim.grad_clip_norm, val_concepts=datamodule.val_concepts, val_shards=datamodule.val_urls,
+        total_steps=schedule_length(trainer.max_steps, trainer.max_epochs, per_epoch, accum))
     before = {}
     if cfg.heldout.before_after and cfg.ckpt_path is None:
         before = app.metrics_of(trainer.validate(module, datamodule=datamodule, verbose=False))

@@ -279,7 +279,13 @@ class StepCheckpoint(ModelCheckpoint):
     step and warns on every run when no ``saved_models`` snapshot exists. Here ``training_step`` finishes
     whole optimizer steps, so the state at ``global_step`` N is exactly the state after N steps, which is
     what a resume needs; this callback saves it, as Lightning does for automatic optimisation.
+    Step-based only: ``train_time_interval`` is refused.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._train_time_interval is not None:
+            raise ValueError("StepCheckpoint saves every_n_train_steps; use ModelCheckpoint for train_time_interval")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._every_n_train_steps < 1 or trainer.global_step % self._every_n_train_steps:

@@ -322,3 +322,16 @@ def test_skip_reports_are_counted_and_an_empty_split_is_an_error():
     with pytest.raises(RuntimeError, match=r"no pair \(5 samples skipped.*shard-000000.tar, /data/val/shard-000001"):
         trainer.validate(module, dataloaders=torch.utils.data.DataLoader([report, {schema.N_SKIPPED: 2}],
                                                                          batch_size=None), verbose=False)
+
+
+def test_toy_set_is_built_in_prepare_data_not_at_construction(tmp_path, toy_root, tiny_spec):
+    from cultureclip.data.datamodule import TwinDataModule
+    fresh = tmp_path / "toy"
+    TwinDataModule(tiny_spec, f"{fresh}/train", f"{fresh}/val", toy_dir=str(fresh))
+    assert not fresh.exists()  # construction touches no file (it runs on every rank)
+    dm = TwinDataModule(tiny_spec, f"{toy_root}/toy/train", f"{toy_root}/toy/val", toy_dir=f"{toy_root}/toy",
+                        batch_size=8)
+    dm.prepare_data()  # complete set: kept as is
+    dm.setup("fit")
+    assert dm.val_concepts == sorted(set(dm.val_concepts)) and len(dm.val_concepts) > 2
+    assert dm.batches_per_epoch(2) == math.ceil(dm.train_pairs_per_epoch / 16)

@@ -15,6 +15,7 @@ import webdataset as wds
 from cultureclip import schema
 from cultureclip.data.pipeline import build_twin_pipeline, count_pairs, expand_shards, make_loader
 from cultureclip.data.spec import DataSpec
+from cultureclip.resolvers import workers as default_workers  # min(n, cores), also the configs' cc_workers
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,6 @@ def read_concept_names(urls: Sequence[str]) -> list[str]:
     if not names:
         raise ValueError(f"no concept names found in {len(urls)} validation shard(s): {urls[:3]}")
     return sorted(names)
-
-
-def default_workers(n: int = 4) -> int:
-    """``n`` loader workers, but never more processes than the machine has cores."""
-    return max(0, min(int(n), os.cpu_count() or 1))
 
 
 def check_shard_specs(train_shards: Union[str, Sequence[str]], val_shards: Union[str, Sequence[str], None] = None,

@@ -161,14 +161,14 @@ def bench_ours(cfg: BenchConfig) -> dict:
             images.append(2 * batch[schema.POS_IMAGE].shape[0])
 
     encoder = CultureCLIP.from_pretrained(cfg.model, pretrained=None)
-    data = TwinDataModule(cfg.twin_dir, batch_size=cfg.batch_size, num_workers=cfg.workers, seed=cfg.seed,
+    data = TwinDataModule(encoder.data_spec(), cfg.twin_dir, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                          seed=cfg.seed,
                           train_pairs_per_epoch=(total + cfg.workers) * cfg.batch_size,  # one epoch covers the run
                           concept_context_length=CONCEPT_CONTEXT)
-    data.encoder = encoder
     loss = CultureCLIPLoss(cfg.variant)
     module = CultureCLIPModule(
         encoder, loss, optimizer=functools.partial(torch.optim.AdamW, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6),
-        scheduler=functools.partial(warmup_schedule, warmup_steps=cfg.warmup), weight_decay=0.1)
+        scheduler=functools.partial(warmup_schedule, warmup_steps=cfg.warmup), weight_decay=0.1, total_steps=total)
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=cfg.precision,
                         max_steps=total, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,

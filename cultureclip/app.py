@@ -1,5 +1,6 @@
-"""Glue for the Hydra/Lightning entry points: config resolvers, callbacks, run-directory safety,
-atomic checkpoints and the end-of-run outputs. Library modules never import this one."""
+"""Glue for the Hydra/Lightning entry points: config checks, callbacks, run-directory safety,
+atomic checkpoints and the end-of-run outputs. Library modules never import this one.
+(Config resolvers: :mod:`cultureclip.resolvers`.)"""
 from __future__ import annotations
 
 import json
@@ -13,18 +14,24 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from cultureclip.data.datamodule import check_shard_specs
 from cultureclip.eval.results import package_versions
 
 log = logging.getLogger("cultureclip")
 
 
-def _bf16_or_fp32() -> str:
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-
-
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("cc_bf16_or_fp32"):
-        OmegaConf.register_new_resolver("cc_bf16_or_fp32", _bf16_or_fp32)
+def check_train_config(cfg: DictConfig) -> None:
+    """Refuse settings that would silently do something else, before any model is built or data read."""
+    accum = cfg.trainer.get("accumulate_grad_batches", 1)
+    if accum != 1:
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={accum} is not used: set optim.accum_freq={accum} instead (and leave "
+            f"the trainer's at 1). Lightning's accumulation gives each micro-batch only its own negatives; "
+            f"optim.accum_freq keeps one negative pool over all micro-batches of an optimizer step.")
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RuntimeError("this config trains on a GPU (trainer=gpu, which +experiment=cultwin selects) but no CUDA "
+                           "GPU is available here; add trainer=cpu to run the same recipe on the CPU")
+    check_shard_specs(cfg.data.train_shards, cfg.data.get("val_shards"), cfg.data.get("toy_dir"))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

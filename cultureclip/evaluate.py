@@ -11,18 +11,13 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from cultureclip import resolvers
 from cultureclip.eval import report, tasks
 from cultureclip.eval.results import write_result
 
-
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("cc_model_slug"):
-        OmegaConf.register_new_resolver("cc_model_slug", tasks.model_slug)
-
-
-register_resolvers()
+resolvers.register()  # before @hydra.main composes the config
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict, dict]:

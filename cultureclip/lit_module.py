@@ -6,6 +6,9 @@ re-encoded with gradient, put back into the cached features, and the loss over *
 is back-propagated. Lightning's ``accumulate_grad_batches`` would instead add up per-micro-batch
 losses, each with only its own negatives (the reference code's defect), so this module optimises
 manually and the trainer's accumulation stays at 1.
+
+Validation logs the twin metrics of :mod:`cultureclip.metrics` as ``val/<name>`` (the names
+``cultureclip.eval.twins`` reports), plus ``val/loss`` and ``val/skipped_samples``.
 """
 from __future__ import annotations
 
@@ -19,14 +22,16 @@ from typing import Any, Optional, Sequence
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torchmetrics import MeanMetric
 
-from cultureclip import schema
+from cultureclip import metrics, schema
 from cultureclip.loss import CultureCLIPLoss
 from cultureclip.model import TRAINING_CKPT_KEY, CultureCLIP
 from cultureclip.optim import param_groups
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature so that s <= 100
+VAL_METRICS = (metrics.TWIN_ACC, metrics.CONCEPT_TOP1, metrics.TWIN_CONFUSION)
 
 
 class CultureCLIPModule(L.LightningModule):
@@ -40,27 +45,40 @@ class CultureCLIPModule(L.LightningModule):
         weight_decay: applied to matrices only (see ``cultureclip.optim.param_groups``).
         accum_freq: micro-batches per optimizer step, all sharing one negative pool.
         grad_clip_norm: max gradient norm, or None.
+        total_steps: optimizer steps of the whole run, the lr schedule's length (required with a
+            scheduler; see :func:`cultureclip.optim.schedule_length`).
+        val_concepts: the concept vocabulary of the validation split (``img2concept_recall@1`` ranks
+            every validation image against all of it); required when validating.
+        val_shards: the validation split's shards, named when it yields no pair.
     """
 
     def __init__(self, encoder: CultureCLIP, loss: CultureCLIPLoss, optimizer, scheduler=None,
-                 weight_decay: float = 0.1, accum_freq: int = 1, grad_clip_norm: Optional[float] = None):
+                 weight_decay: float = 0.1, accum_freq: int = 1, grad_clip_norm: Optional[float] = None,
+                 total_steps: Optional[int] = None, val_concepts: Sequence[str] = (),
+                 val_shards: Sequence[str] = ()):
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["encoder", "loss", "optimizer", "scheduler"])
+        self.save_hyperparameters(logger=False, ignore=["encoder", "loss", "optimizer", "scheduler",
+                                                        "val_concepts", "val_shards"])
         if accum_freq < 1:
             raise ValueError(f"accum_freq must be >= 1, got {accum_freq}")
+        if scheduler is not None and (total_steps is None or total_steps < 1):
+            raise ValueError(f"a scheduler needs total_steps >= 1 (the schedule length), got {total_steps}")
+        self.total_steps, self.val_concepts, self.val_shards = total_steps, list(val_concepts), list(val_shards)
         self.automatic_optimization = False
         self.encoder, self.loss = encoder, loss
         self.val_loss_fn = copy.copy(loss)
         self.val_loss_fn.gather = False  # eval batches may be uneven across ranks; metrics sync instead
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.weight_decay, self.accum_freq, self.grad_clip_norm = weight_decay, accum_freq, grad_clip_norm
-        self.val_loss, self.val_twin_acc, self.val_concept_top1 = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_loss = MeanMetric()
+        self.val_metrics = torch.nn.ModuleDict({k.replace("@", "_at_"): MeanMetric() for k in VAL_METRICS})
         self._micro: list[dict] = []
         self._vocab_feats: Optional[torch.Tensor] = None
-        self._vocab_index: dict[str, int] = {}
+        self._vocab_index = {n: i for i, n in enumerate(self.val_concepts)}
         self._timer = {"window_start": None, "batch_end": None, "wait": 0.0, "pairs": 0}
         self._skipped_total = 0
         self._val_skipped = 0
+        self._val_pairs = 0
 
     # ------------------------------------------------------------------ encoding
     def encode(self, batch: dict, keys: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -95,6 +113,8 @@ class CultureCLIPModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
         self._skipped_total += int(batch.get(schema.N_SKIPPED, 0))
+        if schema.is_skip_report(batch):  # counted above, nothing to train on
+            return None
         self._timer["pairs"] += batch[schema.POS_IMAGE].shape[0]
         self._micro.append(batch)
         if len(self._micro) < self.accum_freq:
@@ -166,59 +186,61 @@ class CultureCLIPModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
-        names = getattr(self.trainer.datamodule, "val_concepts", None)
-        if not names:
-            raise RuntimeError("the datamodule must expose val_concepts (the concept names of the "
-                               "validation split) for val/concept_top1")
-        self._vocab_index = {n: i for i, n in enumerate(names)}
-        self._val_skipped = 0
+        if not self.val_concepts:
+            raise RuntimeError("CultureCLIPModule needs val_concepts (the concept names of the validation "
+                               "split) to validate; TwinDataModule.val_concepts holds them after setup()")
+        self._val_skipped = self._val_pairs = 0
+        names = self.val_concepts
         feats = [self.encoder.encode_text(list(names[i:i + 256])) for i in range(0, len(names), 256)]
         self._vocab_feats = torch.cat(feats)  # [V, D]
 
+    def _vocab_ids(self, names: Sequence[str]) -> torch.Tensor:
+        try:
+            return torch.tensor([self._vocab_index[n] for n in names], device=self.device)
+        except KeyError as e:
+            raise KeyError(f"validation concept {e.args[0]!r} is not in val_concepts ({len(self.val_concepts)} "
+                           f"names): pass the vocabulary of this split") from None
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._val_skipped += int(batch.get(schema.N_SKIPPED, 0))
+        if schema.is_skip_report(batch):
+            return
         f = self.encode(batch, schema.FEATURE_KEYS)
         out = self.val_loss_fn(f, self.encoder.logit_scale.exp())
         b = f[schema.POS_IMAGE].shape[0]
+        self._val_pairs += b
         self.val_loss.update(out["loss"], weight=b)
-        # twin accuracy: every image must score its own concept name above its twin's
-        pos_ok = (f[schema.POS_IMAGE] * f[schema.POS_CONCEPT]).sum(-1) > (f[schema.POS_IMAGE] * f[schema.NEG_CONCEPT]).sum(-1)
-        neg_ok = (f[schema.NEG_IMAGE] * f[schema.NEG_CONCEPT]).sum(-1) > (f[schema.NEG_IMAGE] * f[schema.POS_CONCEPT]).sum(-1)
-        self.val_twin_acc.update(torch.cat([pos_ok, neg_ok]).float())
-        # concept top-1: every image against every concept name of the split
+        # every image of every pair is a query: pos images, then their twins
         images = torch.cat([f[schema.POS_IMAGE], f[schema.NEG_IMAGE]])  # [2B, D]
-        names = batch[schema.POS_CONCEPT + schema.TEXT_SUFFIX] + batch[schema.NEG_CONCEPT + schema.TEXT_SUFFIX]
-        target = torch.tensor([self._vocab_index[n] for n in names], device=images.device)
-        pred = (images @ self._vocab_feats.to(images.dtype).T).argmax(dim=-1)  # [2B]
-        self.val_concept_top1.update((pred == target).float())
-        self._val_skipped += int(batch.get(schema.N_SKIPPED, 0))
+        own = self._vocab_ids(batch[schema.POS_CONCEPT + schema.TEXT_SUFFIX]
+                              + batch[schema.NEG_CONCEPT + schema.TEXT_SUFFIX])  # [2B]
+        twin = torch.cat([own[b:], own[:b]])  # the pos image's twin is the neg concept and vice versa
+        for name, hits in metrics.twin_outcomes(images, self._vocab_feats, own, twin).items():
+            self.val_metrics[name.replace("@", "_at_")].update(hits)
 
     def on_validation_epoch_end(self) -> None:
+        world = self.trainer.world_size
+        pairs = int(self.trainer.strategy.reduce(torch.tensor(float(self._val_pairs), device=self.device),
+                                                 reduce_op="sum")) if world > 1 else self._val_pairs
+        if pairs == 0:
+            shards = ", ".join(map(str, self.val_shards[:5])) + (" ..." if len(self.val_shards) > 5 else "")
+            raise RuntimeError(f"the validation split yielded no pair ({self._val_skipped} samples skipped on "
+                               f"rank {self.global_rank}); shards: {shards or 'unknown'}")
         self.log("val/loss", self.val_loss.compute(), sync_dist=False)
-        self.log("val/twin_acc", self.val_twin_acc.compute(), prog_bar=True)
-        self.log("val/concept_top1", self.val_concept_top1.compute(), prog_bar=True)
-        self.log("val/skipped_samples", float(self._val_skipped), reduce_fx="sum", sync_dist=self.trainer.world_size > 1)
-        for m in (self.val_loss, self.val_twin_acc, self.val_concept_top1):
-            m.reset()
+        for name in VAL_METRICS:
+            metric = self.val_metrics[name.replace("@", "_at_")]
+            self.log(f"val/{name}", metric.compute(), prog_bar=name != metrics.TWIN_CONFUSION)
+            metric.reset()
+        self.log("val/skipped_samples", float(self._val_skipped), reduce_fx="sum", sync_dist=world > 1)
+        self.val_loss.reset()
         self._vocab_feats = None
 
     # ------------------------------------------------------------------ optimizers and state
-    def total_steps(self) -> int:
-        """Optimizer steps of the whole run (for the lr schedule): ``max_steps``, else epochs x steps per epoch."""
-        if self.trainer.max_steps and self.trainer.max_steps > 0:
-            return int(self.trainer.max_steps)
-        # Lightning cannot size an IterableDataset epoch; the datamodule knows it (micro-batches per device)
-        per_epoch = getattr(self.trainer.datamodule, "batches_per_epoch", None)
-        epochs = self.trainer.max_epochs
-        if per_epoch is None or epochs is None or epochs < 1:
-            raise ValueError("cannot size the lr schedule: set trainer.max_steps, or trainer.max_epochs with a "
-                             "datamodule that has batches_per_epoch")
-        return max(1, epochs * int(per_epoch) // self.accum_freq)
-
     def configure_optimizers(self):
         opt = self.optimizer_factory(params=param_groups(self.encoder, self.weight_decay))
         if self.scheduler_factory is None:
             return opt
-        sched = self.scheduler_factory(optimizer=opt, total_steps=self.total_steps())
+        sched = self.scheduler_factory(optimizer=opt, total_steps=self.total_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -243,3 +265,32 @@ class CultureCLIPModule(L.LightningModule):
         name, keys, *rest = rng["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
         random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` for ``every_n_train_steps`` with this module's manual optimisation.
+
+    Lightning (2.6) assumes a manually optimised module may want the state *before* its last optimizer
+    step and warns on every run when no ``saved_models`` snapshot exists. Here ``training_step`` finishes
+    whole optimizer steps, so the state at ``global_step`` N is exactly the state after N steps, which is
+    what a resume needs; this callback saves it, as Lightning does for automatic optimisation.
+    Step-based only: ``train_time_interval`` is refused.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._train_time_interval is not None:
+            raise ValueError("StepCheckpoint saves every_n_train_steps; use ModelCheckpoint for train_time_interval")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._every_n_train_steps < 1 or trainer.global_step % self._every_n_train_steps:
+            return
+        if self._should_skip_saving_checkpoint(trainer):  # e.g. this step was saved at the previous micro-batch
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is not None and self.monitor not in candidates:
+            self._defer_save_until_validation = True
+            return
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+        self._last_time_checked = time.monotonic()

@@ -73,17 +73,18 @@ class CultureCLIPLoss(nn.Module):
 
     Args:
         variant: one of ``VARIANTS`` (the paper's ablation grid).
-        lambda_caption: weight of the caption term when the variant has a concept term too.
-        lambda_concept: weight of the concept term when the variant has a caption term too.
+        lambda_caption: weight of the caption term of a two-term variant (default 0.7).
+        lambda_concept: weight of the concept term of a two-term variant (default 0.3).
         gather: gather features across ranks when ``torch.distributed`` is initialised.
 
-    Single-term variants use weight 1. ``forward`` returns ``{"loss": total, "<term>_loss": ...}``
+    Single-term variants use weight 1 and refuse a ``lambda_*`` (it would be silently ignored).
+    ``forward`` returns ``{"loss": total, "<term>_loss": ...}``
     where the named terms are unweighted (so they stay comparable across weightings) and ``loss`` is
     their weighted sum.
     """
 
-    def __init__(self, variant: str = "cultureclip", lambda_caption: float = 0.7,
-                 lambda_concept: float = 0.3, gather: bool = True):
+    def __init__(self, variant: str = "cultureclip", lambda_caption: Optional[float] = None,
+                 lambda_concept: Optional[float] = None, gather: bool = True):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown loss variant {variant!r}; choose one of {sorted(VARIANTS)}")
@@ -91,6 +92,11 @@ class CultureCLIPLoss(nn.Module):
         self.gather = gather
         caption, concept = VARIANTS[variant]
         both = caption is not None and concept is not None
+        if not both and (lambda_caption is not None or lambda_concept is not None):
+            raise ValueError(f"loss variant {variant!r} has a single term and takes no lambda_caption/"
+                             f"lambda_concept (got {lambda_caption}, {lambda_concept}); pick it with loss={variant}")
+        lambda_caption = 0.7 if lambda_caption is None else lambda_caption
+        lambda_concept = 0.3 if lambda_concept is None else lambda_concept
         # (kind, which texts, weight)
         self.terms: list[tuple[str, str, float]] = []
         if caption is not None:

@@ -10,89 +10,30 @@ everything open_clip can build works here. Two things are stricter than open_cli
   ``save_pretrained`` stores the architecture in the safetensors header, so a QuickGELU/GELU mismatch
   (invisible in tensor shapes) is an error too.
 
-Files are read with safetensors or ``torch.load(weights_only=True)``; nothing is unpickled.
+Files are read with safetensors or ``torch.load(weights_only=True)``; nothing is unpickled
+(:mod:`cultureclip.checkpoint_io` holds the file handling).
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 from copy import deepcopy
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.factory import load_state_dict as _open_clip_load_state_dict
 from open_clip.transformer import text_global_pool
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from cultureclip import checkpoint_io as io
 from cultureclip import lora as lora_lib
+from cultureclip.checkpoint_io import (CONFIG_NAME, TRAINING_CKPT_KEY, WEIGHTS_NAME,  # noqa: F401 (public names)
+                                       CheckpointMismatchError, UnsafeCheckpointError)
+from cultureclip.data.spec import DataSpec
 
-CONFIG_NAME = "open_clip_config.json"  # open_clip's hub layout (push_to_hf_hub.py)
-WEIGHTS_NAME = "open_clip_model.safetensors"
-_CFG_META_KEY = "open_clip_model_cfg"
-TRAINING_CKPT_KEY = "cultureclip"  # entry of a Lightning checkpoint that describes the encoder  # safetensors header entry that records the architecture
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-open_clip.add_model_config(MODEL_CONFIG_DIR)  # registers e.g. "cultureclip-tiny" with open_clip
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the requested architecture."""
-
-
-def _resolve_config(name: str, pretrained: Optional[str], overrides: dict) -> Optional[dict]:
-    """The architecture dict open_clip will build for a built-in name, with the same overrides."""
-    cfg = open_clip.get_model_config(name.replace("/", "-"))
-    if cfg is None:
-        raise ValueError(f"unknown open_clip architecture {name!r}; see open_clip.list_models()")
-    if overrides.get("force_quick_gelu"):
-        cfg["quick_gelu"] = True
-    if overrides.get("force_context_length") is not None:
-        cfg["text_cfg"]["context_length"] = overrides["force_context_length"]
-    if overrides.get("force_image_size") is not None:
-        cfg["vision_cfg"]["image_size"] = overrides["force_image_size"]
-    if overrides.get("force_patch_dropout") is not None:
-        cfg["vision_cfg"]["patch_dropout"] = overrides["force_patch_dropout"]
-    if pretrained and not os.path.isfile(pretrained):
-        tag_cfg = open_clip.get_pretrained_cfg(name.replace("/", "-"), pretrained) or {}
-        if bool(tag_cfg.get("quick_gelu", False)) != bool(cfg.get("quick_gelu", False)):
-            raise CheckpointMismatchError(
-                f"pretrained tag {pretrained!r} was trained with quick_gelu={tag_cfg.get('quick_gelu', False)} "
-                f"but architecture {name!r} has quick_gelu={cfg.get('quick_gelu', False)}; use "
-                f"'{name}-quickgelu' (or force_quick_gelu=True) so the features are the ones the weights expect")
-    return cfg
-
-
-def _saved_config(weights: Path) -> Optional[dict]:
-    if weights.suffix != ".safetensors":
-        return None
-    with safe_open(str(weights), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta[_CFG_META_KEY]) if _CFG_META_KEY in meta else None
-
-
-def _load_weights_strict(model: nn.Module, path: Path, cfg: Optional[dict]) -> None:
-    saved = _saved_config(path)
-    if saved is not None and cfg is not None and saved != cfg:
-        diff = sorted(_diff_keys(saved, cfg))
-        raise CheckpointMismatchError(f"{path} was saved from a different architecture; differing fields: {diff}")
-    state = _open_clip_load_state_dict(str(path), weights_only=True)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:  # shape or key mismatch: re-raise naming the file, keep torch's detail
-        raise CheckpointMismatchError(f"{path} does not fit this architecture:\n{e}") from e
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = set()
-        for k in set(a) | set(b):
-            out |= _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return set() if a == b else {prefix.rstrip(".")}
+io.register_shipped_configs()  # e.g. "cultureclip-tiny"
 
 
 class CultureCLIP(nn.Module):
@@ -141,51 +82,40 @@ class CultureCLIP(nn.Module):
                 name, device=device, precision=precision, cache_dir=cache_dir, **kwargs)
             cfg = open_clip.factory._get_hf_config(name[len("hf-hub:"):], cache_dir=cache_dir)["model_cfg"]
             return cls(model, pre_train, pre_val, open_clip.get_tokenizer(name, cache_dir=cache_dir), cfg, name)
-        cfg = _resolve_config(name, pretrained, kwargs)
+        cfg = io.resolve_config(name, pretrained, kwargs)
         is_file = pretrained is not None and os.path.isfile(pretrained)
-        model, pre_train, pre_val = open_clip.create_model_and_transforms(
-            name, pretrained=None if is_file else pretrained, device=device, precision=precision,
-            cache_dir=cache_dir, **kwargs)
+        with io.quiet_random_init() if is_file else contextlib.nullcontext():
+            model, pre_train, pre_val = open_clip.create_model_and_transforms(
+                name, pretrained=None if is_file else pretrained, device=device, precision=precision,
+                cache_dir=cache_dir, **kwargs)
         if is_file:
-            _load_weights_strict(model, Path(pretrained), cfg)
+            io.load_weights_strict(model, Path(pretrained), cfg)
         tokenizer = open_clip.get_tokenizer(name, context_length=cfg["text_cfg"].get("context_length"))
         return cls(model, pre_train, pre_val, tokenizer, cfg, name)
 
     @classmethod
     def _from_dir(cls, path: Path, **kwargs) -> "CultureCLIP":
-        config_file = path / CONFIG_NAME
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} not found: not a directory written by save_pretrained "
-                                    f"or open_clip's hub layout")
-        saved = json.loads(config_file.read_text())
-        if "model_cfg" not in saved:
-            raise ValueError(f"{config_file} has no 'model_cfg' entry")
-        weights = path / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found (save_pretrained writes safetensors weights)")
-        obj = cls.from_config(saved["model_cfg"], name=saved.get("name", path.name),
-                              preprocess_cfg=saved.get("preprocess_cfg"), **kwargs)
-        _load_weights_strict(obj.model, weights, obj.model_cfg)
+        saved, weights = io.read_saved_dir(path)
+        with io.quiet_random_init():
+            obj = cls.from_config(saved["model_cfg"], name=saved.get("name", path.name),
+                                  preprocess_cfg=saved.get("preprocess_cfg"), **kwargs)
+        io.load_weights_strict(obj.model, weights, obj.model_cfg)
         return obj
 
     @classmethod
     def _from_training_checkpoint(cls, path: Path, **kwargs) -> "CultureCLIP":
         """A Lightning checkpoint written by ``cultureclip.train`` (LoRA merged on load)."""
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-        meta = ckpt.get(TRAINING_CKPT_KEY)
-        if meta is None:
-            raise ValueError(f"{path} was not written by cultureclip.train (no {TRAINING_CKPT_KEY!r} entry); "
-                             f"load its state dict with an architecture name and pretrained=<file>")
-        obj = cls.from_config(meta["model_cfg"], name=meta.get("name", "custom"),
-                              preprocess_cfg=meta.get("preprocess_cfg"), **kwargs)
+        meta, state = io.read_training_checkpoint(path)
+        with io.quiet_random_init():
+            obj = cls.from_config(meta["model_cfg"], name=meta.get("name", "custom"),
+                                  preprocess_cfg=meta.get("preprocess_cfg"), **kwargs)
         if meta.get("lora"):
             obj.add_lora(**meta["lora"])
-        prefix = meta.get("prefix", "encoder.")
-        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
         try:
             obj.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise CheckpointMismatchError(f"{path} does not fit its recorded architecture:\n{e}") from e
+        io.log.info("loaded weights from %s", path)
         obj.merge_lora()
         return obj.eval()
 
@@ -203,15 +133,14 @@ class CultureCLIP(nn.Module):
         """Build an arbitrary open_clip architecture with random weights (never downloads).
 
         ``model_cfg`` has open_clip's model-config layout (``embed_dim``, ``vision_cfg``, ``text_cfg``,
-        ...). The config is registered with open_clip under ``name`` so its tokenizer resolves as usual.
+        ...). The config is registered with open_clip under ``name`` plus a digest of the config (so
+        configs never overwrite each other there), and its tokenizer resolves as usual.
         """
         cfg = deepcopy(dict(model_cfg))
         text_cfg = cfg.get("text_cfg", {})
         if "hf_model_name" in text_cfg and text_cfg.get("hf_model_pretrained", True):
             text_cfg["hf_model_pretrained"] = False  # from_config promises no download
-        key = f"cultureclip-cfg-{name}"
-        # open_clip's registry is the only way to hand create_model an in-memory config
-        open_clip.factory._MODEL_CONFIGS[key] = deepcopy(cfg)
+        key = io.register_config(name, cfg)
         pp = preprocess_cfg or {}
         model, pre_train, pre_val = open_clip.create_model_and_transforms(
             key, pretrained=None, device=device, precision=precision, pretrained_text=False,
@@ -237,6 +166,10 @@ class CultureCLIP(nn.Module):
         """Token ids ``[N, L]``; ``context_length`` shorter than the model's is allowed for causal towers."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         return self.tokenizer(texts, context_length=context_length or self.context_length)
+
+    def data_spec(self) -> DataSpec:
+        """What the twin-pair data pipeline needs from this model (transforms, tokenizer)."""
+        return DataSpec(self.preprocess_train, self.preprocess_val, self.tokenizer, self.supports_short_context)
 
     @property
     def supports_short_context(self) -> bool:
@@ -333,8 +266,6 @@ class CultureCLIP(nn.Module):
         Files are written to temporary names and renamed, so an interrupted save never leaves a
         half-written model that looks complete.
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         model = self.model
         if self.has_lora:
             model = deepcopy(self.model)
@@ -342,13 +273,7 @@ class CultureCLIP(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         config = {"model_cfg": self.model_cfg, "preprocess_cfg": self.checkpoint_metadata()["preprocess_cfg"],
                   "name": self.name}
-        tmp_w, tmp_c = directory / (WEIGHTS_NAME + ".tmp"), directory / (CONFIG_NAME + ".tmp")
-        save_file(state, str(tmp_w), metadata={_CFG_META_KEY: json.dumps(self.model_cfg, sort_keys=True),
-                                                "format": "pt"})
-        tmp_c.write_text(json.dumps(config, indent=2))
-        os.replace(tmp_w, directory / WEIGHTS_NAME)
-        os.replace(tmp_c, directory / CONFIG_NAME)
-        return directory
+        return io.write_saved_dir(Path(directory), state, self.model_cfg, config)
 
 
 def build_encoder(name: str, pretrained: Optional[str] = None, lora: Optional[dict] = None,

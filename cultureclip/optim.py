@@ -6,6 +6,7 @@ the logit scale and embeddings get no weight decay; matrices do.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -65,3 +66,19 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(decay, warmup_steps, total_steps, min_ratio))
+
+
+def schedule_length(max_steps: int, max_epochs: Optional[int], batches_per_epoch: int, accum_freq: int = 1) -> int:
+    """Optimizer steps of a whole run, what ``warmup_schedule`` needs as ``total_steps``.
+
+    Args:
+        max_steps: the trainer's step limit; used when > 0.
+        max_epochs: else the epochs of the run.
+        batches_per_epoch: micro-batches per device per epoch.
+        accum_freq: micro-batches per optimizer step.
+    """
+    if max_steps and max_steps > 0:
+        return int(max_steps)
+    if max_epochs is None or max_epochs < 1:
+        raise ValueError("cannot size the lr schedule: set trainer.max_steps or trainer.max_epochs")
+    return max(1, max_epochs * int(batches_per_epoch) // accum_freq)

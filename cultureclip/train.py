@@ -1,6 +1,6 @@
 """Fine-tune with Lightning + Hydra: ``python -m cultureclip.train [+experiment=cultwin] [key=value ...]``.
 
-Composes ``conf/train.yaml``, instantiates data, model, loss, module, callbacks, loggers and trainer,
+Composes ``conf/train.yaml``, instantiates model, data, loss, module, callbacks, loggers and trainer,
 validates before and after fitting, and leaves ``model/`` and ``metrics.json`` in the run directory.
 """
 from __future__ import annotations
@@ -12,10 +12,11 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cultureclip import app
+from cultureclip import app, resolvers
 from cultureclip.lit_module import CultureCLIPModule
+from cultureclip.optim import schedule_length
 
-app.register_resolvers()
+resolvers.register()  # before @hydra.main composes the config
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
@@ -23,17 +24,23 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
     app.check_run_dir(run_dir, cfg.ckpt_path)
-    datamodule = instantiate(cfg.data)  # checks the shard paths before any model is built
+    app.check_train_config(cfg)  # shard paths, GPU, accumulation key: before any model is built
     encoder = instantiate(cfg.model)
-    datamodule.encoder = encoder
+    datamodule = instantiate(cfg.data, spec=encoder.data_spec())
+    trainer = instantiate(cfg.trainer, callbacks=app.instantiate_dict(cfg.callbacks),
+                          logger=app.instantiate_dict(cfg.logger) or False, plugins=[app.AtomicCheckpointIO()])
+    # the module's vocabulary and schedule length come from the data (Lightning's documented pattern);
+    # building the toy set is safe on several ranks at once, and a no-op once it exists
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    accum, per_epoch = cfg.optim.accum_freq, datamodule.batches_per_epoch(trainer.world_size)
     module = CultureCLIPModule(
         encoder, instantiate(cfg.loss), optimizer=instantiate(cfg.optim.optimizer),
-        scheduler=instantiate(cfg.optim.scheduler), weight_decay=cfg.optim.weight_decay,
-        accum_freq=cfg.trainer.accumulate_grad_batches, grad_clip_norm=cfg.optim.grad_clip_norm)
-    trainer = instantiate(cfg.trainer, accumulate_grad_batches=1, callbacks=app.instantiate_dict(cfg.callbacks),
-                          logger=app.instantiate_dict(cfg.logger) or False, plugins=[app.AtomicCheckpointIO()])
+        scheduler=instantiate(cfg.optim.scheduler), weight_decay=cfg.optim.weight_decay, accum_freq=accum,
+        grad_clip_norm=cfg.optim.grad_clip_norm, val_concepts=datamodule.val_concepts, val_shards=datamodule.val_urls,
+        total_steps=schedule_length(trainer.max_steps, trainer.max_epochs, per_epoch, accum))
     before = {}
-    if cfg.eval.before_after and cfg.ckpt_path is None:
+    if cfg.heldout.before_after and cfg.ckpt_path is None:
         before = app.metrics_of(trainer.validate(module, datamodule=datamodule, verbose=False))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     after = app.metrics_of(trainer.validate(module, datamodule=datamodule, verbose=False))

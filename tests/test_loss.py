@@ -62,10 +62,18 @@ def ref_loss(f, variant, lc, lk, s):
 def test_variants_match_reference_formulas(variant):
     f = make_features()
     s = torch.tensor(14.3)
-    out = CultureCLIPLoss(variant, lambda_caption=0.7, lambda_concept=0.3)(f, s)
-    expected = ref_loss(f, variant, 0.7, 0.3, s)
+    two_terms = None not in VARIANTS[variant]
+    weights = {"lambda_caption": 0.6, "lambda_concept": 0.4} if two_terms else {}
+    out = CultureCLIPLoss(variant, **weights)(f, s)
+    expected = ref_loss(f, variant, 0.6, 0.4, s)
     torch.testing.assert_close(out["loss"], expected, rtol=1e-5, atol=1e-5)
     assert all(k == "loss" or k.endswith("_loss") for k in out)
+    if two_terms:  # the defaults are the paper's 0.7 / 0.3
+        torch.testing.assert_close(CultureCLIPLoss(variant)(f, s)["loss"], ref_loss(f, variant, 0.7, 0.3, s),
+                                   rtol=1e-5, atol=1e-5)
+    else:  # a weight a single-term loss would ignore is refused
+        with pytest.raises(ValueError, match="takes no lambda"):
+            CultureCLIPLoss(variant, lambda_caption=0.7)
 
 
 def test_clip_variant_equals_open_clip_clip_loss():

@@ -1,6 +1,11 @@
 """CultureCLIP encoder: normalised features, short concept context, save -> plain open_clip load,
 refusal of mismatched architectures, no unpickling."""
 import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -9,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from cultureclip import CultureCLIP
-from cultureclip.model import CONFIG_NAME, WEIGHTS_NAME, CheckpointMismatchError
+from cultureclip.model import CONFIG_NAME, WEIGHTS_NAME, CheckpointMismatchError, UnsafeCheckpointError
 from conftest import TINY_VIT, randomize_lora
 
 TEXTS = ["a cheongsam at a tea house", "a kimono at a shrine festival"]
@@ -100,14 +105,74 @@ def test_quickgelu_tag_mismatch_refused_before_download():
         CultureCLIP.from_pretrained("ViT-B-32", pretrained="openai")
 
 
-def test_pickled_checkpoint_is_not_unpickled(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (exec, ("raise SystemExit('unpickled!')",))
+class Evil:
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('unpickled!')",))
+
+
+def test_pickled_checkpoint_is_refused_naming_the_file(tmp_path):
     torch.save({"state_dict": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(Exception) as info:
-        CultureCLIP.from_pretrained("cultureclip-tiny", pretrained=str(tmp_path / "evil.pt"))
-    assert "unpickled" not in str(info.value) and not isinstance(info.value, SystemExit)
+    torch.save({"state_dict": {"encoder.x": Evil()}, "cultureclip": {}}, tmp_path / "evil.ckpt")
+    for call in (lambda: CultureCLIP.from_pretrained("cultureclip-tiny", pretrained=str(tmp_path / "evil.pt")),
+                 lambda: CultureCLIP.from_pretrained(str(tmp_path / "evil.ckpt"))):
+        with pytest.raises(UnsafeCheckpointError) as info:
+            call()
+        msg = str(info.value)
+        assert "evil." in msg and "not a safe checkpoint" in msg and "weights_only=False" not in msg
+
+
+def test_zeroshot_tool_exits_cleanly_on_a_refused_checkpoint(tmp_path):
+    torch.save({"state_dict": Evil()}, tmp_path / "evil.pt")
+    (tmp_path / "classes.txt").write_text("qipao\nkimono\n")
+    (tmp_path / "images").mkdir()
+    tool = Path(__file__).parents[1] / "tools" / "zeroshot_classify.py"
+    proc = subprocess.run([sys.executable, str(tool), "--model", "cultureclip-tiny", "--pretrained",
+                           str(tmp_path / "evil.pt"), "--images", str(tmp_path / "images"), "--classes",
+                           str(tmp_path / "classes.txt"), "--out", str(tmp_path / "p.csv")],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"{tmp_path / 'evil.pt'} was refused: it is not a safe checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr and "unpickled!" not in proc.stderr + proc.stdout
+
+
+def test_loading_weights_does_not_claim_random_init(tmp_path, caplog):
+    src = CultureCLIP.from_pretrained("cultureclip-tiny")
+    src.save_pretrained(tmp_path)
+    caplog.set_level(logging.INFO)
+    caplog.clear()  # src itself is a random init
+    CultureCLIP.from_pretrained(tmp_path)
+    CultureCLIP.from_pretrained("cultureclip-tiny", pretrained=str(tmp_path / WEIGHTS_NAME))
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "initialized randomly" in m]
+    assert messages.count(f"loaded weights from {tmp_path / WEIGHTS_NAME}") == 2
+    caplog.clear()
+    CultureCLIP.from_pretrained("cultureclip-tiny")  # a real random init still says so
+    assert any("initialized randomly" in r.getMessage() for r in caplog.records)
+
+
+def test_in_memory_configs_never_overwrite_each_other():
+    from open_clip.factory import _MODEL_CONFIGS
+    from cultureclip.checkpoint_io import register_config
+    a = CultureCLIP.from_config(TINY_VIT, name="same-name")
+    other = json.loads(json.dumps(TINY_VIT))
+    other["text_cfg"]["context_length"] = 16
+    b = CultureCLIP.from_config(other, name="same-name")  # another config under the same name
+    assert (a.context_length, b.context_length) == (24, 16)
+    assert a.tokenize("kimono").shape[1] == 24  # a's registry entry was not replaced by b's
+    key = register_config("same-name", TINY_VIT)
+    assert register_config("same-name", TINY_VIT) == key  # identical re-registration is fine
+    _MODEL_CONFIGS[key] = other  # someone else put a different config under our key
+    try:
+        with pytest.raises(ValueError, match="different model config named"):
+            register_config("same-name", TINY_VIT)
+    finally:
+        _MODEL_CONFIGS[key] = json.loads(json.dumps(TINY_VIT))
+
+
+def test_data_spec_carries_the_models_transforms_and_tokenizer(tiny_model):
+    spec = tiny_model.data_spec()
+    assert spec.preprocess_train is tiny_model.preprocess_train and spec.preprocess_val is tiny_model.preprocess_val
+    assert spec.tokenizer is tiny_model.tokenizer and spec.supports_short_context is True
 
 
 def test_missing_paths_give_clear_errors(tmp_path):

@@ -1,7 +1,9 @@
 """The training app: every config composes and instantiates, a smoke run trains and exports a model
 plain open_clip loads, resume continues, accumulation keeps the full negative pool, DDP on 2 CPUs."""
 import json
+import math
 import os
+import warnings
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +18,12 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 import cultureclip
-from cultureclip import schema
+from cultureclip import resolvers, schema
 from cultureclip.data.toy import ensure_toy_shards
+from cultureclip.eval import tasks
 from cultureclip.lit_module import CultureCLIPModule
-from cultureclip.loss import CultureCLIPLoss
+from cultureclip.loss import VARIANTS, CultureCLIPLoss
+from cultureclip.optim import schedule_length
 from cultureclip.train import train
 
 CONF = Path(cultureclip.__file__).parent / "conf"
@@ -33,7 +37,13 @@ def toy_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_spec():
+    return cultureclip.CultureCLIP.from_pretrained("cultureclip-tiny").data_spec()
+
+
 def make_cfg(overrides, run_dir, data_dir):
+    resolvers.register()
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     with open_dict(cfg):
@@ -44,18 +54,18 @@ def make_cfg(overrides, run_dir, data_dir):
 
 
 @pytest.mark.parametrize("experiment", [None] + EXPERIMENTS)
-def test_every_experiment_composes_and_instantiates(experiment, tmp_path, toy_root, monkeypatch):
+def test_every_experiment_composes_and_instantiates(experiment, tmp_path, toy_root, tiny_spec):
     overrides = [] if experiment is None else [f"+experiment={experiment}"]
     if experiment and experiment.startswith("cultwin"):
         overrides += [f"data.train_shards={toy_root}/toy/train", f"data.val_shards={toy_root}/toy/val",
                       "model.pretrained=null"]  # no download in tests
     cfg = make_cfg(overrides, tmp_path / "run", toy_root)
     assert "experiment" not in cfg  # the overlay merged into the root, nothing left behind
-    for group in ("data", "loss"):
-        instantiate(cfg[group])
+    instantiate(cfg.data, spec=tiny_spec)
+    instantiate(cfg.loss)
     instantiate(cfg.optim.optimizer)(params=[torch.nn.Parameter(torch.zeros(2, 2))])
     # GPU trainer configs are instantiated on the CPU here (no GPU in CI); the rest is as configured
-    instantiate(cfg.trainer, accumulate_grad_batches=1, logger=False,
+    instantiate(cfg.trainer, logger=False,
                 **({} if torch.cuda.is_available() else {"accelerator": "cpu", "devices": 1, "strategy": "auto"}))
     if experiment and experiment.startswith("cultwin"):
         assert cfg.model.name == "ViT-B-32-quickgelu"
@@ -69,11 +79,42 @@ def test_cultwin_recipe_values(tmp_path, toy_root):
                               "layers": "all"}
     assert cfg.optim.optimizer.lr == 3e-6 and cfg.optim.weight_decay == 0.1
     assert cfg.optim.scheduler.warmup_steps == 100 and cfg.optim.scheduler.decay == "linear"
-    assert cfg.trainer.max_epochs == 10 and cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == 2048
+    assert cfg.trainer.max_epochs == 10 and cfg.data.batch_size * cfg.optim.accum_freq == 2048
+    assert cfg.trainer.accumulate_grad_batches == 1
     assert (cfg.loss.variant, cfg.loss.lambda_caption, cfg.loss.lambda_concept) == ("cultureclip", 0.7, 0.3)
 
 
-def test_config_errors_are_clear(tmp_path, toy_root, monkeypatch):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_each_loss_config_carries_only_the_weights_it_uses(variant, tmp_path, toy_root):
+    # the ablation grid is `-m loss=clip,...,cultureclip`, also on top of the recipe
+    cfg = make_cfg(["+experiment=cultwin", f"loss={variant}"], tmp_path, toy_root)
+    loss = instantiate(cfg.loss)
+    assert cfg.loss.variant == loss.variant == variant
+    lambdas = {k for k in cfg.loss if k.startswith("lambda_")}
+    assert lambdas == ({"lambda_caption", "lambda_concept"} if len(loss.terms) == 2 else set())
+
+
+def test_held_out_and_evaluation_groups_are_separate(tmp_path, toy_root):
+    cfg = make_cfg(["heldout=after_only"], tmp_path, toy_root)
+    assert cfg.heldout == {"before_after": False} and "eval" not in cfg
+    with pytest.raises(ConfigCompositionException):
+        make_cfg(["eval=heldout"], tmp_path, toy_root)  # the old mixed group is gone
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        ev = compose("evaluate", overrides=["eval=[twins,cultural]"])
+    assert set(ev.eval) == {"tasks"} and "heldout" not in ev
+    assert "seeds" not in ev.eval.tasks.cultureverse and "protocol" not in ev.eval.tasks.cultureverse
+
+
+def test_resolvers_compose_from_any_entry_point(tmp_path, toy_root, monkeypatch):
+    cfg = make_cfg(["trainer=gpu", "data.num_workers=${cc_workers:64}"], tmp_path, toy_root)
+    assert cfg.trainer.precision in ("bf16-mixed", "32-true")
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    assert cfg.data.num_workers == 3  # never more loader processes than cores
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert cfg.data.num_workers == 16 and make_cfg([], tmp_path, toy_root).data.num_workers == 2
+
+
+def test_config_errors_are_clear(tmp_path, toy_root, monkeypatch, tiny_spec):
     with pytest.raises(ConfigCompositionException):
         make_cfg(["no_such_key=1"], tmp_path, toy_root)
     with pytest.raises(ConfigCompositionException):
@@ -81,29 +122,46 @@ def test_config_errors_are_clear(tmp_path, toy_root, monkeypatch):
     # CulTwin shard paths are mandatory, and a pattern that matches nothing is named
     cfg = make_cfg(["+experiment=cultwin"], tmp_path, toy_root)
     with pytest.raises(Exception, match="train_shards"):
-        instantiate(cfg.data)
-    cfg = make_cfg(["+experiment=cultwin", "data.train_shards=/nonexistent/shard-*.tar",
-                    f"data.val_shards={toy_root}/toy/val"], tmp_path, toy_root)
+        instantiate(cfg.data, spec=tiny_spec)
+
     def no_model(*args, **kwargs):
-        raise AssertionError("the model was built before the shard paths were checked")
+        raise AssertionError("the model was built before the config was checked")
     monkeypatch.setattr("cultureclip.model.build_encoder", no_model)
+    shards = [f"data.train_shards={toy_root}/toy/train", f"data.val_shards={toy_root}/toy/val"]
+    cfg = make_cfg(["+experiment=cultwin", "trainer=cpu", "data.train_shards=/nonexistent/shard-*.tar",
+                    f"data.val_shards={toy_root}/toy/val"], tmp_path, toy_root)
     with pytest.raises(Exception, match="no shard matches '/nonexistent/shard-"):
         train(cfg)
+    # Lightning's accumulation would give each micro-batch its own negatives: refused, pointing at the home
+    cfg = make_cfg(["+experiment=smoke", "trainer.accumulate_grad_batches=4"], tmp_path, toy_root)
+    with pytest.raises(ValueError, match="set optim.accum_freq=4 instead"):
+        train(cfg)
+    # the recipe on a machine without a GPU: say so, and how to run it on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no CUDA GPU.*add trainer=cpu"):
+        train(make_cfg(["+experiment=cultwin", *shards], tmp_path, toy_root))
 
 
 def test_smoke_train_exports_model_and_metrics(tmp_path, toy_root):
     run = tmp_path / "run"
     cfg = make_cfg(["+experiment=smoke", "model.lora={r:2,alpha:8,dropout:0.0,targets:qv}"], run, toy_root)
-    record, objs = train(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record, objs = train(cfg)
+    # step checkpoints of the manually optimised module are saved without Lightning's warning about them
+    assert not [w for w in caught if "pre-optimization" in str(w.message)]
+    assert (run / "checkpoints" / "step0000002.ckpt").is_file()
     assert objs["encoder"].has_lora
     assert objs["trainer"].global_step == 4
-    trainer, module = objs["trainer"], objs["module"]
-    assert module.total_steps() == 4  # the lr schedule spans max_steps
-    trainer.fit_loop.epoch_loop.max_steps, trainer.fit_loop.max_epochs = -1, 3
-    assert module.total_steps() == 3 * objs["datamodule"].batches_per_epoch  # ... or the epochs
+    trainer, module, dm = objs["trainer"], objs["module"], objs["datamodule"]
+    # the epoch has a known length (progress bar total), from sizes.json
+    assert trainer.num_training_batches == dm.batches_per_epoch() == math.ceil(dm.train_pairs_per_epoch / 8)
+    assert module.total_steps == 4  # the lr schedule spans max_steps ...
+    assert schedule_length(-1, 3, dm.batches_per_epoch(), 2) == 3 * dm.batches_per_epoch() // 2  # ... or the epochs
     metrics = json.loads((run / "metrics.json").read_text())
     for stage in ("before", "after"):
-        assert {"val/twin_acc", "val/concept_top1", "val/loss"} <= set(metrics[stage])
+        assert {"val/twin_acc", "val/img2concept_recall@1", "val/twin_confusion_rate", "val/loss"} <= set(
+            metrics[stage])
     assert metrics["after"]["val/loss"] != metrics["before"]["val/loss"]
     assert metrics["config"]["loss"]["variant"] == "cultureclip" and "torch" in metrics["versions"]
     assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -230,3 +288,50 @@ def test_kill_9_then_resume_finishes(tmp_path, toy_root):
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "smoke-cultureclip-s0" / "metrics.json").read_text())
     assert metrics["global_step"] == 40
+
+
+def test_validation_metrics_equal_offline_twin_evaluation(toy_root):
+    # one twin-metric definition: the module's validation and cultureclip.eval.twins agree on a split
+    torch.manual_seed(0)
+    enc = cultureclip.CultureCLIP.from_pretrained("cultureclip-tiny")
+    from cultureclip.data.datamodule import TwinDataModule
+    dm = TwinDataModule(enc.data_spec(), f"{toy_root}/toy/train", f"{toy_root}/toy/val", batch_size=16,
+                        num_workers=0)
+    dm.setup("validate")
+    module = CultureCLIPModule(enc, CultureCLIPLoss("cultureclip"), optimizer=None, val_concepts=dm.val_concepts,
+                               val_shards=dm.val_urls)
+    import lightning as L
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, inference_mode=False)
+    val = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    offline, header, _ = tasks.twins(enc, f"{toy_root}/toy/val", batch_size=16, amp=False)
+    assert header["n"] > 0
+    for name in ("twin_acc", "img2concept_recall@1", "twin_confusion_rate"):
+        assert val[f"val/{name}"] == pytest.approx(offline[name], abs=1e-6), name
+
+
+def test_skip_reports_are_counted_and_an_empty_split_is_an_error():
+    enc = cultureclip.CultureCLIP.from_pretrained("cultureclip-tiny")
+    module = CultureCLIPModule(enc, CultureCLIPLoss("clip"), optimizer=None, val_concepts=["qipao", "ao dai"],
+                               val_shards=["/data/val/shard-000000.tar", "/data/val/shard-000001.tar"])
+    report = {schema.N_SKIPPED: 3}  # a batch that only reports skipped samples
+    assert module.training_step(report, 0) is None and module._skipped_total == 3
+    import lightning as L
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, inference_mode=False)
+    with pytest.raises(RuntimeError, match=r"no pair \(5 samples skipped.*shard-000000.tar, /data/val/shard-000001"):
+        trainer.validate(module, dataloaders=torch.utils.data.DataLoader([report, {schema.N_SKIPPED: 2}],
+                                                                         batch_size=None), verbose=False)
+
+
+def test_toy_set_is_built_in_prepare_data_not_at_construction(tmp_path, toy_root, tiny_spec):
+    from cultureclip.data.datamodule import TwinDataModule
+    fresh = tmp_path / "toy"
+    TwinDataModule(tiny_spec, f"{fresh}/train", f"{fresh}/val", toy_dir=str(fresh))
+    assert not fresh.exists()  # construction touches no file (it runs on every rank)
+    dm = TwinDataModule(tiny_spec, f"{toy_root}/toy/train", f"{toy_root}/toy/val", toy_dir=f"{toy_root}/toy",
+                        batch_size=8)
+    dm.prepare_data()  # complete set: kept as is
+    dm.setup("fit")
+    assert dm.val_concepts == sorted(set(dm.val_concepts)) and len(dm.val_concepts) > 2
+    assert dm.batches_per_epoch(2) == math.ceil(dm.train_pairs_per_epoch / 16)

@@ -217,3 +217,28 @@ def test_minimal_batches_and_bad_pairs(model):
         T.embed_twin_split(model, [bad], amp=False)
     with pytest.raises(ValueError, match="unknown group"):
         T.twin_metrics(emb, groups=("region",))
+
+
+# ---------------------------------------------------------------- the shared metric definition
+def test_twin_outcomes_match_a_brute_force_loop():
+    from cultureclip import metrics
+    g = torch.Generator().manual_seed(0)
+    n, c, d = 40, 7, 5
+    images = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    vocab = F.normalize(torch.randn(c, d, generator=g), dim=-1)
+    own = torch.randint(0, c, (n,), generator=g)
+    twin = (own + torch.randint(1, c, (n,), generator=g)) % c  # never the own concept
+    images[0] = vocab[own[0]] + vocab[twin[0]]  # an exact tie between own and twin: not a success
+    got = metrics.twin_outcomes(images, vocab, own, twin)
+    for i in range(n):
+        scores = [float(sum(images[i][k] * vocab[j][k] for k in range(d))) for j in range(c)]
+        best = max(range(c), key=lambda j: scores[j])
+        assert got["twin_acc"][i] == float(scores[own[i]] > scores[twin[i]] + 1e-6), i
+        assert got["img2concept_recall@1"][i] == float(best == own[i]), i
+        assert got["twin_confusion_rate"][i] == float(best == twin[i]), i
+    assert got["twin_acc"][0] == 0.0
+    # a precomputed top-1 (e.g. from FAISS) is used as given
+    top1 = twin.clone()
+    forced = metrics.twin_outcomes(images, vocab, own, twin, top1=top1)
+    assert forced["twin_confusion_rate"].sum() == n and forced["img2concept_recall@1"].sum() == 0
+    torch.testing.assert_close(forced["twin_acc"], got["twin_acc"])

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", type=Path, help="folder searched recursively for metrics.json")
     ap.add_argument("--group", default="loss.variant", help="config key that groups runs (dotted)")
-    ap.add_argument("--metrics", default="val/twin_acc,val/concept_top1")
+    ap.add_argument("--metrics", default="val/twin_acc,val/img2concept_recall@1")
     args = ap.parse_args(argv)
     files = sorted(args.root.rglob("metrics.json"))
     if not files:

@@ -1,5 +1,5 @@
-"""LightningDataModule over the twin-pair pipeline: a resampled training stream, a deterministic
-validation pass, and the validation concept vocabulary for ``val/concept_top1``."""
+"""LightningDataModule over the twin-pair pipeline: a resampled training stream of known length, a
+deterministic validation pass, and the validation concept vocabulary (``val/img2concept_recall@1``)."""
 from __future__ import annotations
 
 import logging
@@ -12,97 +12,142 @@ import torch
 
 from cultureclip.data.pipeline import (  # noqa: F401  (read_concept_names: importable from here too)
     build_twin_pipeline, count_pairs, expand_shards, make_loader, read_concept_names)
+from cultureclip.data.spec import DataSpec
+from cultureclip.resolvers import workers as default_workers  # min(n, cores), also the configs' cc_workers
 
 log = logging.getLogger(__name__)
+
+
+def check_shard_specs(train_shards: Union[str, Sequence[str]], val_shards: Union[str, Sequence[str], None] = None,
+                      toy_dir: Optional[str] = None) -> tuple[list[str], list[str]]:
+    """Expand the shard specs (cheap: no data is read), raising with the pattern that matches nothing.
+
+    With ``toy_dir`` the shards are written by :meth:`TwinDataModule.prepare_data`, so nothing is
+    checked yet and ``([], [])`` is returned.
+    """
+    if toy_dir:
+        return [], []
+    return expand_shards(train_shards), (expand_shards(val_shards) if val_shards else [])
+
+
+class SizedLoader:
+    """A training loader cut to a known number of batches, with ``__len__``.
+
+    Lightning cannot size a loader over an ``IterableDataset``, so its progress bar showed no total
+    and ``trainer.num_training_batches`` was infinite; the datamodule knows the epoch from ``sizes.json``.
+    """
+
+    def __init__(self, loader, num_batches: int):
+        self.loader, self.num_batches = loader, int(num_batches)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return self.num_batches
 
 
 class TwinDataModule(L.LightningDataModule):
     """Twin-pair shards for training and validation.
 
     Args:
+        spec: the model's transforms and tokenizer (``CultureCLIP.data_spec()``).
         train_shards, val_shards: shard specs (paths, brace patterns, directories, ``::`` joins,
-            ``pipe:``/URLs). Local specs are checked at construction, before any model is built.
+            ``pipe:``/URLs). Local specs are checked at construction (unless ``toy_dir`` builds them).
         batch_size: pairs per micro-batch per device.
         val_batch_size: pairs per validation batch (default: batch_size).
-        num_workers: loader workers per device.
+        num_workers: loader workers per device (default: 4, at most the machine's cores).
         train_pairs_per_epoch: epoch length; default the ``sizes.json`` total.
         shuffle_buffer: sample shuffle buffer of the training stream.
         seed: data seed (shard resampling, shuffle); mixed with rank, worker, epoch and resume step.
         caption_context_length: tokens per caption (None: the model's context length).
         concept_context_length: tokens per concept name; used only when the text tower allows a
-            shorter context without changing features (``CultureCLIP.supports_short_context``).
-        toy_dir: build the embedded toy set here first if it is missing (``cultureclip.data.toy``).
+            shorter context without changing features (``spec.supports_short_context``).
+        toy_dir: :meth:`prepare_data` builds the embedded toy set here if it is missing
+            (``cultureclip.data.toy``).
         toy_seed: seed of the toy set.
 
-    Set ``encoder`` (a ``CultureCLIP``) before fitting: its transforms and tokenizer are used.
+    After :meth:`setup`, ``val_concepts`` holds the sorted concept names of the validation split.
     """
 
-    def __init__(self, train_shards: Union[str, Sequence[str]], val_shards: Union[str, Sequence[str], None] = None,
-                 batch_size: int = 128, val_batch_size: Optional[int] = None, num_workers: int = 4,
+    def __init__(self, spec: DataSpec, train_shards: Union[str, Sequence[str]],
+                 val_shards: Union[str, Sequence[str], None] = None, batch_size: int = 128,
+                 val_batch_size: Optional[int] = None, num_workers: Optional[int] = None,
                  train_pairs_per_epoch: Optional[int] = None, shuffle_buffer: int = 1000, seed: int = 0,
                  caption_context_length: Optional[int] = None, concept_context_length: Optional[int] = 16,
                  toy_dir: Optional[str] = None, toy_seed: int = 0):
         super().__init__()
-        if toy_dir:
-            from cultureclip.data.toy import ensure_toy_shards
-            ensure_toy_shards(toy_dir, seed=toy_seed)
-        self.train_urls = expand_shards(train_shards)  # raises naming a pattern that matches nothing
-        self.val_urls = expand_shards(val_shards) if val_shards else []
+        self.spec = spec
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.toy_dir, self.toy_seed = toy_dir, toy_seed
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
+        self.num_workers = default_workers() if num_workers is None else num_workers
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.caption_context_length, self.concept_context_length = caption_context_length, concept_context_length
-        pairs = train_pairs_per_epoch or count_pairs(self.train_urls)
+        self._pairs_arg = train_pairs_per_epoch
+        self.train_urls, self.val_urls = check_shard_specs(train_shards, val_shards, toy_dir)
+        self.train_pairs_per_epoch: Optional[int] = None
+        if not toy_dir:
+            self._count_pairs()
+        self.val_concepts: list[str] = []
+        self._resume_step = 0
+
+    def _count_pairs(self) -> None:
+        pairs = self._pairs_arg or count_pairs(self.train_urls)
         if not pairs:
             raise ValueError(f"train shards {self.train_urls[:2]}... have no sizes.json beside them: "
                              f"set data.train_pairs_per_epoch")
         self.train_pairs_per_epoch = int(pairs)
-        self.encoder = None
-        self.val_concepts: list[str] = []
-        self._resume_step = 0
-
-    def _require_encoder(self):
-        if self.encoder is None:
-            raise RuntimeError("TwinDataModule.encoder is not set: assign the CultureCLIP model first")
-        return self.encoder
 
     @property
     def world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else int(os.environ.get("WORLD_SIZE", 1))
 
-    @property
-    def batches_per_epoch(self) -> int:
+    def batches_per_epoch(self, world_size: Optional[int] = None) -> int:
         """Micro-batches per device per epoch: the epoch's pairs spread over all devices."""
-        return max(1, math.ceil(self.train_pairs_per_epoch / (self.batch_size * self.world_size)))
+        if self.train_pairs_per_epoch is None:
+            raise RuntimeError("call prepare_data() and setup() first: the toy set is not built yet")
+        world = world_size or self.world_size
+        return max(1, math.ceil(self.train_pairs_per_epoch / (self.batch_size * world)))
+
+    def prepare_data(self) -> None:
+        """Build the toy set if configured (Lightning calls this on one process per node)."""
+        if self.toy_dir:
+            from cultureclip.data.toy import ensure_toy_shards  # the generator is only needed here
+            ensure_toy_shards(self.toy_dir, seed=self.toy_seed)
 
     def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_pairs_per_epoch is None:  # toy set: its shards exist only now
+            self.train_urls = expand_shards(self.train_shards)
+            self.val_urls = expand_shards(self.val_shards) if self.val_shards else []
+            self._count_pairs()
         if self.val_urls and not self.val_concepts:
             self.val_concepts = read_concept_names(self.val_urls)
 
     def _concept_ctx(self) -> Optional[int]:
-        return self.concept_context_length if self._require_encoder().supports_short_context else None
+        return self.concept_context_length if self.spec.supports_short_context else None
 
     def train_dataloader(self):
-        enc = self._require_encoder()
         # a resumed run continues with a fresh stream rather than replaying the first steps' samples
         seed = self.seed + 1_000_003 * self._resume_step
         pipeline = build_twin_pipeline(
-            self.train_urls, enc.preprocess_train, enc.tokenizer, self.batch_size, train=True, seed=seed,
-            shuffle_buffer=self.shuffle_buffer, caption_context_length=self.caption_context_length,
+            self.train_urls, self.spec.preprocess_train, self.spec.tokenizer, self.batch_size, train=True,
+            seed=seed, shuffle_buffer=self.shuffle_buffer, caption_context_length=self.caption_context_length,
             concept_context_length=self._concept_ctx())
-        return make_loader(pipeline, num_workers=self.num_workers, epoch_length_batches=self.batches_per_epoch,
-                           pin_memory=torch.cuda.is_available())
+        loader = make_loader(pipeline, num_workers=self.num_workers, epoch_length_batches=self.batches_per_epoch(),
+                             pin_memory=torch.cuda.is_available())
+        return SizedLoader(loader, loader.num_batches)
 
     def val_dataloader(self):
         if not self.val_urls:
             return []
-        enc = self._require_encoder()
         # an evaluation pass hands out whole shards: never more workers than shards per rank
         workers = min(self.num_workers, len(self.val_urls) // self.world_size)
         if workers < self.num_workers:
             log.info("validation uses %d loader worker(s) for %d shard(s) on %d rank(s)", workers,
                      len(self.val_urls), self.world_size)
         pipeline = build_twin_pipeline(
-            self.val_urls, enc.preprocess_val, enc.tokenizer, self.val_batch_size, train=False,
+            self.val_urls, self.spec.preprocess_val, self.spec.tokenizer, self.val_batch_size, train=False,
             caption_context_length=self.caption_context_length, concept_context_length=self._concept_ctx(),
             num_workers=workers, world_size=self.world_size)
         return make_loader(pipeline, num_workers=workers, world_size=self.world_size)

@@ -7,12 +7,12 @@ pair ``p``, so the twin of row ``i`` is row ``i ^ 1``.
 
 Metrics (flat keys; each also per category and per country as ``name/category=Clothing``):
 
+- ``twin_acc``, ``img2concept_recall@1``, ``twin_confusion_rate``: defined once in
+  :mod:`cultureclip.metrics` (training's validation logs the same as ``val/<name>``);
 - ``img2concept_recall@k``: image -> the full concept vocabulary (FAISS), hit if its concept is in the top k;
 - ``caption2img_recall@k`` / ``img2caption_recall@k``: a caption's only positive is the image it was
   written for, and an image's only positive is its own caption;
-- ``twin_acc``: the image scores its own concept name strictly above its twin's (a tie is wrong);
-- ``twin_caption_acc``: the same with its own caption against the twin's caption of the pair;
-- ``twin_confusion_rate``: the top-1 concept over the whole vocabulary is exactly the twin.
+- ``twin_caption_acc``: ``twin_acc`` with its own caption against the twin's caption of the pair.
 
 The vocabulary is the sorted set of all concept names, so a concept that occurs in several pairs
 (e.g. "kimono" twinned with both "hanfu" and "yukata") is one entry, embedded once; its images keep
@@ -28,6 +28,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
+from cultureclip import metrics as twin_metric_defs
 from cultureclip import schema
 from cultureclip.eval.embed import embed_image_batches, embed_texts
 from cultureclip.eval.retrieval import build_index, hits_at_k, retrieval_hits
@@ -165,8 +166,8 @@ def _concept_search(emb: TwinEmbeddings, k: int, index_kind: str, use_gpu: Union
 def _twin_margins(emb: TwinEmbeddings) -> tuple[torch.Tensor, torch.Tensor]:
     """Own-minus-twin score per image [2P], for concept names and for captions."""
     img, names, caps = emb.image_feats, emb.concept_feats, emb.caption_feats  # [2P, D], [C, D], [2P, D]
-    concept = (img * names[emb.image_concept]).sum(-1) - (img * names[emb.twin_concept]).sum(-1)
-    caption = (img * caps).sum(-1) - (img * caps[emb.twin_index]).sum(-1)
+    concept = twin_metric_defs.twin_margin(img, names[emb.image_concept], names[emb.twin_concept])
+    caption = twin_metric_defs.twin_margin(img, caps, caps[emb.twin_index])
     return concept, caption
 
 
@@ -183,13 +184,15 @@ def per_image_outcomes(emb: TwinEmbeddings, ks: Sequence[int] = (1, 5, 10), inde
     concept_hits = hits_at_k(top, emb.image_concept, sorted({min(k, n_c) for k in ks}), n_gallery=n_c)
     cap2img, _, _ = retrieval_hits(emb.caption_feats, emb.image_feats, own, ks, index_kind, use_gpu=use_gpu)
     img2cap, _, _ = retrieval_hits(emb.image_feats, emb.caption_feats, own, ks, index_kind, use_gpu=use_gpu)
-    concept_margin, caption_margin = _twin_margins(emb)
+    _, caption_margin = _twin_margins(emb)
     out = {f"img2concept_recall@{k}": concept_hits[min(k, n_c)] for k in ks}
     out.update({f"caption2img_recall@{k}": h for k, h in cap2img.items()})
     out.update({f"img2caption_recall@{k}": h for k, h in img2cap.items()})
-    out["twin_acc"] = concept_margin > 0  # strict: a tie is not a success
-    out["twin_caption_acc"] = caption_margin > 0
-    out["twin_confusion_rate"] = top[:, 0] == emb.twin_concept
+    # twin_acc, img2concept_recall@1, twin_confusion_rate: the definitions validation uses too
+    shared = twin_metric_defs.twin_outcomes(emb.image_feats, emb.concept_feats, emb.image_concept,
+                                            emb.twin_concept, top1=top[:, 0])
+    out.update({k: v for k, v in shared.items() if k != twin_metric_defs.CONCEPT_TOP1 or 1 in ks})
+    out["twin_caption_acc"] = caption_margin > 0  # strict: a tie is not a success
     return {name: v.float() for name, v in out.items()}
 
 

@@ -3,8 +3,7 @@
 CultureVerse has three question types (image recognition, cultural knowledge, scene understanding);
 for a CLIP model only image recognition ("which concept is shown") is a zero-shot task, so only those
 rows are scored: the image against the option texts (through ``template``), softmax, argmax. The
-options come with the file, so nothing is drawn and ``seeds``/``protocol`` change nothing (they are
-accepted so that every benchmark has the same call signature).
+options come with the file, so nothing is drawn: ``seeds``/``protocol`` are refused rather than ignored.
 
 Input: the released question files from a local path: one ``.json`` (a list of rows, or an
 ``{id: row}`` object) or ``.jsonl`` file, a folder of them (every data file directly inside, sorted
@@ -28,7 +27,7 @@ import unicodedata
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from cultureclip.eval.cultural import RowError, check_on_bad_row, get_field, is_file_list, read_rows
-from cultureclip.eval.multiple_choice import (PROTOCOLS, MCItem, accuracy_report, make_header, score_items,
+from cultureclip.eval.multiple_choice import (MCItem, accuracy_report, make_header, score_items,
                                               skip_summary)
 
 if TYPE_CHECKING:  # scoring imports torch lazily; building items does not need it
@@ -174,7 +173,7 @@ def build_items(rows, question_type_match: Optional[str] = "recognition", templa
 
 
 def evaluate(model: CultureCLIP, source: Any, split: Optional[str] = None, revision: Optional[str] = None,
-             seeds: Optional[Sequence[int]] = None, protocol: str = "fixed", batch_size: int = 64,
+             seeds: Optional[Sequence[int]] = None, protocol: Optional[str] = None, batch_size: int = 64,
              num_workers: int = 0, amp: bool = True, on_error: str = "skip", on_bad_row: str = "raise",
              images_dir=None, question_type_match: Optional[str] = "recognition", template: str = "{option}",
              fields: Optional[Mapping[str, str]] = None, continents: Optional[Mapping[str, str]] = None,
@@ -185,7 +184,7 @@ def evaluate(model: CultureCLIP, source: Any, split: Optional[str] = None, revis
         model: the CLIP model.
         source: question file(s) or folder; split: a split name in a folder, or ``None`` (all files).
         revision: recorded in the header only.
-        seeds, protocol: accepted for a uniform signature; nothing is drawn (recorded as ``None``).
+        seeds, protocol: must stay None: nothing is drawn (a value would be silently meaningless).
         batch_size, num_workers, amp: image scoring settings.
         on_error: undecodable or missing image: ``"skip"`` (counted as ``n_skipped``) or ``"raise"``.
         on_bad_row: row with a missing or unusable field: ``"raise"`` or ``"skip"`` (``n_bad_rows``).
@@ -195,8 +194,9 @@ def evaluate(model: CultureCLIP, source: Any, split: Optional[str] = None, revis
     Returns:
         ``(metrics, header)`` for ``write_result``.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if seeds is not None or protocol is not None:
+        raise ValueError(f"CultureVerse takes no seeds/protocol (got seeds={seeds!r}, protocol={protocol!r}): "
+                         f"its options come with the files and nothing is drawn")
     raw = load_rows(source, split, revision, images_dir, fields)
     items, bad, n_other = build_items(raw, question_type_match, template, fields, continents, on_bad_row)
     preds = score_items(model, items, batch_size, num_workers, amp, on_error)

@@ -1,0 +1,38 @@
+"""The OmegaConf resolvers of the configs under ``cultureclip/conf``, registered in one place.
+
+Every entry point (``cultureclip.train``, ``cultureclip.evaluate``) and the tests call :func:`register`
+before composing a config, so any config group (e.g. ``trainer=gpu``) composes from anywhere.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+
+def bf16_or_fp32() -> str:
+    """Lightning precision: ``bf16-mixed`` where the GPU supports it, else ``32-true``."""
+    import torch
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def workers(n: int = 4) -> int:
+    """``n`` data-loader workers, but never more processes than the machine has cores."""
+    return max(0, min(int(n), os.cpu_count() or 1))
+
+
+def model_slug(name: str, pretrained: Optional[str] = None) -> str:
+    """A folder name for a model's results (:func:`cultureclip.eval.tasks.model_slug`)."""
+    from cultureclip.eval.tasks import model_slug as slug  # imported on use: it pulls in the eval stack
+    return slug(name, pretrained)
+
+
+RESOLVERS = {"cc_bf16_or_fp32": bf16_or_fp32, "cc_workers": workers, "cc_model_slug": model_slug}
+
+
+def register() -> None:
+    """Register every ``cc_*`` resolver with OmegaConf (idempotent)."""
+    for name, fn in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

@@ -256,6 +256,7 @@ def _cli(*args):
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
+@pytest.mark.slow  # a subprocess that imports torch, open_clip and the CLI: seconds of start-up
 def test_cli(tmp_path):
     bad = _row(1, tmp_path)
     del bad[schema.NEG_CAPTION]

@@ -139,32 +139,41 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, variant, result_dir):
+GLOO_VARIANTS = ("clip", "cultureclip")
+
+
+def _worker(rank, world, port, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        full = make_features(b=B * world, seed=11)
-        local = {k: v[rank * B:(rank + 1) * B].clone().requires_grad_(True) for k, v in full.items()}
-        out = CultureCLIPLoss(variant)(local, torch.tensor(10.0))
-        out["loss"].backward()
-        grads = {k: v.grad for k, v in local.items() if v.grad is not None}
-        loss = out["loss"].detach().clone()
-        dist.all_reduce(loss)
-        torch.save({"loss": loss / world, "grads": grads}, os.path.join(result_dir, f"rank{rank}.pt"))
+    try:  # every variant in one process group: starting the ranks is the expensive part
+        for variant in GLOO_VARIANTS:
+            full = make_features(b=B * world, seed=11)
+            local = {k: v[rank * B:(rank + 1) * B].clone().requires_grad_(True) for k, v in full.items()}
+            out = CultureCLIPLoss(variant)(local, torch.tensor(10.0))
+            out["loss"].backward()
+            grads = {k: v.grad for k, v in local.items() if v.grad is not None}
+            loss = out["loss"].detach().clone()
+            dist.all_reduce(loss)
+            torch.save({"loss": loss / world, "grads": grads}, os.path.join(result_dir, f"{variant}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("variant", ["clip", "cultureclip"])
-def test_gather_across_two_gloo_ranks_matches_single_process(variant, tmp_path):
-    world = 2
-    mp.start_processes(_worker, args=(world, _free_port(), variant, str(tmp_path)), nprocs=world,
-                       join=True, start_method="spawn")
+@pytest.fixture(scope="module")
+def gloo_results(tmp_path_factory):
+    world, out = 2, tmp_path_factory.mktemp("gloo")
+    mp.start_processes(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True, start_method="spawn")
+    return world, out
+
+
+@pytest.mark.parametrize("variant", GLOO_VARIANTS)
+def test_gather_across_two_gloo_ranks_matches_single_process(variant, gloo_results):
+    world, result_dir = gloo_results
     full = make_features(b=B * world, seed=11, requires_grad=True)
     ref = CultureCLIPLoss(variant)(full, torch.tensor(10.0))["loss"]
     ref.backward()
     for rank in range(world):
-        res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        res = torch.load(result_dir / f"{variant}-rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(res["loss"], ref.detach(), rtol=1e-5, atol=1e-6)
         for k, g in res["grads"].items():
             # all_gather's backward sums every rank's gradient onto the owner of the rows: each rank

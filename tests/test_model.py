@@ -121,6 +121,7 @@ def test_pickled_checkpoint_is_refused_naming_the_file(tmp_path):
         assert "evil." in msg and "not a safe checkpoint" in msg and "weights_only=False" not in msg
 
 
+@pytest.mark.slow  # a subprocess that imports torch, open_clip and the CLI: seconds of start-up
 def test_zeroshot_tool_exits_cleanly_on_a_refused_checkpoint(tmp_path):
     torch.save({"state_dict": Evil()}, tmp_path / "evil.pt")
     (tmp_path / "classes.txt").write_text("qipao\nkimono\n")

@@ -336,6 +336,7 @@ def test_pipeline_pickles(shards, tokenizer, preprocess):
     pickle.loads(pickle.dumps(train))
 
 
+@pytest.mark.slow  # spawned loader workers each import torch and open_clip: seconds of start-up
 def test_loader_under_spawn(tmp_path, tokenizer, preprocess):
     folder = write_pairs(tmp_path / "s", range(4), per_shard=2)
     pipe = build(str(folder), tokenizer, preprocess, batch_size=2)

@@ -187,6 +187,7 @@ def test_public_module():
     assert zeroshot.classify is classify and zeroshot.DEFAULT_TEMPLATES == ("a photo of a {c}.",)
 
 
+@pytest.mark.slow  # a subprocess that imports torch, open_clip and the CLI: seconds of start-up
 def test_cli_end_to_end(tmp_path, class_tree):
     # one subprocess only: importing open_clip alone takes several seconds
     torch.manual_seed(0)

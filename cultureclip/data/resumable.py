@@ -79,15 +79,23 @@ def set_stream_epoch(pipeline: wds.DataPipeline, epoch: int) -> None:
 
 
 class SkipFirstBatches:
-    """Iterable over a loader whose first pass drops its first ``skip`` batches (a resumed epoch)."""
+    """Iterable over a loader whose first pass drops its first ``skip`` batches (a resumed epoch).
+
+    The loader's own iterator is created at the first ``next()``, not at ``iter()``: Lightning calls
+    ``iter()`` once without reading, only to check the object, and that must not use up a pass (with
+    workers, start them and make them begin an epoch).
+    """
 
     def __init__(self, loader: Iterable, skip: int = 0) -> None:
         self.loader, self.skip = loader, int(skip)
 
     def __iter__(self) -> Iterator:
+        return self._batches()
+
+    def _batches(self) -> Iterator:
         it = iter(self.loader)
         skip, self.skip = self.skip, 0
         for _ in range(skip):
             if next(it, None) is None:
-                break
-        return it
+                return
+        yield from it

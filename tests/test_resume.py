@@ -7,6 +7,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,9 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 from safetensors.torch import load_file
 
+import cultureclip
 from cultureclip.data.toy import ensure_toy_shards
+from cultureclip.train import train
+
+CONF = Path(cultureclip.__file__).parent / "conf"
 
 RUN = "smoke-cultureclip-s0"
 MAX_STEPS = 8
@@ -97,6 +104,41 @@ def assert_same_as_reference(run_dir: Path, reference: Path, note: str) -> None:
     assert metrics["global_step"] == MAX_STEPS
     # "before" was measured by the first attempt and kept by the resumed one
     assert metrics["before"] == json.loads((reference / "metrics.json").read_text())["before"] != {}
+
+
+def make_cfg(overrides, run_dir, data_dir):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["+experiment=smoke", *overrides])
+    with open_dict(cfg):
+        cfg.paths.run_dir, cfg.paths.data_dir = str(run_dir), str(data_dir)
+        cfg.callbacks.pop("progress_bar", None)
+    return cfg
+
+
+@pytest.mark.parametrize("resume_at,workers", [(4, 0), pytest.param(3, 2, marks=pytest.mark.slow)])
+def test_resume_from_a_mid_run_checkpoint_is_exact(toy_root, tmp_path, resume_at, workers):
+    # in-process: a full run's checkpoint of step `resume_at` stands for the last.ckpt of a killed run,
+    # and its whole log for that run's log (which went on past the checkpoint)
+    common = [*SHORT_EPOCHS, f"data.num_workers={workers}", "trainer.limit_val_batches=1"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train(make_cfg(common, full, toy_root))
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(full / "checkpoints" / f"step{resume_at:07d}.ckpt", resumed / "checkpoints" / "last.ckpt")
+    shutil.copytree(full / "csv", resumed / "csv")
+    shutil.copy(full / "before_metrics.json", resumed)
+    record, objs = train(make_cfg([*common, "ckpt_path=last"], resumed, toy_root))
+    assert objs["trainer"].global_step == MAX_STEPS
+    assert record["before"] == json.loads((full / "before_metrics.json").read_text()) != {}
+    got = load_file(resumed / "model" / "open_clip_model.safetensors")
+    ref = load_file(full / "model" / "open_clip_model.safetensors")
+    for k in ref:  # same batches, same augmentations, same order: bitwise on the CPU
+        torch.testing.assert_close(got[k], ref[k], atol=0, rtol=0, msg=k)
+    rows, ref_rows = train_rows(resumed), train_rows(full)
+    assert [int(r["step"]) for r in rows] == list(range(MAX_STEPS))
+    assert [r["train/loss"] for r in rows] == [r["train/loss"] for r in ref_rows]
+    assert (resumed / "csv" / "metrics.attempt-1.csv").is_file()
+    # the resumed attempt's config went beside the first one's, not over it
+    assert (resumed / ".hydra" / "resume-1" / "config.yaml").is_file()
 
 
 @pytest.mark.slow

@@ -136,7 +136,7 @@ def exit_on_sigterm():
     except SIGTERMException as exn:
         msg = _LAST_STOP.get("message") or (str(exn) if exn.args and isinstance(exn.args[0], str) else "")
         if not msg:
-            msg = ("stopped by SIGTERM (no pre-emption callback was configured, so no new checkpoint was "
-                   "written); resume with ckpt_path=last if checkpoints/last.ckpt exists")
+            msg = ("stopped by SIGTERM outside a training step, or without the pre-emption callback: no new "
+                   "checkpoint was written; resume with ckpt_path=last if checkpoints/last.ckpt exists")
         print(msg, file=sys.stderr, flush=True)
         raise SystemExit(EXIT_PREEMPTED) from None

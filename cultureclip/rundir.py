@@ -230,10 +230,11 @@ def load_or_compute_before(run_dir: Union[str, Path], compute: Callable[[], dict
         return {}
     if not enabled:
         return {}
-    before = compute()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(before, indent=2))
-    os.replace(tmp, path)
+    before = compute()  # on every rank: validation is collective
+    if is_launch_owner():
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(before, indent=2))
+        os.replace(tmp, path)
     return before
 
 

@@ -16,8 +16,10 @@ With DDP the ranks agree on the step to stop at (one all-reduce per optimizer st
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -54,14 +56,23 @@ class Preemption(L.Callback):
         self._last_step = 0
         self._last_saved: Optional[int] = None
         self._timer: Optional[threading.Timer] = None
+        self._previous = None  # the SIGTERM handler before on_fit_start, put back at teardown
         self._main = threading.main_thread().ident
 
     # -------------------------------------------------------------- signal side
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # before Lightning installs its handler (which then calls this one too): the first batch is
+        # fetched before on_train_start, and a stream that never delivers it must still be stoppable
+        if threading.current_thread() is threading.main_thread():  # signals are handled there only
+            self._previous = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_step = trainer.global_step
+        self._last_step = trainer.global_step  # restored by now when resuming
         if threading.current_thread() is not threading.main_thread():
-            return  # signals can only be handled in the main thread; Lightning's default then applies
-        # Lightning installed its handler just before the loop started; keep it for the moment we stop
+            return
+        # Lightning's handler (installed just before the loop) would stop the loop after any batch,
+        # also inside an accumulation: keep it for the moment we stop, and handle SIGTERM alone
         self._lightning_handler = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -124,12 +135,21 @@ class Preemption(L.Callback):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 @contextlib.contextmanager
-def exit_on_sigterm():
+def exit_on_sigterm(hard: bool = True):
     """Turn a SIGTERM stop (ours or Lightning's bare ``SIGTERMException``, exit status 0) into exit
-    status 143 with one clear last line."""
+    status 143 with one clear last line.
+
+    Args:
+        hard: after an immediate stop (:class:`Preempted`), run the exit handlers (the run-directory
+            lock) and leave with ``os._exit``: normal interpreter shutdown would wait for whatever
+            the stuck data source waits on (e.g. the child process of a ``pipe:`` shard).
+    """
     _LAST_STOP.clear()
     try:
         yield
@@ -139,4 +159,9 @@ def exit_on_sigterm():
             msg = ("stopped by SIGTERM outside a training step, or without the pre-emption callback: no new "
                    "checkpoint was written; resume with ckpt_path=last if checkpoints/last.ckpt exists")
         print(msg, file=sys.stderr, flush=True)
+        if hard and isinstance(exn, Preempted):
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_PREEMPTED)
         raise SystemExit(EXIT_PREEMPTED) from None

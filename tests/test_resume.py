@@ -218,3 +218,28 @@ def test_checkpoint_write_past_the_file_size_limit_fails_clearly(toy_root, tmp_p
     assert last.startswith("OSError: [Errno 27] File too large"), done.stderr[-3000:]
     assert "while writing checkpoint" in last and str(ckpts) in last
     assert not list(ckpts.glob(".*.tmp-*")) and not list(ckpts.glob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_stream_delivers_nothing_stops_after_the_grace_period(toy_root, tmp_path):
+    # a shard source that never sends a byte: the first training batch never comes
+    cmd = cli(toy_root, tmp_path, "data.train_shards='pipe:sleep 60'", "+data.train_pairs_per_epoch=64",
+              "callbacks.preemption.grace_s=3", "trainer.limit_val_batches=1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    err = open(tmp_path / "stderr.txt", "w")  # not a pipe: the orphaned `sleep` would hold a pipe open
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+    before = tmp_path / RUN / "before_metrics.json"  # written just before fit() starts waiting for data
+    deadline = time.time() + 600
+    while not before.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(3)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    err.close()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert time.time() - t0 < 40
+    last = stderr.strip().splitlines()[-1]
+    assert "no training step ended within" in last and "this run wrote no checkpoint" in last, stderr[-3000:]
+    assert not (tmp_path / RUN / ".lock").exists()

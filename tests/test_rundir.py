@@ -232,7 +232,7 @@ def test_sigterm_stops_after_the_optimizer_step_with_a_checkpoint(tmp_path, sigt
     assert len(lightning_calls) == 1  # Lightning is told now: it logs the step and stops the loop
     os.kill(os.getpid(), signal.SIGTERM)  # e.g. forwarded by a launcher while stopping: ignored
     time.sleep(0.05)
-    with pytest.raises(SystemExit) as stop, exit_on_sigterm():
+    with pytest.raises(SystemExit) as stop, exit_on_sigterm(hard=False):
         raise SIGTERMException()
     assert stop.value.code == EXIT_PREEMPTED
 
@@ -243,7 +243,7 @@ def test_sigterm_while_no_step_ends_stops_after_the_grace_period(tmp_path, sigte
     cb.on_train_start(trainer, None)
     cb.on_save_checkpoint(trainer, None, {"global_step": 6})
     t0 = time.monotonic()
-    with pytest.raises(SystemExit) as stop, exit_on_sigterm():
+    with pytest.raises(SystemExit) as stop, exit_on_sigterm(hard=False):
         os.kill(os.getpid(), signal.SIGTERM)
         while time.monotonic() - t0 < 30:  # waiting for a batch that never comes
             time.sleep(0.01)

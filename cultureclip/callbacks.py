@@ -57,6 +57,7 @@ class Preemption(L.Callback):
         self._last_saved: Optional[int] = None
         self._timer: Optional[threading.Timer] = None
         self._previous = None  # the SIGTERM handler before on_fit_start, put back at teardown
+        self._active = False  # between on_fit_start and the end of fit()
         self._main = threading.main_thread().ident
 
     # -------------------------------------------------------------- signal side
@@ -65,6 +66,7 @@ class Preemption(L.Callback):
         # fetched before on_train_start, and a stream that never delivers it must still be stoppable
         if threading.current_thread() is threading.main_thread():  # signals are handled there only
             self._previous = signal.getsignal(signal.SIGTERM)
+            self._active = True
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -77,6 +79,13 @@ class Preemption(L.Callback):
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
+        if not self._active:  # fit() is over (Lightning may re-install this handler on its way out)
+            if callable(self._previous):
+                return self._previous(signum, frame)
+            if self._previous != signal.SIG_IGN:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)  # the default action: terminate
+            return None
         if self._stopping:
             return  # e.g. the launcher forwarding the signal to this rank: already stopping
         if self._requested is not None:
@@ -129,15 +138,17 @@ class Preemption(L.Callback):
             raise Preempted(msg)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._finish()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._finish()
         if self._previous is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+
+    def _finish(self) -> None:
+        self._active = False
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 @contextlib.contextmanager

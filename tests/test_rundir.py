@@ -217,9 +217,11 @@ def sigterm_restored():
 
 def test_sigterm_stops_after_the_optimizer_step_with_a_checkpoint(tmp_path, sigterm_restored):
     lightning_calls = []
-    signal.signal(signal.SIGTERM, lambda *a: lightning_calls.append(a))  # stands for Lightning's handler
     cb = Preemption(str(tmp_path / "last.ckpt"), grace_s=30)
     trainer = _FakeTrainer(global_step=3, world_size=1, is_global_zero=True, saved=[])
+    outer = signal.getsignal(signal.SIGTERM)
+    cb.on_fit_start(trainer, None)
+    signal.signal(signal.SIGTERM, lambda *a: lightning_calls.append(a))  # stands for Lightning's handler
     cb.on_train_start(trainer, None)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.05)  # the handler runs in this (main) thread
@@ -235,11 +237,14 @@ def test_sigterm_stops_after_the_optimizer_step_with_a_checkpoint(tmp_path, sigt
     with pytest.raises(SystemExit) as stop, exit_on_sigterm(hard=False):
         raise SIGTERMException()
     assert stop.value.code == EXIT_PREEMPTED
+    cb.teardown(trainer, None, "fit")
+    assert signal.getsignal(signal.SIGTERM) == outer  # put back after fit()
 
 
 def test_sigterm_while_no_step_ends_stops_after_the_grace_period(tmp_path, sigterm_restored, capsys):
     cb = Preemption(str(tmp_path / "last.ckpt"), grace_s=0.5)
     trainer = _FakeTrainer(global_step=7, world_size=1, is_global_zero=True, saved=[])
+    cb.on_fit_start(trainer, None)
     cb.on_train_start(trainer, None)
     cb.on_save_checkpoint(trainer, None, {"global_step": 6})
     t0 = time.monotonic()
@@ -253,6 +258,7 @@ def test_sigterm_while_no_step_ends_stops_after_the_grace_period(tmp_path, sigte
     assert "no training step ended within" in last and "at step 6" in last and "ckpt_path=last" in last
     # a second SIGTERM does not wait for the grace period
     cb = Preemption(str(tmp_path / "last.ckpt"), grace_s=30)
+    cb.on_fit_start(trainer, None)
     cb.on_train_start(trainer, None)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.05)

@@ -95,6 +95,7 @@ class Preemption(L.Callback):
             msg = (f"pre-empted (SIGTERM): no training step ended within {waited:.0f}s (waiting for data?); "
                    f"stopped without a new checkpoint, {saved}; resume with ckpt_path=last")
             _LAST_STOP["message"] = msg
+            self._finish()
             raise Preempted(msg)
         self._requested = time.monotonic()
         log.warning("SIGTERM: finishing the current step, then writing %s (at most %.0fs)", self.ckpt_path,
@@ -104,7 +105,7 @@ class Preemption(L.Callback):
         self._timer.start()
 
     def _escalate(self) -> None:
-        if not self._stopping:  # a real signal interrupts a blocking wait, unlike interrupt_main()
+        if self._active and not self._stopping:  # a real signal interrupts a blocking wait, unlike interrupt_main()
             signal.pthread_kill(self._main, signal.SIGTERM)
 
     # -------------------------------------------------------------- loop side

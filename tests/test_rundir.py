@@ -265,3 +265,4 @@ def test_sigterm_while_no_step_ends_stops_after_the_grace_period(tmp_path, sigte
     with pytest.raises(Preempted):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
+    assert cb._timer.finished.is_set()  # no late re-signal once stopped

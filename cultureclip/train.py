@@ -12,7 +12,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cultureclip import app, resolvers
+from cultureclip import app, callbacks, resolvers
 from cultureclip.lit_module import CultureCLIPModule
 from cultureclip.optim import schedule_length
 
@@ -23,8 +23,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Run one training job; returns ``(metrics, objects)``."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
-    app.check_run_dir(run_dir, cfg.ckpt_path)
-    app.check_train_config(cfg)  # shard paths, GPU, accumulation key: before any model is built
+    app.check_train_config(cfg)  # shard paths, GPU, accumulation key: before anything is built or written
+    lock, ckpt_path = app.start_run(cfg)  # lock the run dir, resolve ckpt_path=last, save the config
     encoder = instantiate(cfg.model)
     datamodule = instantiate(cfg.data, spec=encoder.data_spec())
     trainer = instantiate(cfg.trainer, callbacks=app.instantiate_dict(cfg.callbacks),
@@ -39,18 +39,20 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         scheduler=instantiate(cfg.optim.scheduler), weight_decay=cfg.optim.weight_decay, accum_freq=accum,
         grad_clip_norm=cfg.optim.grad_clip_norm, val_concepts=datamodule.val_concepts, val_shards=datamodule.val_urls,
         total_steps=schedule_length(trainer.max_steps, trainer.max_epochs, per_epoch, accum))
-    before = {}
-    if cfg.heldout.before_after and cfg.ckpt_path is None:
-        before = app.metrics_of(trainer.validate(module, datamodule=datamodule, verbose=False))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    before = app.before_metrics(run_dir, cfg, resuming=ckpt_path is not None, compute=lambda: app.metrics_of(
+        trainer.validate(module, datamodule=datamodule, verbose=False)))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     after = app.metrics_of(trainer.validate(module, datamodule=datamodule, verbose=False))
     record = app.write_run_outputs(run_dir, encoder, trainer, cfg, before, after)
+    if lock is not None:
+        lock.release()
     return record, {"trainer": trainer, "module": module, "datamodule": datamodule, "encoder": encoder}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    record, _ = train(cfg)
+    with callbacks.exit_on_sigterm():  # pre-empted: exit status 143 and a "resume with" line
+        record, _ = train(cfg)
     return record["after"].get("val/twin_acc", float("nan"))
 
 

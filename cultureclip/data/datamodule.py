@@ -12,6 +12,7 @@ import torch
 
 from cultureclip.data.pipeline import (  # noqa: F401  (read_concept_names: importable from here too)
     build_twin_pipeline, count_pairs, expand_shards, make_loader, read_concept_names)
+from cultureclip.data.resumable import IsolatedRNG, SkipFirstBatches, set_stream_epoch
 from cultureclip.data.spec import DataSpec
 from cultureclip.resolvers import workers as default_workers  # min(n, cores), also the configs' cc_workers
 
@@ -59,7 +60,7 @@ class TwinDataModule(L.LightningDataModule):
         num_workers: loader workers per device (default: 4, at most the machine's cores).
         train_pairs_per_epoch: epoch length; default the ``sizes.json`` total.
         shuffle_buffer: sample shuffle buffer of the training stream.
-        seed: data seed (shard resampling, shuffle); mixed with rank, worker, epoch and resume step.
+        seed: data seed (shard resampling, shuffle, augmentation); mixed with rank, worker and epoch.
         caption_context_length: tokens per caption (None: the model's context length).
         concept_context_length: tokens per concept name; used only when the text tower allows a
             shorter context without changing features (``spec.supports_short_context``).
@@ -90,7 +91,7 @@ class TwinDataModule(L.LightningDataModule):
         if not toy_dir:
             self._count_pairs()
         self.val_concepts: list[str] = []
-        self._resume_step = 0
+        self._resume: dict = {}  # state_dict() of the checkpoint resumed from
 
     def _count_pairs(self) -> None:
         pairs = self._pairs_arg or count_pairs(self.train_urls)
@@ -128,15 +129,20 @@ class TwinDataModule(L.LightningDataModule):
         return self.concept_context_length if self.spec.supports_short_context else None
 
     def train_dataloader(self):
-        # a resumed run continues with a fresh stream rather than replaying the first steps' samples
-        seed = self.seed + 1_000_003 * self._resume_step
         pipeline = build_twin_pipeline(
             self.train_urls, self.spec.preprocess_train, self.spec.tokenizer, self.batch_size, train=True,
-            seed=seed, shuffle_buffer=self.shuffle_buffer, caption_context_length=self.caption_context_length,
+            seed=self.seed, shuffle_buffer=self.shuffle_buffer, caption_context_length=self.caption_context_length,
             concept_context_length=self._concept_ctx())
+        # exact resume: the stream depends on (seed, epoch, rank, worker) only; a resumed run starts the
+        # checkpoint's epoch and drops the batches it already trained on (cultureclip.data.resumable)
+        pipeline.append(IsolatedRNG(self.seed))
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        set_stream_epoch(pipeline, epoch)
+        skip = self._resume.get("batches_in_epoch", 0) if self._resume.get("epoch") == epoch else 0
         loader = make_loader(pipeline, num_workers=self.num_workers, epoch_length_batches=self.batches_per_epoch(),
-                             pin_memory=torch.cuda.is_available())
-        return SizedLoader(loader, loader.num_batches)
+                             pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+        # the length is the whole epoch: Lightning counts a resumed epoch from its restored batch progress
+        return SizedLoader(SkipFirstBatches(loader, skip), loader.num_batches)
 
     def val_dataloader(self):
         if not self.val_urls:
@@ -150,10 +156,16 @@ class TwinDataModule(L.LightningDataModule):
             self.val_urls, self.spec.preprocess_val, self.spec.tokenizer, self.val_batch_size, train=False,
             caption_context_length=self.caption_context_length, concept_context_length=self._concept_ctx(),
             num_workers=workers, world_size=self.world_size)
-        return make_loader(pipeline, num_workers=workers, world_size=self.world_size)
+        # own generator: starting the loader draws no number from the process-wide RNG (exact resume)
+        return make_loader(pipeline, num_workers=workers, world_size=self.world_size, generator=torch.Generator())
 
     def state_dict(self) -> dict:
-        return {"global_step": int(self.trainer.global_step) if self.trainer is not None else 0}
+        """Where the training stream stands: the epoch and the micro-batches of it trained on."""
+        if self.trainer is None:
+            return {"global_step": 0, "epoch": 0, "batches_in_epoch": 0}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"global_step": int(self.trainer.global_step), "epoch": int(self.trainer.current_epoch),
+                "batches_in_epoch": int(progress.ready)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._resume_step = int(state_dict.get("global_step", 0))
+        self._resume = dict(state_dict)

@@ -120,7 +120,7 @@ def refuse_unsafe(path: Path) -> Iterator[None]:
     :class:`UnsafeCheckpointError` that names the file and says why it was refused."""
     try:
         yield
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         raise UnsafeCheckpointError(
             f"{path} was refused: it is not a safe checkpoint. It holds pickled Python objects beyond tensors "
             f"and plain containers, and unpickling them could run arbitrary code, so it is never loaded. "

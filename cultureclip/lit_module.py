@@ -254,8 +254,12 @@ class CultureCLIPModule(L.LightningModule):
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "python": random.getstate(),
         }
+        # this rank's running skip count (rank 0's is the one saved), so train/skipped_samples goes on counting
+        checkpoint["skipped_samples"] = self._skipped_total
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.global_rank == 0:  # the other ranks' shares were not saved: they restart from 0
+            self._skipped_total = int(checkpoint.get("skipped_samples", 0))
         rng = checkpoint.get("rng")
         if rng is None:
             return

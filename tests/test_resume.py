@@ -188,6 +188,7 @@ def test_two_trainings_into_one_run_dir(toy_root, tmp_path):
     assert _files(run_dir) == before
 
 
+@pytest.mark.slow  # the training CLI in a subprocess: seconds of start-up
 def test_resume_without_last_ckpt_names_what_is_there(toy_root, tmp_path):
     ckpts = tmp_path / RUN / "checkpoints"
     ckpts.mkdir(parents=True)

@@ -277,3 +277,26 @@ def test_toy_set_is_built_in_prepare_data_not_at_construction(tmp_path, toy_root
     dm.setup("fit")
     assert dm.val_concepts == sorted(set(dm.val_concepts)) and len(dm.val_concepts) > 2
     assert dm.batches_per_epoch(2) == math.ceil(dm.train_pairs_per_epoch / 16)
+
+
+def test_pixel_cap_and_no_progress_limit_reach_the_stream_from_the_config(tmp_path, toy_root, tiny_spec):
+    # every toy image is over a 100-pixel cap: all samples are skipped as too_large, and the stream
+    # stops after max_consecutive_skips instead of spinning forever
+    from cultureclip.data.pipeline import NoProgressError
+    cfg = make_cfg(["data.max_pixels=100", "data.max_consecutive_skips=20", "data.num_workers=0"], tmp_path, toy_root)
+    dm = instantiate(cfg.data, spec=tiny_spec)
+    dm.prepare_data()
+    dm.setup("fit")
+    with pytest.raises(NoProgressError, match="shard-"):
+        next(iter(dm.train_dataloader()))
+
+
+def test_skip_count_survives_a_checkpoint_round_trip():
+    enc = cultureclip.CultureCLIP.from_pretrained("cultureclip-tiny")
+    saved = CultureCLIPModule(enc, CultureCLIPLoss("clip"), optimizer=None)
+    saved.training_step({schema.N_SKIPPED: 7}, 0)  # a skip report: counted, nothing trained
+    checkpoint = {}
+    saved.on_save_checkpoint(checkpoint)
+    resumed = CultureCLIPModule(enc, CultureCLIPLoss("clip"), optimizer=None)
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed._skipped_total == 7

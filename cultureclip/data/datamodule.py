@@ -11,7 +11,8 @@ import lightning as L
 import torch
 
 from cultureclip.data.pipeline import (  # noqa: F401  (read_concept_names: importable from here too)
-    build_twin_pipeline, count_pairs, expand_shards, make_loader, read_concept_names)
+    DEFAULT_MAX_CONSECUTIVE_SKIPS, build_twin_pipeline, count_pairs, expand_shards, make_loader, read_concept_names)
+from cultureclip.images import DEFAULT_MAX_PIXELS
 from cultureclip.data.resumable import IsolatedRNG, SkipFirstBatches, set_stream_epoch
 from cultureclip.data.spec import DataSpec
 from cultureclip.resolvers import workers as default_workers  # min(n, cores), also the configs' cc_workers
@@ -67,6 +68,10 @@ class TwinDataModule(L.LightningDataModule):
         toy_dir: :meth:`prepare_data` builds the embedded toy set here if it is missing
             (``cultureclip.data.toy``).
         toy_seed: seed of the toy set.
+        max_pixels: images larger than this (from their header) are skipped and counted as
+            ``too_large`` (None: only Pillow's own limit).
+        max_consecutive_skips: the training stream stops with ``NoProgressError`` naming the shards
+            after this many skipped samples in a row (None: never).
 
     After :meth:`setup`, ``val_concepts`` holds the sorted concept names of the validation split.
     """
@@ -76,8 +81,10 @@ class TwinDataModule(L.LightningDataModule):
                  val_batch_size: Optional[int] = None, num_workers: Optional[int] = None,
                  train_pairs_per_epoch: Optional[int] = None, shuffle_buffer: int = 1000, seed: int = 0,
                  caption_context_length: Optional[int] = None, concept_context_length: Optional[int] = 16,
-                 toy_dir: Optional[str] = None, toy_seed: int = 0):
+                 toy_dir: Optional[str] = None, toy_seed: int = 0, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+                 max_consecutive_skips: Optional[int] = DEFAULT_MAX_CONSECUTIVE_SKIPS):
         super().__init__()
+        self.max_pixels, self.max_consecutive_skips = max_pixels, max_consecutive_skips
         self.spec = spec
         self.train_shards, self.val_shards = train_shards, val_shards
         self.toy_dir, self.toy_seed = toy_dir, toy_seed
@@ -132,7 +139,8 @@ class TwinDataModule(L.LightningDataModule):
         pipeline = build_twin_pipeline(
             self.train_urls, self.spec.preprocess_train, self.spec.tokenizer, self.batch_size, train=True,
             seed=self.seed, shuffle_buffer=self.shuffle_buffer, caption_context_length=self.caption_context_length,
-            concept_context_length=self._concept_ctx())
+            concept_context_length=self._concept_ctx(), max_pixels=self.max_pixels,
+            max_consecutive_skips=self.max_consecutive_skips)
         # exact resume: the stream depends on (seed, epoch, rank, worker) only; a resumed run starts the
         # checkpoint's epoch and drops the batches it already trained on (cultureclip.data.resumable)
         pipeline.append(IsolatedRNG(self.seed))
@@ -155,7 +163,7 @@ class TwinDataModule(L.LightningDataModule):
         pipeline = build_twin_pipeline(
             self.val_urls, self.spec.preprocess_val, self.spec.tokenizer, self.val_batch_size, train=False,
             caption_context_length=self.caption_context_length, concept_context_length=self._concept_ctx(),
-            num_workers=workers, world_size=self.world_size)
+            num_workers=workers, world_size=self.world_size, max_pixels=self.max_pixels)
         # own generator: starting the loader draws no number from the process-wide RNG (exact resume)
         return make_loader(pipeline, num_workers=workers, world_size=self.world_size, generator=torch.Generator())
 

@@ -22,6 +22,7 @@ from cultureclip.data.pipeline import build_twin_pipeline, expand_shards, make_l
 from cultureclip.eval.cultural import get_evaluator
 from cultureclip.eval.general import image_text_retrieval, imagenet_zeroshot
 from cultureclip.eval.twins import confusions, embed_twin_split, twin_metrics
+from cultureclip.images import DEFAULT_MAX_PIXELS
 from cultureclip.model import CultureCLIP
 
 TaskOutput = tuple[dict, dict, dict]  # (metrics, header without model/pretrained, extra)
@@ -76,7 +77,8 @@ def twins(model: CultureCLIP, shards: Union[str, Sequence[str]], batch_size: int
           amp: bool = True, ks: Sequence[int] = (1, 5, 10), index_kind: str = "flat", top_confusions: int = 20,
           max_predictions: Optional[int] = None, caption_context_length: Optional[int] = None,
           concept_context_length: Optional[int] = 16, toy_dir: Optional[str] = None, toy_seed: int = 0,
-          task: str = "twins", dataset: Optional[str] = None, split: Optional[str] = None) -> TaskOutput:
+          task: str = "twins", dataset: Optional[str] = None, split: Optional[str] = None,
+          max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> TaskOutput:
     """Fine-grained concept recognition on a twin-pair shard split (:mod:`cultureclip.eval.twins`).
 
     Args:
@@ -94,6 +96,7 @@ def twins(model: CultureCLIP, shards: Union[str, Sequence[str]], batch_size: int
             missing (as the training data config does), ignored for other shards.
         toy_seed: seed of that toy set.
         task, dataset, split: header labels; default dataset is the shard spec and split the shards' folder.
+        max_pixels: larger images are skipped and counted (``too_large``); None: Pillow's limit only.
 
     Returns:
         ``(metrics, header, extra)``; ``extra`` holds ``shards`` (urls, to fetch images for the
@@ -108,7 +111,7 @@ def twins(model: CultureCLIP, shards: Union[str, Sequence[str]], batch_size: int
     concept_ctx = concept_context_length if model.supports_short_context else None
     pipeline = build_twin_pipeline(
         urls, model.preprocess_val, model.tokenizer, batch_size, train=False, num_workers=workers,
-        caption_context_length=caption_context_length, concept_context_length=concept_ctx)
+        caption_context_length=caption_context_length, concept_context_length=concept_ctx, max_pixels=max_pixels)
     emb = embed_twin_split(model, make_loader(pipeline, num_workers=workers), amp=amp,
                            caption_context_length=caption_context_length, concept_context_length=concept_ctx,
                            where=f"twin split {split or _split_name(urls)!r} ({len(urls)} shard(s): {urls[0]}, ...)")

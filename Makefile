@@ -1,11 +1,11 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install the package.
-# `make test` runs the fast tests; `make test-all` adds the end-to-end ones marked slow (what CI runs).
+# `make test` runs the fast tests; `make test-slow` the end-to-end ones marked slow; CI runs both (.ci/run).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-slow test-all clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 test-all: install
 	$(PY) -m pytest -q

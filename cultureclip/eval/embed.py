@@ -29,9 +29,7 @@ def embed_texts(model: CultureCLIP, texts: Sequence[str], batch_size: int = 256,
         tokens = model.tokenize(list(texts[i:i + batch_size]), context_length=context_length)
         with autocast(model.device, amp):
             out.append(model.encode_text(tokens).float().cpu())
-    if not out:
-        return torch.empty(0, int(model.model_cfg["embed_dim"]))
-    return torch.cat(out)
+    return _concat(model, out)
 
 
 @torch.no_grad()
@@ -42,9 +40,14 @@ def embed_image_batches(model: CultureCLIP, batches: Iterable[torch.Tensor], amp
     for pixels in batches:
         with autocast(model.device, amp):
             out.append(model.encode_image(pixels.to(model.device, non_blocking=True)).float().cpu())
-    if not out:
+    return _concat(model, out)
+
+
+def _concat(model: CultureCLIP, chunks: list) -> torch.Tensor:
+    """``[N, D]`` from feature chunks; ``[0, D]`` when there were none (an empty split)."""
+    if not chunks:
         return torch.empty(0, int(model.model_cfg["embed_dim"]))
-    return torch.cat(out)
+    return torch.cat(chunks)
 
 
 @torch.no_grad()

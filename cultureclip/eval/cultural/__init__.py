@@ -220,9 +220,14 @@ def select_fields(rows: Sequence[SourceRow], fields: Sequence[str], on_bad_row: 
         try:
             values = {f: get_field(row, f, allow_empty=f in allow_empty) for f in fields}
         except RowError as e:
-            if on_bad_row == "raise":
-                raise
-            bad.append(str(e))
+            keep_bad_row(e, on_bad_row, bad)
             continue
         good.append({**values, "_where": row.where})
     return good, bad
+
+
+def keep_bad_row(error: RowError, on_bad_row: str, bad: list) -> None:
+    """The one bad-row policy: re-raise ``error`` with ``on_bad_row="raise"``, else keep its message in ``bad``."""
+    if on_bad_row == "raise":
+        raise error
+    bad.append(str(error))

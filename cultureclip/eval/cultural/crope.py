@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from cultureclip.eval.cultural import RowError, check_on_bad_row, read_rows, select_fields
+from cultureclip.eval.cultural import RowError, check_on_bad_row, keep_bad_row, read_rows, select_fields
 from cultureclip.eval.multiple_choice import MCItem, evaluate_item_sets, make_header, resolve_seeds
 
 if TYPE_CHECKING:  # scoring imports torch lazily; building items does not need it
@@ -52,9 +52,7 @@ def select_rows(raw, on_bad_row: str = "raise") -> tuple[list[dict], list[str], 
         if not isinstance(r["definition_images"], (list, tuple)):
             kind = type(r["definition_images"]).__name__
             msg = f"{r['_where']}: field 'definition_images' must be a list, got {kind}"
-            if on_bad_row == "raise":
-                raise RowError(msg)
-            bad_fields.append(msg)
+            keep_bad_row(RowError(msg), on_bad_row, bad_fields)
             continue
         good.append(r)
     return good, bad + bad_fields, len(answered) - len(keep)
@@ -103,6 +101,8 @@ def evaluate(model: CultureCLIP, source: Any = DATASET_ID, split: str = "test", 
     raw = load_rows(source, split, revision, images_dir)
     rows, bad, n_other = select_rows(raw, on_bad_row)
     item_sets = {s: build_items(rows, random.Random(s)) for s in seeds}
+    # the same scoring and header calls as the GlobalRG evaluators, on purpose: each benchmark's entry point
+    # reads top to bottom as its protocol (rows, items per seed, scores, header with its own fields)
     metrics, skips = evaluate_item_sets(model, item_sets, group_keys, batch_size=batch_size,
                                         num_workers=num_workers, amp=amp, on_error=on_error)
     metrics["n_bad_rows"] = len(bad)

@@ -26,7 +26,7 @@ import re
 import unicodedata
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
-from cultureclip.eval.cultural import RowError, check_on_bad_row, get_field, is_file_list, read_rows
+from cultureclip.eval.cultural import RowError, check_on_bad_row, get_field, is_file_list, keep_bad_row, read_rows
 from cultureclip.eval.multiple_choice import (MCItem, accuracy_report, make_header, score_items,
                                               skip_summary)
 
@@ -166,9 +166,7 @@ def build_items(rows, question_type_match: Optional[str] = "recognition", templa
                     continue
             items.append(_item(row, f, template, table))
         except RowError as e:
-            if on_bad_row == "raise":
-                raise
-            bad.append(str(e))
+            keep_bad_row(e, on_bad_row, bad)
     return items, bad, n_other
 
 

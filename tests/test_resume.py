@@ -75,8 +75,9 @@ def interrupt_and_resume(toy_root, out, sig) -> tuple[int, subprocess.CompletedP
     proc = subprocess.Popen(cli(toy_root, out, *SHORT_EPOCHS), cwd=out, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     marker = out / RUN / "checkpoints" / f"step{at:07d}.ckpt"
+    last = out / RUN / "checkpoints" / "last.ckpt"  # written just after the step file: wait for both
     deadline = time.time() + 600
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+    while not (marker.exists() and last.exists()) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(sig)
     stderr = proc.communicate(timeout=300)[1]
@@ -209,7 +210,7 @@ def _limit_file_size():
 
 @pytest.mark.slow
 def test_checkpoint_write_past_the_file_size_limit_fails_clearly(toy_root, tmp_path):
-    done = run(cli(toy_root, tmp_path, "trainer.max_steps=2", "eval.before_after=false"), cwd=tmp_path,
+    done = run(cli(toy_root, tmp_path, "trainer.max_steps=2", "heldout=after_only"), cwd=tmp_path,
                preexec_fn=_limit_file_size)
     assert done.returncode == 1
     last = last_error_line(done.stderr)

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 # Peak dense TFLOP/s per device: (bf16/fp16 tensor core, tf32 tensor core, fp32 non-tensor).
@@ -85,8 +86,13 @@ def compute_dtype(precision: str) -> Optional[str]:
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs torch's flop counter attributes to ``fn()`` (forward, and backward if ``fn`` runs one)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs torch's flop counter attributes to ``fn()`` (forward, and backward if ``fn`` runs one).
+
+    Attention runs on the math backend while counting: the counter has formulas for the CUDA flash /
+    memory-efficient kernels but not for the CPU flash kernel (it would count 0 there), while the math
+    backend's matmuls are counted everywhere, so a count is the same on every device.
+    """
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 

@@ -30,6 +30,7 @@ from cultureclip import flops, metrics, schema
 from cultureclip.loss import CultureCLIPLoss
 from cultureclip.model import TRAINING_CKPT_KEY, CultureCLIP
 from cultureclip.optim import param_groups
+from cultureclip.step_stats import FiniteWatch, Throughput
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature so that s <= 100
 VAL_METRICS = (metrics.TWIN_ACC, metrics.CONCEPT_TOP1, metrics.TWIN_CONFUSION)
@@ -73,8 +74,6 @@ class CultureCLIPModule(L.LightningModule):
                                                         "val_concepts", "val_shards"])
         if accum_freq < 1:
             raise ValueError(f"accum_freq must be >= 1, got {accum_freq}")
-        if not isinstance(check_finite_every, int) or check_finite_every < 1:
-            raise ValueError(f"check_finite_every must be an int >= 1, got {check_finite_every!r}")
         if channels_last not in (True, False, "auto"):
             raise ValueError(f"channels_last must be true, false or 'auto', got {channels_last!r}")
         if scheduler is not None and (total_steps is None or total_steps < 1):
@@ -91,14 +90,10 @@ class CultureCLIPModule(L.LightningModule):
         self._micro: list[dict] = []
         self._vocab_feats: Optional[torch.Tensor] = None
         self._vocab_index = {n: i for i, n in enumerate(self.val_concepts)}
-        self.check_finite_every, self.compile_towers = check_finite_every, compile
-        self.channels_last, self.count_step_flops = channels_last, count_flops
-        self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []  # (step, detached loss terms) unchecked
+        self.finite, self.speed = FiniteWatch(check_finite_every), Throughput()
+        self.compile_towers, self.channels_last, self.count_step_flops = compile, channels_last, count_flops
         self._step_flops: Optional[int] = None  # FLOPs of one optimizer step on this device
         self._peak: Optional[float] = None  # the device's peak FLOP/s for the run's precision
-        self._synced_loss = float("nan")  # the loss of the last checked step, for the progress bar
-        self._timer = {"window_start": None, "batch_end": None, "wait": 0.0, "pairs": 0, "steps": 0}
-        self._totals = {"seconds": 0.0, "images": 0, "steps": 0, "flops": 0}
         self._skipped_total = 0
         self._val_skipped = 0
         self._val_pairs = 0
@@ -146,40 +141,17 @@ class CultureCLIPModule(L.LightningModule):
         return [t for t in (m.visual, text) if t is not None]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        now = time.perf_counter()
-        t = self._timer
-        if t["window_start"] is None:
-            t["window_start"] = now
-        elif t["batch_end"] is not None:
-            t["wait"] += now - t["batch_end"]  # time spent waiting for this batch
+        self.speed.batch_start()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._timer["batch_end"] = time.perf_counter()
+        self.speed.batch_end()
 
     def _record_finite(self, out: dict[str, torch.Tensor]) -> None:
-        """Keep this step's loss terms (on the device, no sync) for the next :meth:`check_finite`."""
-        self._pending.append((self.global_step, {k: v.detach() for k, v in out.items()}))
-        if self.global_step - self._pending[0][0] + 1 >= self.check_finite_every:
-            self.check_finite()
+        self.finite.record(self.global_step, out)  # checked (one sync) every check_finite_every steps
 
     def check_finite(self) -> None:
-        """Raise ``FloatingPointError`` naming the first step since the last check whose loss is NaN/inf.
-
-        One device-to-host copy for all pending steps: the only point where a training step waits for
-        the device, every ``check_finite_every`` steps.
-        """
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        losses = torch.stack([terms["loss"].float() for _, terms in pending]).cpu()  # [P]: the sync
-        self._synced_loss = float(losses[-1])
-        bad = (~torch.isfinite(losses)).nonzero().flatten()
-        if bad.numel():
-            step, terms = pending[int(bad[0])]
-            values = {k: float(v.float().cpu()) for k, v in terms.items()}
-            raise FloatingPointError(
-                f"non-finite loss at global step {step} (checked every {self.check_finite_every} steps; this "
-                f"check covered steps {pending[0][0]}..{pending[-1][0]}): {values}")
+        """Raise ``FloatingPointError`` naming the first unchecked step whose loss is NaN/inf."""
+        self.finite.check()
 
     def _count_flops(self, mb: dict) -> None:
         """FLOPs of one optimizer step on this device, from the first micro-batch (model left untouched)."""
@@ -193,7 +165,7 @@ class CultureCLIPModule(L.LightningModule):
         self._skipped_total += int(batch.get(schema.N_SKIPPED, 0))
         if schema.is_skip_report(batch):  # counted above, nothing to train on
             return None
-        self._timer["pairs"] += batch[schema.POS_IMAGE].shape[0]
+        self.speed.window["pairs"] += batch[schema.POS_IMAGE].shape[0]
         self._micro.append(batch)
         if len(self._micro) < self.accum_freq:
             return None
@@ -257,8 +229,8 @@ class CultureCLIPModule(L.LightningModule):
         when a logger writes, every ``trainer.log_every_n_steps``); host numbers are logged as CPU tensors
         (a Python float would be copied to the device, and the progress bar would copy it back each step).
         Rates are measured between finite checks, which wait for the device, so they time its work."""
-        t, world = self._timer, self.trainer.world_size
-        t["steps"] += 1
+        world = self.trainer.world_size
+        self.speed.window["steps"] += 1
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, on_step=True)
         self.log("train/logit_scale", self.encoder.logit_scale.exp().detach(), on_step=True)
         self.log("train/lr", _host(opt.param_groups[0]["lr"]), on_step=True)
@@ -266,25 +238,12 @@ class CultureCLIPModule(L.LightningModule):
         if world > 1:  # all-reduced on the device; a non-blocking copy does not wait for the device
             skipped = skipped.to(self.device, non_blocking=True)
         self.log("train/skipped_samples", skipped, on_step=True, reduce_fx="sum", sync_dist=world > 1)
-        if self._pending:  # no check this step: the device may still be working, no rates to measure
+        if self.finite.pending:  # no check this step: the device may still be working, no rates to measure
             return
-        now = time.perf_counter()
-        dt = max(now - t["window_start"], 1e-9)
-        images = 2 * t["pairs"]  # two images per pair
-        self.log("loss", _host(self._synced_loss), prog_bar=True, logger=False)
-        self.log("train/pairs_per_s", _host(t["pairs"] * world / dt), on_step=True, prog_bar=True)
-        self.log("train/images_per_s", _host(images * world / dt), on_step=True)
-        self.log("train/data_wait_frac", _host(t["wait"] / dt), on_step=True)
-        tot = self._totals
-        tot["seconds"] += dt
-        tot["images"] += images
-        tot["steps"] += t["steps"]
-        if self._step_flops:
-            rate = self._step_flops * t["steps"] / dt  # this device's FLOP/s
-            self.log("train/tflops", _host(rate / 1e12), on_step=True)
-            if self._peak:
-                self.log("train/mfu", _host(rate / self._peak), on_step=True)
-        self._timer = {"window_start": now, "batch_end": None, "wait": 0.0, "pairs": 0, "steps": 0}
+        self.log("loss", _host(self.finite.last_loss), prog_bar=True, logger=False)
+        rates = self.speed.close_window(world, self._step_flops, self._peak)
+        for name, value in rates.items():
+            self.log(f"train/{name}", _host(value), on_step=True, prog_bar=name == "pairs_per_s")
 
     def on_train_epoch_end(self) -> None:
         self.check_finite()
@@ -293,19 +252,10 @@ class CultureCLIPModule(L.LightningModule):
         self.check_finite()
 
     def throughput_summary(self) -> dict[str, float]:
-        """Run averages over the checked windows of this process: ``images_per_s`` (all ranks), and with
-        a FLOP count ``step_tflop``, ``tflops`` (per device) and, on a known GPU, ``mfu``."""
-        tot = self._totals
-        if tot["seconds"] <= 0:
-            return {}
+        """Run averages of this process (:meth:`cultureclip.step_stats.Throughput.summary`): ``images_per_s``
+        (all ranks) and, with a FLOP count, ``step_tflop``, ``tflops`` (per device) and on a known GPU ``mfu``."""
         world = self.trainer.world_size if self._trainer is not None else 1
-        out = {"images_per_s": tot["images"] * world / tot["seconds"], "steps_timed": float(tot["steps"])}
-        if self._step_flops:
-            rate = self._step_flops * tot["steps"] / tot["seconds"]
-            out.update(step_tflop=self._step_flops / 1e12, tflops=rate / 1e12)
-            if self._peak:
-                out["mfu"] = rate / self._peak
-        return out
+        return self.speed.summary(world, self._step_flops, self._peak)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -382,7 +332,7 @@ class CultureCLIPModule(L.LightningModule):
         checkpoint["skipped_samples"] = self._skipped_total
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._pending = []
+        self.finite.pending = []
         if self.global_rank == 0:  # the other ranks' shares were not saved: they restart from 0
             self._skipped_total = int(checkpoint.get("skipped_samples", 0))
         rng = checkpoint.get("rng")

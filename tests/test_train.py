@@ -353,7 +353,7 @@ def test_throughput_and_flops_are_logged_and_summarised():
     _, fwd_bwd = flops.count_train_flops(module.encoder, lambda: module.loss(
         module.encode(mb, module.loss.required_keys), module.encoder.logit_scale.exp())["loss"])
     assert summary["step_tflop"] * 1e12 == pytest.approx(fwd_bwd)
-    assert summary["tflops"] == pytest.approx(fwd_bwd * 4 / module._totals["seconds"] / 1e12)
+    assert summary["tflops"] == pytest.approx(fwd_bwd * 4 / module.speed.totals["seconds"] / 1e12)
 
 
 def test_compile_is_ignored_on_cpu_with_a_warning():

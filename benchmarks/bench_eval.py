@@ -6,6 +6,7 @@ Examples::
     python benchmarks/bench_eval.py --model cultureclip-tiny --images 2000 --texts 2000 --sizes 10000,100000
     python benchmarks/bench_eval.py --model ViT-B-32-quickgelu --images 256 --skip-search --out bench.json
     python benchmarks/bench_eval.py --skip-embed --sizes 1000000 --ivf-max-size 100000
+    python benchmarks/bench_eval.py --skip-embed --sizes 1000000 --clusters 1000 --out search.json
 
 Synthetic JPEGs are written to a temporary folder and deleted afterwards. CLIP_benchmark's own loop is
 imported when ``clip_benchmark`` (and the scikit-learn it imports) is installed, and re-implemented
@@ -46,8 +47,14 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--nprobe", type=int, default=16)
-    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: 4 * sqrt(N), capped by N / 39)")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help="IVF lists probed (default: tuned at build time to --target-recall against flat)")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: 4 * sqrt(N), capped by N / 39 "
+                                                           "and 2048)")
+    p.add_argument("--target-recall", type=float, default=0.95, help="recall@k against flat the IVF is tuned to")
+    p.add_argument("--clusters", type=int, default=0, help="draw features from this many Gaussian clusters "
+                                                           "(0: uniform on the sphere)")
+    p.add_argument("--spread", type=float, default=1.0, help="cluster noise norm (1.0: cosine ~0.7 to the centre)")
     p.add_argument("--ivf-max-size", type=int, default=None, help="skip IVF for larger galleries (k-means cost)")
     p.add_argument("--repeats", type=int, default=3, help="alternating timed runs per method; medians reported")
     p.add_argument("--skip-embed", action="store_true")
@@ -69,7 +76,9 @@ def main(argv=None) -> int:
     if not args.skip_search:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
         result["search"] = bench.bench_search(sizes, args.dim, args.queries, args.k, args.nprobe, args.nlist,
-                                              args.repeats, args.device, args.ivf_max_size)
+                                              args.repeats, args.device, args.ivf_max_size,
+                                              clusters=args.clusters, spread=args.spread,
+                                              target_recall=args.target_recall)
     print(bench.format_markdown(result.get("embed"), result.get("search")))
     env = result["environment"]
     print(f"\n{env['device']}, torch {env['torch']} ({env['torch_threads']} threads), faiss {env['faiss']} "

@@ -212,6 +212,22 @@ def random_unit_vectors(n: int, dim: int, seed: int, chunk: int = 65536) -> np.n
     return out
 
 
+def clustered_unit_vectors(n: int, dim: int, clusters: int, spread: float, seed: int,
+                           chunk: int = 65536) -> np.ndarray:
+    """``[n, dim]`` float32 unit vectors around ``clusters`` random unit centres: centre + Gaussian noise of
+    expected norm ``spread`` (1.0: a point's cosine to its centre ~0.7, loose as CLIP features of many
+    concepts), normalised; the centres depend on ``seed // 1000`` only, so queries and gallery drawn with
+    seeds in one thousand share them."""
+    centers = torch.from_numpy(random_unit_vectors(clusters, dim, seed=seed // 1000 * 1000 + 999))
+    out, gen = np.empty((n, dim), dtype=np.float32), torch.Generator().manual_seed(seed)
+    for i in range(0, n, chunk):
+        m = min(chunk, n - i)
+        which = torch.randint(clusters, (m,), generator=gen)
+        x = centers[which] + torch.randn(m, dim, generator=gen) * (spread / dim ** 0.5)
+        out[i:i + m] = F.normalize(x, dim=-1).numpy()
+    return out
+
+
 def topk_bruteforce(queries: torch.Tensor, gallery: torch.Tensor, k: int,
                     max_chunk_bytes: int = MAX_CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ``(scores, indices)`` [Q, k] by ``topk(queries @ gallery.T)``, a few queries at a time."""
@@ -220,8 +236,8 @@ def topk_bruteforce(queries: torch.Tensor, gallery: torch.Tensor, k: int,
     return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
 
 
-def _bench_gallery(gallery: np.ndarray, queries: np.ndarray, k: int, nprobe: int, nlist: Optional[int],
-                   repeats: int, dev: torch.device, with_ivf: bool) -> dict:
+def _bench_gallery(gallery: np.ndarray, queries: np.ndarray, k: int, nprobe: Optional[int], nlist: Optional[int],
+                   repeats: int, dev: torch.device, with_ivf: bool, target_recall: float = 0.95) -> dict:
     """One row of :func:`bench_search`; its 2 GB-scale locals die when it returns."""
     use_gpu = "auto" if dev.type == "cuda" else False
     row: dict = {"n": len(gallery), "dim": gallery.shape[1], "queries": len(queries), "k": k}
@@ -229,9 +245,12 @@ def _bench_gallery(gallery: np.ndarray, queries: np.ndarray, k: int, nprobe: int
     row["flat_build_s"], flat = _timed(lambda: build_index(gallery, "flat", use_gpu=use_gpu), dev)
     fns = {"torch": lambda: topk_bruteforce(q_t, g_t, k), "flat": lambda: flat.search(queries, k)}
     if with_ivf:
+        # nprobe None: tuned at build time on 256 gallery rows (not the benchmark's queries)
         row["ivf_build_s"], ivf = _timed(lambda: build_index(gallery, "ivf", nlist=nlist, nprobe=nprobe,
-                                                             use_gpu=use_gpu), dev)
+                                                             use_gpu=use_gpu, target_recall=target_recall,
+                                                             tune_k=k), dev)
         row["ivf_nlist"], row["ivf_nprobe"] = ivf.nlist, ivf.nprobe
+        row["ivf_target_recall"], row["ivf_tuned_recall"] = ivf.target_recall, ivf.measured_recall
         fns["ivf"] = lambda: ivf.search(queries, k)
     times, outs = _alternate(fns, repeats, dev)
     exact = outs["torch"][1].cpu()  # [Q, k]
@@ -243,19 +262,25 @@ def _bench_gallery(gallery: np.ndarray, queries: np.ndarray, k: int, nprobe: int
             row[f"{name}_recall@{k}"] = float(hit.float().mean())
             row[f"{name}_vs_torch"] = _paired_ratio(times["torch"], times[name])
     row["flat_exact_match"] = float((outs["flat"][1] == exact).all(dim=1).float().mean())
+    if with_ivf:
+        row["ivf_vs_flat"] = _paired_ratio(times["flat"], times["ivf"])
     row["seconds"] = times
     return row
 
 
 def bench_search(sizes: Sequence[int] = (10_000, 100_000, 1_000_000), dim: int = 512, n_queries: int = 1000,
                  k: int = 10, nprobe: int = 16, nlist: Optional[int] = None, repeats: int = 3,
-                 device: str = "cpu", ivf_max_size: Optional[int] = None, seed: int = 0) -> list[dict]:
+                 device: str = "cpu", ivf_max_size: Optional[int] = None, seed: int = 0, clusters: int = 0,
+                 spread: float = 1.0, target_recall: float = 0.95) -> list[dict]:
     """FAISS flat and IVF against an exact torch top-k, one row per gallery size.
 
     Args:
         sizes: gallery sizes N; each gallery is freed before the next is drawn.
         dim, n_queries, k: feature dimension, number of queries Q, neighbours per query.
-        nprobe, nlist: IVF settings (``nlist=None``: ``build_index``'s ``4 * sqrt(N)``, capped by N / 39).
+        nprobe, nlist: IVF settings (None: ``build_index``'s defaults: ``4 * sqrt(N)`` lists, bounded, and
+            nprobe tuned to ``target_recall`` recall@k against flat on 256 gallery rows).
+        clusters, spread: 0: uniform random unit vectors; else a mixture of that many Gaussian clusters
+            (:func:`clustered_unit_vectors`), queries drawn from the same mixture.
         repeats: timed searches of each method, in rotating order.
         device: ``"cuda"`` puts the torch brute force on the GPU and lets FAISS use a GPU if it has one.
         ivf_max_size: skip IVF above this N (its k-means training dominates on a small CPU).
@@ -266,12 +291,16 @@ def bench_search(sizes: Sequence[int] = (10_000, 100_000, 1_000_000), dim: int =
         ``{flat,ivf}_vs_torch`` (median per-round speed-up), ``flat_exact_match`` (fraction of queries whose
         ordered flat top-k equals torch's), ``flat_recall@k`` and ``ivf_recall@k`` (against torch's top-k).
     """
-    queries = random_unit_vectors(n_queries, dim, seed=seed)
+    def draw(n, s):
+        return clustered_unit_vectors(n, dim, clusters, spread, s) if clusters else random_unit_vectors(n, dim, s)
+
+    queries = draw(n_queries, seed * 1000)
     rows = []
     for n in sizes:
-        gallery = random_unit_vectors(n, dim, seed=seed + 1 + n)
+        gallery = draw(n, seed * 1000 + 1 + n % 997)
         rows.append(_bench_gallery(gallery, queries, k, nprobe, nlist, repeats, torch.device(device),
-                                   with_ivf=ivf_max_size is None or n <= ivf_max_size))
+                                   with_ivf=ivf_max_size is None or n <= ivf_max_size, target_recall=target_recall))
+        rows[-1].update(clusters=clusters, spread=spread if clusters else None)
         gallery = None  # 1M x 512 is 2 GB: free it before drawing the next size
         gc.collect()
     return rows
@@ -309,13 +338,17 @@ def format_markdown(embed: Optional[dict] = None, search: Optional[list] = None)
                       f"class weights max |diff| {e['class_weights_max_abs_diff']:.1e}", ""]
     if search:
         k = search[0]["k"]
-        lines += [f"Search: D={search[0]['dim']}, {search[0]['queries']} queries, k={k}", "",
+        data = (f"{search[0]['clusters']} Gaussian clusters (spread {search[0]['spread']})"
+                if search[0].get("clusters") else "uniform random unit vectors")
+        lines += [f"Search: D={search[0]['dim']}, {data}, {search[0]['queries']} queries, k={k}", "",
                   f"| N | torch q/s | flat build s | flat q/s | flat / torch | flat = torch | IVF nlist/nprobe "
-                  f"| IVF build s | IVF q/s | IVF / torch | IVF recall@{k} |", "|" + "---:|" * 11]
+                  f"| IVF build s | IVF q/s | IVF / torch | IVF / flat | IVF recall@{k} (tuned) |", "|" + "---:|" * 12]
         for r in search:
-            ivf = "| - | - | - | - | - |" if "ivf_qps" not in r else (
+            tuned = "" if r.get("ivf_tuned_recall") is None else f" ({r['ivf_tuned_recall']:.3f})"
+            ivf = "| - | - | - | - | - | - |" if "ivf_qps" not in r else (
                 f"| {r['ivf_nlist']}/{r['ivf_nprobe']} | {r['ivf_build_s']:.1f} | {r['ivf_qps']:.0f} "
-                f"({r['ivf_qps_best']:.0f}) | {r['ivf_vs_torch']:.2f} | {r[f'ivf_recall@{k}']:.3f} |")
+                f"({r['ivf_qps_best']:.0f}) | {r['ivf_vs_torch']:.2f} | {r['ivf_vs_flat']:.1f} "
+                f"| {r[f'ivf_recall@{k}']:.3f}{tuned} |")
             lines.append(f"| {r['n']:,} | {r['torch_qps']:.0f} ({r['torch_qps_best']:.0f}) | {r['flat_build_s']:.2f} "
                          f"| {r['flat_qps']:.0f} ({r['flat_qps_best']:.0f}) | {r['flat_vs_torch']:.2f} "
                          f"| {r['flat_exact_match']:.3f} " + ivf)

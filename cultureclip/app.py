@@ -140,12 +140,18 @@ def format_table(before: dict[str, float], after: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
+def throughput(trainer) -> dict[str, float]:
+    """The module's run averages (images/s, TFLOP/s, MFU; :meth:`CultureCLIPModule.throughput_summary`)."""
+    summary = getattr(trainer.lightning_module, "throughput_summary", None)
+    return summary() if summary is not None else {}
+
+
 def write_run_outputs(run_dir: Path, encoder, trainer, cfg: DictConfig, before: dict, after: dict) -> dict:
     """Export ``model/`` (LoRA merged, open_clip layout) and ``metrics.json``, merge the CSV logs of
     all attempts; rank 0 only."""
     best = [c.best_model_path for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)]
     record = {"before": before, "after": after, "global_step": int(trainer.global_step),
-              "best_checkpoint": best[0] if best else None,
+              "best_checkpoint": best[0] if best else None, "throughput": throughput(trainer),
               "config": OmegaConf.to_container(cfg, resolve=True), "versions": package_versions()}
     if trainer.is_global_zero:
         for d in _csv_log_dirs(cfg):  # one log over all attempts of a resumed run
@@ -154,5 +160,6 @@ def write_run_outputs(run_dir: Path, encoder, trainer, cfg: DictConfig, before: 
         tmp = run_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(record, indent=2, default=str))
         os.replace(tmp, run_dir / "metrics.json")
-        print(f"\nheld-out metrics ({run_dir}):\n{format_table(before, after)}\n")
+        speed = ", ".join(f"{k} {v:.4g}" for k, v in record["throughput"].items()) or "not measured"
+        print(f"\nheld-out metrics ({run_dir}):\n{format_table(before, after)}\ntraining throughput: {speed}\n")
     return record

@@ -23,12 +23,14 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
-from cultureclip import metrics, schema
+from cultureclip import flops, metrics, schema
 from cultureclip.loss import CultureCLIPLoss
 from cultureclip.model import TRAINING_CKPT_KEY, CultureCLIP
 from cultureclip.optim import param_groups
+from cultureclip.step_stats import FiniteWatch, Throughput
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature so that s <= 100
 VAL_METRICS = (metrics.TWIN_ACC, metrics.CONCEPT_TOP1, metrics.TWIN_CONFUSION)
@@ -50,17 +52,30 @@ class CultureCLIPModule(L.LightningModule):
         val_concepts: the concept vocabulary of the validation split (``img2concept_recall@1`` ranks
             every validation image against all of it); required when validating.
         val_shards: the validation split's shards, named when it yields no pair.
+        check_finite_every: check the loss for NaN/inf every this many optimizer steps (and before any
+            checkpoint is saved, and at the end of training). Each check reads the losses of the steps
+            since the last one from the device at once: a check every step would stop a GPU for the
+            host every step. The error names the first bad step and its loss terms.
+        compile: ``torch.compile`` the image and text towers (in place, state-dict keys unchanged) at the
+            start of fit. CUDA only: on a CPU it is ignored with a warning.
+        channels_last: convert a convolutional image tower (ResNet) to channels-last memory on CUDA
+            (``"auto"``/True; faster cuDNN convolutions with bf16); ViTs keep their layout.
+        count_flops: count the FLOPs of one step on the first micro-batch (``torch.utils.flop_counter``)
+            and log ``train/tflops`` and, on a GPU of :mod:`cultureclip.flops`'s table, ``train/mfu``.
     """
 
     def __init__(self, encoder: CultureCLIP, loss: CultureCLIPLoss, optimizer, scheduler=None,
                  weight_decay: float = 0.1, accum_freq: int = 1, grad_clip_norm: Optional[float] = None,
                  total_steps: Optional[int] = None, val_concepts: Sequence[str] = (),
-                 val_shards: Sequence[str] = ()):
+                 val_shards: Sequence[str] = (), check_finite_every: int = 1, compile: bool = False,
+                 channels_last: Any = "auto", count_flops: bool = True):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["encoder", "loss", "optimizer", "scheduler",
                                                         "val_concepts", "val_shards"])
         if accum_freq < 1:
             raise ValueError(f"accum_freq must be >= 1, got {accum_freq}")
+        if channels_last not in (True, False, "auto"):
+            raise ValueError(f"channels_last must be true, false or 'auto', got {channels_last!r}")
         if scheduler is not None and (total_steps is None or total_steps < 1):
             raise ValueError(f"a scheduler needs total_steps >= 1 (the schedule length), got {total_steps}")
         self.total_steps, self.val_concepts, self.val_shards = total_steps, list(val_concepts), list(val_shards)
@@ -75,7 +90,10 @@ class CultureCLIPModule(L.LightningModule):
         self._micro: list[dict] = []
         self._vocab_feats: Optional[torch.Tensor] = None
         self._vocab_index = {n: i for i, n in enumerate(self.val_concepts)}
-        self._timer = {"window_start": None, "batch_end": None, "wait": 0.0, "pairs": 0}
+        self.finite, self.speed = FiniteWatch(check_finite_every), Throughput()
+        self.compile_towers, self.channels_last, self.count_step_flops = compile, channels_last, count_flops
+        self._step_flops: Optional[int] = None  # FLOPs of one optimizer step on this device
+        self._peak: Optional[float] = None  # the device's peak FLOP/s for the run's precision
         self._skipped_total = 0
         self._val_skipped = 0
         self._val_pairs = 0
@@ -95,31 +113,65 @@ class CultureCLIPModule(L.LightningModule):
         return feats
 
     # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        cuda = self.device.type == "cuda"
+        visual = self.encoder.model.visual
+        convs = sum(isinstance(m, torch.nn.Conv2d) for m in visual.modules())
+        # a ViT's only convolution is its patch embedding: channels-last buys nothing there
+        if self.channels_last is True or (self.channels_last == "auto" and cuda and convs > 1):
+            visual.to(memory_format=torch.channels_last)
+        if self.compile_towers:
+            if cuda:
+                for tower in self._towers():
+                    tower.compile()  # in place: parameter names (and so checkpoints) are unchanged
+            else:
+                rank_zero_warn(f"compile=true is ignored on {self.device.type}: torch.compile of the towers is "
+                               f"for CUDA devices (on a CPU it adds minutes of compilation for little gain)")
+        if cuda:
+            dtype = flops.compute_dtype(str(self.trainer.precision)) if self._trainer is not None else "fp32"
+            self._peak = flops.peak_flops(torch.cuda.get_device_name(self.device), dtype) if dtype else None
+
+    def on_fit_end(self) -> None:
+        # safetensors (save_pretrained) stores contiguous tensors only; channels-last was for speed
+        self.encoder.model.visual.to(memory_format=torch.contiguous_format)
+
+    def _towers(self) -> list[torch.nn.Module]:
+        m = self.encoder.model
+        text = getattr(m, "text", None) or getattr(m, "transformer", None)  # CustomTextCLIP / CLIP
+        return [t for t in (m.visual, text) if t is not None]
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        now = time.perf_counter()
-        t = self._timer
-        if t["window_start"] is None:
-            t["window_start"] = now
-        elif t["batch_end"] is not None:
-            t["wait"] += now - t["batch_end"]  # time spent waiting for this batch
+        self.speed.batch_start()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._timer["batch_end"] = time.perf_counter()
+        self.speed.batch_end()
 
-    def _check_finite(self, out: dict[str, torch.Tensor]) -> None:
-        if not torch.isfinite(out["loss"]):
-            terms = {k: float(v.detach()) for k, v in out.items()}
-            raise FloatingPointError(f"non-finite loss at global step {self.global_step}: {terms}")
+    def _record_finite(self, out: dict[str, torch.Tensor]) -> None:
+        self.finite.record(self.global_step, out)  # checked (one sync) every check_finite_every steps
+
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` naming the first unchecked step whose loss is NaN/inf."""
+        self.finite.check()
+
+    def _count_flops(self, mb: dict) -> None:
+        """FLOPs of one optimizer step on this device, from the first micro-batch (model left untouched)."""
+        keys = self.loss.required_keys
+        fwd, fwd_bwd = flops.count_train_flops(
+            self.encoder, lambda: self.loss(self.encode(mb, keys), self.encoder.logit_scale.exp())["loss"])
+        # with accumulation every micro-batch is encoded twice: once without gradient, once with
+        self._step_flops = fwd_bwd if self.accum_freq == 1 else self.accum_freq * (fwd + fwd_bwd)
 
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
         self._skipped_total += int(batch.get(schema.N_SKIPPED, 0))
         if schema.is_skip_report(batch):  # counted above, nothing to train on
             return None
-        self._timer["pairs"] += batch[schema.POS_IMAGE].shape[0]
+        self.speed.window["pairs"] += batch[schema.POS_IMAGE].shape[0]
         self._micro.append(batch)
         if len(self._micro) < self.accum_freq:
             return None
         micro, self._micro = self._micro, []
+        if self.count_step_flops and self._step_flops is None:
+            self._count_flops(micro[0])
         opt = self.optimizers()
         out = self.backward_over(micro)
         if self.grad_clip_norm:
@@ -139,13 +191,14 @@ class CultureCLIPModule(L.LightningModule):
 
         One micro-batch: a plain step. Several: encode all without gradient, then re-encode each with
         gradient inside the cached features, so every micro-batch sees the negatives of all of them
-        and the summed gradients equal those of the full batch.
+        and the summed gradients equal those of the full batch. The loss is checked for NaN/inf every
+        ``check_finite_every`` steps (:meth:`check_finite`).
         """
         backward = backward or self.manual_backward
         keys = self.loss.required_keys
         if len(micro) == 1:
             out = self.loss(self.encode(micro[0], keys), self.encoder.logit_scale.exp())
-            self._check_finite(out)
+            self._record_finite(out)
             backward(out["loss"])
             return out
         with torch.no_grad():
@@ -157,7 +210,8 @@ class CultureCLIPModule(L.LightningModule):
             # the temperature gets its gradient once, not once per micro-batch
             scale = self.encoder.logit_scale.exp()
             out = self.loss(feats, scale if j == 0 else scale.detach())
-            self._check_finite(out)
+            if j == len(micro) - 1:
+                self._record_finite(out)  # the same loss value for every j: record (and check) it once
             # skip DDP's gradient all-reduce until the last micro-batch of the step
             with contextlib.nullcontext() if j == len(micro) - 1 else self._no_sync():
                 backward(out["loss"])
@@ -171,18 +225,37 @@ class CultureCLIPModule(L.LightningModule):
         return block() if block is not None else contextlib.nullcontext()
 
     def _log_train(self, out: dict[str, torch.Tensor], opt) -> None:
-        now, t = time.perf_counter(), self._timer
-        dt = max(now - t["window_start"], 1e-9)
+        """Log without waiting for the device: loss terms stay device tensors (Lightning converts them only
+        when a logger writes, every ``trainer.log_every_n_steps``); host numbers are logged as CPU tensors
+        (a Python float would be copied to the device, and the progress bar would copy it back each step).
+        Rates are measured between finite checks, which wait for the device, so they time its work."""
         world = self.trainer.world_size
-        self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, on_step=True)
-        self.log("train/loss", out["loss"].detach(), on_step=True, prog_bar=True)
-        self.log("train/lr", opt.param_groups[0]["lr"], on_step=True)
+        self.speed.window["steps"] += 1
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, on_step=True)
         self.log("train/logit_scale", self.encoder.logit_scale.exp().detach(), on_step=True)
-        self.log("train/pairs_per_s", t["pairs"] * world / dt, on_step=True, prog_bar=True)
-        self.log("train/data_wait_frac", t["wait"] / dt, on_step=True)
-        self.log("train/skipped_samples", float(self._skipped_total), on_step=True, reduce_fx="sum",
-                 sync_dist=world > 1)
-        self._timer = {"window_start": now, "batch_end": None, "wait": 0.0, "pairs": 0}
+        self.log("train/lr", _host(opt.param_groups[0]["lr"]), on_step=True)
+        skipped = _host(self._skipped_total)
+        if world > 1:  # all-reduced on the device; a non-blocking copy does not wait for the device
+            skipped = skipped.to(self.device, non_blocking=True)
+        self.log("train/skipped_samples", skipped, on_step=True, reduce_fx="sum", sync_dist=world > 1)
+        if self.finite.pending:  # no check this step: the device may still be working, no rates to measure
+            return
+        self.log("loss", _host(self.finite.last_loss), prog_bar=True, logger=False)
+        rates = self.speed.close_window(world, self._step_flops, self._peak)
+        for name, value in rates.items():
+            self.log(f"train/{name}", _host(value), on_step=True, prog_bar=name == "pairs_per_s")
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite()
+
+    def on_train_end(self) -> None:
+        self.check_finite()
+
+    def throughput_summary(self) -> dict[str, float]:
+        """Run averages of this process (:meth:`cultureclip.step_stats.Throughput.summary`): ``images_per_s``
+        (all ranks) and, with a FLOP count, ``step_tflop``, ``tflops`` (per device) and on a known GPU ``mfu``."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return self.speed.summary(world, self._step_flops, self._peak)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -244,6 +317,7 @@ class CultureCLIPModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # never save a NaN state over the last good checkpoint
         # lets CultureCLIP.from_pretrained("....ckpt") rebuild the encoder without the run's config
         checkpoint[TRAINING_CKPT_KEY] = self.encoder.checkpoint_metadata(prefix="encoder.")
         # RNG states as tensors and plain tuples, so the checkpoint loads with weights_only=True
@@ -258,6 +332,7 @@ class CultureCLIPModule(L.LightningModule):
         checkpoint["skipped_samples"] = self._skipped_total
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.finite.pending = []
         if self.global_rank == 0:  # the other ranks' shares were not saved: they restart from 0
             self._skipped_total = int(checkpoint.get("skipped_samples", 0))
         rng = checkpoint.get("rng")
@@ -269,6 +344,12 @@ class CultureCLIPModule(L.LightningModule):
         name, keys, *rest = rng["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
         random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+
+
+def _host(x: float) -> torch.Tensor:
+    """A CPU scalar tensor for ``self.log``: Lightning keeps its device, so neither logging it nor the
+    progress bar's reading of it waits for the accelerator."""
+    return torch.tensor(float(x), dtype=torch.float32)
 
 
 class StepCheckpoint(ModelCheckpoint):

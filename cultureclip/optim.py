@@ -38,6 +38,29 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def adamw(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+          impl: str = "auto") -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` with its implementation chosen for where the parameters live.
+
+    Args:
+        params: parameters or parameter groups (:func:`param_groups`).
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (groups may set their own weight decay).
+        impl: ``"auto"``: ``fused`` (one CUDA kernel for all parameters) when every parameter is a
+            floating-point CUDA tensor, else ``foreach`` (a few multi-tensor ops instead of a Python loop
+            over parameters); or ``"fused"``, ``"foreach"``, ``"for_loop"`` explicitly. All compute the
+            same update up to float rounding; a checkpoint of one resumes with another.
+    """
+    if impl not in ("auto", "fused", "foreach", "for_loop"):
+        raise ValueError(f"impl must be 'auto', 'fused', 'foreach' or 'for_loop', got {impl!r}")
+    params = list(params)
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    if impl == "auto":
+        on_cuda = bool(tensors) and all(p.is_cuda and p.is_floating_point() for p in tensors)
+        impl = "fused" if on_cuda else "foreach"
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                             fused=impl == "fused", foreach=impl == "foreach")
+
+
 class _Schedule:
     """The lr factor; a class, not a closure, so LambdaLR's state_dict can keep it."""
 

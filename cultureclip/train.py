@@ -38,7 +38,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         encoder, instantiate(cfg.loss), optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler), weight_decay=cfg.optim.weight_decay, accum_freq=accum,
         grad_clip_norm=cfg.optim.grad_clip_norm, val_concepts=datamodule.val_concepts, val_shards=datamodule.val_urls,
-        total_steps=schedule_length(trainer.max_steps, trainer.max_epochs, per_epoch, accum))
+        total_steps=schedule_length(trainer.max_steps, trainer.max_epochs, per_epoch, accum), **cfg.module)
     before = app.before_metrics(run_dir, cfg, resuming=ckpt_path is not None, compute=lambda: app.metrics_of(
         trainer.validate(module, datamodule=datamodule, verbose=False)))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -47,3 +47,24 @@ def test_warmup_schedule_formula(decay):
         assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * expected), step
         opt.step()
         sched.step()
+
+
+def test_adamw_implementation_follows_the_parameters_device():
+    from cultureclip.optim import adamw
+    p = [torch.nn.Parameter(torch.ones(3))]
+    auto = adamw(p, lr=0.1)
+    assert auto.defaults["foreach"] and not auto.defaults["fused"]  # CPU parameters: foreach
+    if torch.cuda.is_available():
+        assert adamw([torch.nn.Parameter(torch.ones(3, device="cuda"))]).defaults["fused"]
+    with pytest.raises(ValueError, match="impl"):
+        adamw(p, impl="apex")
+    # every implementation takes the same step (plain AdamW arithmetic, re-done here as the reference)
+    for impl in ("foreach", "for_loop"):
+        q = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        opt = adamw([{"params": [q], "weight_decay": 0.1}], lr=0.1, betas=(0.9, 0.98), eps=1e-6, impl=impl)
+        q.grad = torch.tensor([0.5, 0.25])
+        opt.step()
+        g = torch.tensor([0.5, 0.25])
+        m, v = 0.1 * g / (1 - 0.9), 0.02 * g ** 2 / (1 - 0.98)
+        ref = torch.tensor([1.0, -2.0]) * (1 - 0.1 * 0.1) - 0.1 * m / (v.sqrt() + 1e-6)
+        torch.testing.assert_close(q.detach(), ref)

@@ -186,3 +186,65 @@ def test_use_gpu_true_without_gpu_raises(data):
     with pytest.raises(RuntimeError, match="use_gpu=True"):
         R.build_index(data[0], use_gpu=True)
     assert R.build_index(data[0], use_gpu="auto").on_gpu is False
+
+
+# ---------------------------------------------------------------- IVF that keeps its recall promise
+
+def clustered(n, centers, spread, seed):
+    """Unit vectors around random cluster centres (a loose mixture, as CLIP features of many concepts)."""
+    g = torch.Generator().manual_seed(seed)
+    which = torch.randint(centers.shape[0], (n,), generator=g)
+    noise = torch.randn(n, centers.shape[1], generator=g) * spread / centers.shape[1] ** 0.5
+    return F.normalize(centers[which] + noise, dim=-1)
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    centers = unit(64, 32, seed=5)
+    return clustered(8000, centers, 0.8, seed=6), clustered(200, centers, 0.8, seed=7)
+
+
+def overlap_recall(found, truth):
+    """Mean |found_i & truth_i| / k, re-implemented here as the reference."""
+    k = truth.shape[1]
+    return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, truth)) / (k * truth.shape[0])
+
+
+def test_auto_nprobe_reaches_the_requested_recall_against_brute_force(mixture):
+    gallery, queries = mixture
+    truth = (queries @ gallery.T).topk(10, dim=1).indices  # [Q, 10] brute force
+    index = R.build_index(gallery, kind="ivf", target_recall=0.95, tune_queries=queries)
+    assert index.nlist == min(round(4 * 8000 ** 0.5), 8000 // R.MIN_POINTS_PER_CENTROID)
+    _, found = index.search(queries, 10)
+    got = overlap_recall(found, truth)
+    assert got >= 0.95 and got == pytest.approx(index.measured_recall, abs=1e-9)
+    assert 1 < index.nprobe < index.nlist  # a real trade-off, neither the cheapest nor the exact setting
+    # the smaller setting it passed over fell short: nprobe is the first power of two that reaches it
+    low = R.build_index(gallery, kind="ivf", nprobe=index.nprobe // 2)
+    assert overlap_recall(low.search(queries, 10)[1], truth) < 0.95
+
+
+def test_auto_nprobe_tuned_on_the_gallery_holds_on_new_queries(mixture):
+    gallery, queries = mixture
+    index = R.build_index(gallery, kind="ivf")  # default: 0.95 recall@10 on 256 gallery rows, self excluded
+    assert index.target_recall == 0.95 and index.tune_k == 10 and index.measured_recall >= 0.95
+    truth = (queries @ gallery.T).topk(10, dim=1).indices
+    # other queries from the same distribution: within sampling error (200 queries) of the target
+    assert overlap_recall(index.search(queries, 10)[1], truth) >= 0.92
+
+
+def test_ivf_results_report_nlist_nprobe_and_measured_recall(mixture):
+    gallery, queries = mixture
+    truth = (queries @ gallery.T).topk(1, dim=1).indices.squeeze(1)  # each query's nearest item as positive
+    out = R.retrieval_metrics(queries, gallery, truth, ks=(1, 10), index_kind="ivf", rank_metrics=False)
+    assert out["i2t_ivf_nlist"] == min(round(4 * 8000 ** 0.5), 8000 // R.MIN_POINTS_PER_CENTROID)
+    assert 1 <= out["i2t_ivf_nprobe"] <= out["i2t_ivf_nlist"] and out["i2t_ivf_recall@10_vs_flat"] >= 0.95
+    assert "i2t_ivf_nlist" not in R.retrieval_metrics(queries, gallery, truth, ks=(1,), rank_metrics=False)
+
+
+def test_default_nlist_grows_with_the_gallery_and_is_bounded():
+    assert R._ivf_lists(10_000, None) == 256  # 4 * sqrt(N) = 400, lowered to N / 39
+    assert R._ivf_lists(100_000, None) == round(4 * 100_000 ** 0.5)
+    assert R._ivf_lists(10 ** 6, None) == R.MAX_AUTO_NLIST
+    with pytest.raises(ValueError, match="target_recall"):
+        R.build_index(unit(200), kind="ivf", target_recall=1.5)

@@ -300,3 +300,64 @@ def test_skip_count_survives_a_checkpoint_round_trip():
     resumed = CultureCLIPModule(enc, CultureCLIPLoss("clip"), optimizer=None)
     resumed.on_load_checkpoint(checkpoint)
     assert resumed._skipped_total == 7
+
+
+# ---------------------------------------------------------------- GPU-ready step: lazy finite checks, throughput
+
+def _fit(module, steps, callbacks=()):
+    import lightning as L
+    batches = [_batch(2, i) for i in range(steps)]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                        callbacks=list(callbacks))
+    trainer.fit(module, train_dataloaders=loader)
+    return trainer
+
+
+def _module(**kwargs):
+    from cultureclip.optim import adamw
+    torch.manual_seed(0)
+    enc = cultureclip.CultureCLIP.from_pretrained("cultureclip-tiny")
+    return CultureCLIPModule(enc, CultureCLIPLoss("clip"), optimizer=lambda params: adamw(params, lr=1e-4), **kwargs)
+
+
+def test_nan_is_caught_within_check_finite_every_steps_naming_the_step():
+    import lightning as L
+
+    class Poison(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == 5:
+                with torch.no_grad():
+                    module.encoder.model.visual.proj.fill_(float("nan"))
+
+    module = _module(check_finite_every=4)
+    with pytest.raises(FloatingPointError, match=r"global step 5 \(checked every 4 steps; this check covered "
+                                                 r"steps 4\.\.7\).*'loss': nan"):
+        _fit(module, 12, [Poison()])
+    assert module.global_step == 7  # found by the check after step 7, before its optimizer step
+
+
+def test_throughput_and_flops_are_logged_and_summarised():
+    from cultureclip import flops
+    module = _module(check_finite_every=2)
+    trainer = _fit(module, 4)
+    logged = trainer.logged_metrics
+    assert float(logged["train/images_per_s"]) > 0 and float(logged["train/tflops"]) > 0
+    assert "train/mfu" not in logged  # CPU: no peak, no MFU
+    assert trainer.progress_bar_metrics["loss"] == pytest.approx(float(logged["train/loss"]))
+    summary = module.throughput_summary()
+    assert summary["steps_timed"] == 4 and "mfu" not in summary
+    # the step FLOPs are those of one forward + backward of the first batch, counted independently here
+    mb = _batch(2, 0)
+    _, fwd_bwd = flops.count_train_flops(module.encoder, lambda: module.loss(
+        module.encode(mb, module.loss.required_keys), module.encoder.logit_scale.exp())["loss"])
+    assert summary["step_tflop"] * 1e12 == pytest.approx(fwd_bwd)
+    assert summary["tflops"] == pytest.approx(fwd_bwd * 4 / module.speed.totals["seconds"] / 1e12)
+
+
+def test_compile_is_ignored_on_cpu_with_a_warning():
+    module = _module(compile=True)
+    with pytest.warns(UserWarning, match="compile=true is ignored on cpu"):
+        _fit(module, 1)
+    assert module.encoder.model.visual._compiled_call_impl is None

@@ -23,6 +23,9 @@ Positives = Union[torch.Tensor, Sequence[Union[int, Sequence[int], set]]]
 
 NORM_TOL = 1e-2  # loose enough for bf16-autocast features (~4e-3 error), tight enough to catch raw projections
 MIN_POINTS_PER_CENTROID = 39  # FAISS warns below this many training points per IVF list
+MAX_AUTO_NLIST = 2048  # default nlist bound: k-means and list assignment of 1M points stay ~a minute on a CPU
+KMEANS_POINTS_PER_LIST = 64  # k-means trains on at most this many gallery points per list (FAISS: 256)
+TUNE_QUERIES = 256  # held-out queries for the auto nprobe, sampled from the gallery when none are given
 
 
 def _as_float32(x: Union[torch.Tensor, np.ndarray], name: str, check_normalized: bool) -> np.ndarray:
@@ -56,6 +59,9 @@ class SearchIndex:
     on_gpu: bool = False
     nlist: Optional[int] = None
     nprobe: Optional[int] = None
+    target_recall: Optional[float] = None  # the auto nprobe's goal (recall@tune_k against flat), if tuned
+    measured_recall: Optional[float] = None  # recall@tune_k against flat at the chosen nprobe, on tune queries
+    tune_k: Optional[int] = None
     _keep: list = field(default_factory=list, repr=False)  # objects FAISS points at (IVF quantizer)
 
     def search(self, queries: Union[torch.Tensor, np.ndarray], k: int,
@@ -78,7 +84,7 @@ class SearchIndex:
 def _ivf_lists(n: int, nlist: Optional[int]) -> int:
     """IVF list count for ``n`` training points: ``nlist``, checked, or the default of :func:`build_index`."""
     if nlist is None:
-        nlist = min(max(1, round(4 * n ** 0.5)), n // MIN_POINTS_PER_CENTROID)
+        nlist = min(max(1, round(4 * n ** 0.5)), n // MIN_POINTS_PER_CENTROID, MAX_AUTO_NLIST)
         if nlist < 1:
             raise ValueError(f"an IVF index needs at least {MIN_POINTS_PER_CENTROID} gallery points to train "
                              f"one list, got {n}; use kind='flat' (exact, and fast at this size)")
@@ -91,18 +97,27 @@ def _ivf_lists(n: int, nlist: Optional[int]) -> int:
 
 def build_index(gallery: Union[torch.Tensor, np.ndarray], kind: str = "flat", nlist: Optional[int] = None,
                 nprobe: Optional[int] = None, use_gpu: Union[bool, str] = "auto",
-                check_normalized: bool = True) -> SearchIndex:
+                check_normalized: bool = True, target_recall: float = 0.95, tune_k: int = 10,
+                tune_queries: Union[torch.Tensor, np.ndarray, None] = None, seed: int = 0) -> SearchIndex:
     """Build an inner-product index over a gallery of normalised features.
 
     Args:
         gallery: [N, D] L2-normalised features (converted to float32).
         kind: ``"flat"`` (``IndexFlatIP``, exact brute force) or ``"ivf"`` (``IndexIVFFlat`` with the
             inner-product metric, k-means-trained on the gallery itself).
-        nlist: IVF lists; default ``round(4 * sqrt(N))``, lowered so that every list has at least 39
-            training points (FAISS's own minimum). An explicit ``nlist`` with too few points is an error.
-        nprobe: IVF lists visited per query; default ``min(nlist, 32)``. ``nprobe == nlist`` is exact.
+        nlist: IVF lists; default ``round(4 * sqrt(N))``, at most 2048 (``MAX_AUTO_NLIST``), lowered so
+            that every list has at least 39 training points (FAISS's own minimum). An explicit ``nlist``
+            with too few points is an error. k-means trains on at most 64 gallery points per list.
+        nprobe: IVF lists visited per query. None (default): the smallest of 1, 2, 4, ... (then nlist,
+            which is exact) whose recall@``tune_k`` against an exact search reaches ``target_recall`` on
+            the tuning queries, measured here; the result reports it (``measured_recall``).
         use_gpu: ``"auto"``: GPU when FAISS sees one; True: GPU or an error; False: CPU.
         check_normalized: raise when a gallery row is not unit norm.
+        target_recall: the auto nprobe's goal, in (0, 1].
+        tune_k: k of the tuning recall (clipped to N - 1).
+        tune_queries: [T, D] queries to tune on (e.g. the evaluation's own; at most 256, drawn with
+            ``seed``). Default: 256 gallery rows drawn with ``seed``; each is then left out of its own neighbour lists, so that finding
+            itself (always exact) does not inflate the recall.
 
     Raises:
         ValueError: bad kind/shape/norm, or too few points to train the requested IVF; RuntimeError:
@@ -117,14 +132,16 @@ def build_index(gallery: Union[torch.Tensor, np.ndarray], kind: str = "flat", nl
         index, nlist, nprobe = faiss.IndexFlatIP(d), None, None
     elif kind == "ivf":
         nlist = _ivf_lists(n, nlist)
-        nprobe = min(nlist, 32) if nprobe is None else int(nprobe)
-        if not 1 <= nprobe <= nlist:
-            raise ValueError(f"nprobe must be in [1, nlist={nlist}], got {nprobe}")
+        if nprobe is not None and not (isinstance(nprobe, (int, np.integer)) and 1 <= nprobe <= nlist):
+            raise ValueError(f"nprobe must be an int in [1, nlist={nlist}] or None (auto), got {nprobe!r}")
+        if not 0 < target_recall <= 1:
+            raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
         quantizer = faiss.IndexFlatIP(d)
         keep.append(quantizer)  # the IVF index holds a raw pointer to it
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.max_points_per_centroid = KMEANS_POINTS_PER_LIST  # FAISS subsamples with a fixed seed
         index.train(x)  # FAISS k-means uses a fixed seed, so the lists are deterministic
-        index.nprobe = nprobe
+        index.nprobe = nlist if nprobe is None else int(nprobe)
     else:
         raise ValueError(f"kind must be 'flat' or 'ivf', got {kind!r}")
     index.add(x)
@@ -137,8 +154,55 @@ def build_index(gallery: Union[torch.Tensor, np.ndarray], kind: str = "flat", nl
     if on_gpu:
         keep.append(index)
         index = faiss.index_cpu_to_all_gpus(index)  # GPU search caps k at 2048 (FAISS limit)
-    return SearchIndex(index=index, kind=kind, ntotal=n, dim=d, on_gpu=on_gpu, nlist=nlist, nprobe=nprobe,
-                       _keep=keep)
+    result = SearchIndex(index=index, kind=kind, ntotal=n, dim=d, on_gpu=on_gpu, nlist=nlist, nprobe=nprobe,
+                         _keep=keep)
+    if kind == "ivf" and nprobe is None:
+        _tune_nprobe(result, x, target_recall, tune_k, tune_queries, seed)
+    return result
+
+
+def _set_nprobe(index: SearchIndex, nprobe: int) -> None:
+    faiss.ParameterSpace().set_index_parameter(index.index, "nprobe", int(nprobe))  # CPU or GPU index
+    index.nprobe = int(nprobe)
+
+
+def _tune_nprobe(index: SearchIndex, gallery: np.ndarray, target: float, k: int,
+                 queries: Union[torch.Tensor, np.ndarray, None], seed: int) -> None:
+    """Set ``index.nprobe`` to the smallest power of two (or nlist) reaching ``target`` recall@k against
+    an exact search of the same gallery, and record the measured recall."""
+    n = index.ntotal
+    own = queries is None  # queries drawn from the gallery: drop each one's own row from both top lists
+    if own:
+        rows = np.random.default_rng(seed).choice(n, size=min(TUNE_QUERIES, n), replace=False)
+        q = gallery[rows]
+    else:
+        q = _as_float32(queries, "tune_queries", check_normalized=False)
+        if q.shape[1] != index.dim:
+            raise ValueError(f"tune_queries have dimension {q.shape[1]}, the gallery has {index.dim}")
+        if q.shape[0] > TUNE_QUERIES:  # a seeded sample keeps the tuning cost fixed
+            q = q[np.sort(np.random.default_rng(seed).choice(q.shape[0], size=TUNE_QUERIES, replace=False))]
+    k = max(1, min(int(k), n - 1 if own else n))
+    fetch = min(k + int(own), n)
+    exact = faiss.IndexFlatIP(index.dim)
+    exact.add(gallery)
+    _, truth = exact.search(q, fetch)  # [T, fetch]
+
+    def top_k(found: np.ndarray) -> list[set]:
+        if not own:
+            return [set(r[:k].tolist()) for r in found]
+        return [set([j for j in r.tolist() if j != rows[i]][:k]) for i, r in enumerate(found)]
+
+    truth_sets = top_k(truth)
+    cap = min(index.nlist, 2048) if index.on_gpu else index.nlist  # FAISS GPU IVF probes at most 2048 lists
+    nprobe, recall = 1, 0.0
+    while True:
+        _set_nprobe(index, nprobe)
+        _, found = index.index.search(q, fetch)
+        recall = float(np.mean([len(a & b) / k for a, b in zip(top_k(found), truth_sets)]))
+        if recall >= target or nprobe >= cap:
+            break
+        nprobe = min(2 * nprobe, cap)
+    index.target_recall, index.measured_recall, index.tune_k = target, recall, k
 
 
 def positive_pairs(positives: Positives, n_queries: int,
@@ -264,12 +328,20 @@ def retrieval_hits(query_feats: torch.Tensor, gallery_feats: torch.Tensor, posit
     if query_feats.dim() != 2 or gallery_feats.dim() != 2 or query_feats.shape[1] != gallery_feats.shape[1]:
         raise ValueError(f"queries {tuple(query_feats.shape)} and gallery {tuple(gallery_feats.shape)} must be "
                          f"[Q, D] and [N, D] with the same D")
+    hits, scores, indices, _ = _search_hits(query_feats, gallery_feats, positives, ks, index_kind, nlist, nprobe,
+                                            use_gpu)
+    return hits, scores, indices
+
+
+def _search_hits(query_feats, gallery_feats, positives, ks, index_kind, nlist, nprobe, use_gpu):
+    """:func:`retrieval_hits`, and the :class:`SearchIndex` it searched (auto nprobe tuned on the queries)."""
     n = gallery_feats.shape[0]
     clipped = {k: min(int(k), n) for k in ks}
-    index = build_index(gallery_feats, kind=index_kind, nlist=nlist, nprobe=nprobe, use_gpu=use_gpu)
+    index = build_index(gallery_feats, kind=index_kind, nlist=nlist, nprobe=nprobe, use_gpu=use_gpu,
+                        tune_queries=query_feats if index_kind == "ivf" else None)
     scores, indices = index.search(query_feats, max(clipped.values()))  # [Q, K]
     hits = hits_at_k(indices, positives, sorted(set(clipped.values())), n_gallery=n)
-    return {k: hits[clipped[k]] for k in ks}, scores, indices
+    return {k: hits[clipped[k]] for k in ks}, scores, indices, index
 
 
 def retrieval_metrics(query_feats: torch.Tensor, gallery_feats: torch.Tensor, positives: Positives,
@@ -288,10 +360,19 @@ def retrieval_metrics(query_feats: torch.Tensor, gallery_feats: torch.Tensor, po
             :func:`first_positive_ranks` (an exact pass, as costly as a flat search).
 
     Returns:
-        ``{f"{prefix}recall@{k}": float, ...}``.
+        ``{f"{prefix}recall@{k}": float, ...}``; an IVF search adds ``{prefix}ivf_nlist``,
+        ``{prefix}ivf_nprobe`` and, when nprobe was tuned, ``{prefix}ivf_recall@{k}_vs_flat`` (measured
+        on the queries at build time), so an approximate result always says how approximate it is.
     """
-    hits, _, _ = retrieval_hits(query_feats, gallery_feats, positives, ks, index_kind, nlist, nprobe, use_gpu)
+    if query_feats.dim() != 2 or gallery_feats.dim() != 2 or query_feats.shape[1] != gallery_feats.shape[1]:
+        raise ValueError(f"queries {tuple(query_feats.shape)} and gallery {tuple(gallery_feats.shape)} must be "
+                         f"[Q, D] and [N, D] with the same D")
+    hits, _, _, index = _search_hits(query_feats, gallery_feats, positives, ks, index_kind, nlist, nprobe, use_gpu)
     out = {f"{prefix}recall@{k}": float(h.sum()) / h.numel() for k, h in hits.items()}
+    if index.kind == "ivf":
+        out[f"{prefix}ivf_nlist"], out[f"{prefix}ivf_nprobe"] = float(index.nlist), float(index.nprobe)
+        if index.measured_recall is not None:
+            out[f"{prefix}ivf_recall@{index.tune_k}_vs_flat"] = index.measured_recall
     if rank_metrics:
         ranks = first_positive_ranks(query_feats, gallery_feats, positives).float()  # [Q]
         out[f"{prefix}mean_rank"] = float(ranks.mean())

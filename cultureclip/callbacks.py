@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger("cultureclip")
@@ -177,3 +178,32 @@ def exit_on_sigterm(hard: bool = True):
             sys.stderr.flush()
             os._exit(EXIT_PREEMPTED)
         raise SystemExit(EXIT_PREEMPTED) from None
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` for ``every_n_train_steps`` with this module's manual optimisation.
+
+    Lightning (2.6) assumes a manually optimised module may want the state *before* its last optimizer
+    step and warns on every run when no ``saved_models`` snapshot exists. Here ``training_step`` finishes
+    whole optimizer steps, so the state at ``global_step`` N is exactly the state after N steps, which is
+    what a resume needs; this callback saves it, as Lightning does for automatic optimisation.
+    Step-based only: ``train_time_interval`` is refused.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._train_time_interval is not None:
+            raise ValueError("StepCheckpoint saves every_n_train_steps; use ModelCheckpoint for train_time_interval")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._every_n_train_steps < 1 or trainer.global_step % self._every_n_train_steps:
+            return
+        if self._should_skip_saving_checkpoint(trainer):  # e.g. this step was saved at the previous micro-batch
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is not None and self.monitor not in candidates:
+            self._defer_save_until_validation = True
+            return
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+        self._last_time_checked = time.monotonic()

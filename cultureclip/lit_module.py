@@ -15,22 +15,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import random
-import time
 from typing import Any, Optional, Sequence
 
 import lightning as L
-import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from cultureclip import flops, metrics, schema
+from cultureclip.data.resumable import restore_rng_states, rng_states
 from cultureclip.loss import CultureCLIPLoss
 from cultureclip.model import TRAINING_CKPT_KEY, CultureCLIP
 from cultureclip.optim import param_groups
-from cultureclip.step_stats import FiniteWatch, Throughput
+from cultureclip.step_stats import FiniteWatch, Throughput, tune_towers
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature so that s <= 100
 VAL_METRICS = (metrics.TWIN_ACC, metrics.CONCEPT_TOP1, metrics.TWIN_CONFUSION)
@@ -115,18 +112,8 @@ class CultureCLIPModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
         cuda = self.device.type == "cuda"
-        visual = self.encoder.model.visual
-        convs = sum(isinstance(m, torch.nn.Conv2d) for m in visual.modules())
-        # a ViT's only convolution is its patch embedding: channels-last buys nothing there
-        if self.channels_last is True or (self.channels_last == "auto" and cuda and convs > 1):
-            visual.to(memory_format=torch.channels_last)
-        if self.compile_towers:
-            if cuda:
-                for tower in self._towers():
-                    tower.compile()  # in place: parameter names (and so checkpoints) are unchanged
-            else:
-                rank_zero_warn(f"compile=true is ignored on {self.device.type}: torch.compile of the towers is "
-                               f"for CUDA devices (on a CPU it adds minutes of compilation for little gain)")
+        for message in tune_towers(self.encoder.model, cuda, self.channels_last, self.compile_towers):
+            rank_zero_warn(message)
         if cuda:
             dtype = flops.compute_dtype(str(self.trainer.precision)) if self._trainer is not None else "fp32"
             self._peak = flops.peak_flops(torch.cuda.get_device_name(self.device), dtype) if dtype else None
@@ -134,11 +121,6 @@ class CultureCLIPModule(L.LightningModule):
     def on_fit_end(self) -> None:
         # safetensors (save_pretrained) stores contiguous tensors only; channels-last was for speed
         self.encoder.model.visual.to(memory_format=torch.contiguous_format)
-
-    def _towers(self) -> list[torch.nn.Module]:
-        m = self.encoder.model
-        text = getattr(m, "text", None) or getattr(m, "transformer", None)  # CustomTextCLIP / CLIP
-        return [t for t in (m.visual, text) if t is not None]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.speed.batch_start()
@@ -320,14 +302,7 @@ class CultureCLIPModule(L.LightningModule):
         self.check_finite()  # never save a NaN state over the last good checkpoint
         # lets CultureCLIP.from_pretrained("....ckpt") rebuild the encoder without the run's config
         checkpoint[TRAINING_CKPT_KEY] = self.encoder.checkpoint_metadata(prefix="encoder.")
-        # RNG states as tensors and plain tuples, so the checkpoint loads with weights_only=True
-        np_state = np.random.get_state()
-        checkpoint["rng"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": random.getstate(),
-        }
+        checkpoint["rng"] = rng_states()
         # this rank's running skip count (rank 0's is the one saved), so train/skipped_samples goes on counting
         checkpoint["skipped_samples"] = self._skipped_total
 
@@ -335,15 +310,8 @@ class CultureCLIPModule(L.LightningModule):
         self.finite.pending = []
         if self.global_rank == 0:  # the other ranks' shares were not saved: they restart from 0
             self._skipped_total = int(checkpoint.get("skipped_samples", 0))
-        rng = checkpoint.get("rng")
-        if rng is None:
-            return
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        name, keys, *rest = rng["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+        if checkpoint.get("rng") is not None:
+            restore_rng_states(checkpoint["rng"])
 
 
 def _host(x: float) -> torch.Tensor:
@@ -351,31 +319,3 @@ def _host(x: float) -> torch.Tensor:
     progress bar's reading of it waits for the accelerator."""
     return torch.tensor(float(x), dtype=torch.float32)
 
-
-class StepCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` for ``every_n_train_steps`` with this module's manual optimisation.
-
-    Lightning (2.6) assumes a manually optimised module may want the state *before* its last optimizer
-    step and warns on every run when no ``saved_models`` snapshot exists. Here ``training_step`` finishes
-    whole optimizer steps, so the state at ``global_step`` N is exactly the state after N steps, which is
-    what a resume needs; this callback saves it, as Lightning does for automatic optimisation.
-    Step-based only: ``train_time_interval`` is refused.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self._train_time_interval is not None:
-            raise ValueError("StepCheckpoint saves every_n_train_steps; use ModelCheckpoint for train_time_interval")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._every_n_train_steps < 1 or trainer.global_step % self._every_n_train_steps:
-            return
-        if self._should_skip_saving_checkpoint(trainer):  # e.g. this step was saved at the previous micro-batch
-            return
-        candidates = self._monitor_candidates(trainer)
-        if self.monitor is not None and self.monitor not in candidates:
-            self._defer_save_until_validation = True
-            return
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
-        self._last_time_checked = time.monotonic()

@@ -101,3 +101,29 @@ class Throughput:
             if peak:
                 out["mfu"] = rate / peak
         return out
+
+
+def tune_towers(model: torch.nn.Module, cuda: bool, channels_last, compile: bool) -> list[str]:
+    """GPU speed settings of an open_clip model's towers, in place; returns warnings for the caller.
+
+    Args:
+        model: the open_clip model (``CultureCLIP.model``).
+        cuda: whether it trains on a CUDA device.
+        channels_last: True, False or ``"auto"`` (CUDA and a convolutional image tower).
+        compile: ``torch.compile`` each tower in place (parameter names, so checkpoints, unchanged); CUDA only.
+    """
+    visual = model.visual
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in visual.modules())
+    # a ViT's only convolution is its patch embedding: channels-last buys nothing there
+    if channels_last is True or (channels_last == "auto" and cuda and convs > 1):
+        visual.to(memory_format=torch.channels_last)
+    if not compile:
+        return []
+    if not cuda:
+        return ["compile=true is ignored on cpu (no CUDA device): torch.compile of the towers is for GPUs "
+                "(on a CPU it adds minutes of compilation for little gain)"]
+    text = getattr(model, "text", None) or getattr(model, "transformer", None)  # CustomTextCLIP / CLIP
+    for tower in (visual, text):
+        if tower is not None:
+            tower.compile()
+    return []

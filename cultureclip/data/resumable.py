@@ -70,6 +70,26 @@ def _set_states(states: tuple) -> None:
     np.random.set_state(states[2])
 
 
+def rng_states() -> dict:
+    """Every process-wide RNG state as tensors and plain tuples, so a checkpoint holding it loads with
+    ``weights_only=True``."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def restore_rng_states(rng: dict) -> None:
+    """Set the RNG states saved by :func:`rng_states` (tuples may come back as lists)."""
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+
+
 def set_stream_epoch(pipeline: wds.DataPipeline, epoch: int) -> None:
     """Make the next pass of ``pipeline`` the one of ``epoch`` (resampling, shuffle, RNG)."""
     pipeline.set_epoch(epoch)

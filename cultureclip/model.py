@@ -31,7 +31,7 @@ from cultureclip import lora as lora_lib
 from cultureclip.checkpoint_io import (CONFIG_NAME, TRAINING_CKPT_KEY, WEIGHTS_NAME,  # noqa: F401 (public names)
                                        CheckpointMismatchError, UnsafeCheckpointError)
 from cultureclip.data.spec import DataSpec
-from cultureclip.text_length import encode_prefix, trim_plan, trimmed_length
+from cultureclip.text_length import encode_prefix, trim_plan, trimmed_length, unique_texts
 
 io.register_shipped_configs()  # e.g. "cultureclip-tiny"
 
@@ -204,8 +204,16 @@ class CultureCLIP(nn.Module):
             return self.model.encode_text(tokens)
         return encode_prefix(self.model, tokens)
 
-    def encode_text(self, texts: Union[str, Sequence[str], torch.Tensor]) -> torch.Tensor:
-        """L2-normalised text features ``[N, D]`` from strings or token ids ``[N, L]``."""
+    def encode_text(self, texts: Union[str, Sequence[str], torch.Tensor], dedup: bool = False) -> torch.Tensor:
+        """L2-normalised text features ``[N, D]`` from strings or token ids ``[N, L]``.
+
+        ``dedup``: encode each distinct text once and gather the features back (same features; the
+        gather's backward sums the duplicates' gradients, as encoding each copy would).
+        """
+        if dedup:
+            unique, inverse = unique_texts(texts)
+            if len(unique) < len(inverse):
+                return self.encode_text(unique)[inverse.to(self.device)]  # [N, D]
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
         return F.normalize(self._encode_tokens(tokens.to(self.device)), dim=-1)
 

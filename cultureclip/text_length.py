@@ -1,4 +1,4 @@
-"""Exact length trimming of token batches for causal text towers with end-of-text pooling.
+"""Exact length trimming of token batches for causal text towers with end-of-text pooling; text dedup.
 
 A CLIP text tower pads every text to its context length (77 tokens), but captions are ~10-25 tokens
 and concept names 2-8. When the tower has a causal attention mask and pools the end-of-text token
@@ -21,7 +21,7 @@ The decision is read from the built modules (the mask buffer, the pool type), no
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import open_clip
 import torch
@@ -71,6 +71,17 @@ def trimmed_length(tokens: torch.Tensor, pool_type: str, eos_id: Optional[int], 
     if multiple > 1:
         length = -(-length // multiple) * multiple
     return min(length, tokens.shape[1])
+
+
+def unique_texts(texts: Union[str, Sequence[str], torch.Tensor]) -> tuple[Union[list, torch.Tensor], torch.Tensor]:
+    """``(unique, inverse)`` with ``unique[inverse] == texts``: distinct strings in first-seen order, or
+    distinct token rows ``[U, L]`` (sorted, ``torch.unique``); ``inverse`` is int64 ``[N]``."""
+    if isinstance(texts, torch.Tensor):
+        return torch.unique(texts, dim=0, return_inverse=True)
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    first: dict[str, int] = {}
+    inverse = [first.setdefault(t, len(first)) for t in texts]
+    return list(first), torch.tensor(inverse, dtype=torch.long)
 
 
 def encode_prefix(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

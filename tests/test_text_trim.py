@@ -137,3 +137,61 @@ def test_switch_off_encodes_full_context():
     out, seen = input_lengths(model, tokens)
     assert seen == [tokens.shape[1]]
     torch.testing.assert_close(out, reference(model, tokens), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------- concept dedup in the training step
+def _twin_batch(model, b, seed):
+    """A batch whose concept names repeat (3 distinct names over 2b concept rows) and whose captions do not."""
+    from cultureclip import schema
+    g = torch.Generator().manual_seed(seed)
+    names = ["qipao", "hanbok", "ao dai"]
+    batch = {k: torch.randn(b, 3, 32, 32, generator=g) for k in schema.IMAGE_KEYS}
+    for k in schema.CAPTION_KEYS:
+        batch[k] = model.tokenize([f"{k} photo {i} of a festival, seed {seed}" for i in range(b)])
+    for j, k in enumerate(schema.CONCEPT_KEYS):
+        batch[k] = model.tokenize([names[(i + j) % 3] for i in range(b)])
+    return batch
+
+
+def _step_grads(module, micro):
+    module.encoder.zero_grad(set_to_none=True)
+    out = module.backward_over(micro, backward=torch.Tensor.backward)
+    return out, {n: p.grad.clone() for n, p in module.encoder.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_concept_dedup_gives_the_gradient_of_encoding_every_copy(accum, monkeypatch):
+    from cultureclip.lit_module import CultureCLIPModule
+    from cultureclip.loss import CultureCLIPLoss
+    # float64: the two paths sum the duplicates' gradients in another order, and in float32 that
+    # rounding alone reaches ~2e-6 on gradients of size ~6; in float64 any difference left is a bug
+    model = build().train().double()
+    module = CultureCLIPModule(model, CultureCLIPLoss("cultureclip"), optimizer=None, accum_freq=accum)
+    micro = [{k: v.double() if v.is_floating_point() else v for k, v in _twin_batch(model, 6, seed).items()}
+             for seed in range(accum)]
+    rows = []
+    m = model.model
+    handle = m.token_embedding.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    out, grads = _step_grads(module, micro)
+    handle.remove()
+    # per encode: captions (2 x 6 rows) then concepts (3 distinct of 12 rows)
+    assert rows == [12, 3] * (2 * accum if accum > 1 else 1)
+    plain = CultureCLIP.encode_text
+    monkeypatch.setattr(model, "encode_text", lambda texts, dedup=False: plain(model, texts))  # every copy
+    ref_out, ref = _step_grads(module, micro)
+    torch.testing.assert_close(out["loss"], ref_out["loss"], atol=1e-6, rtol=0)
+    assert grads.keys() == ref.keys() and "model.token_embedding.weight" in grads and "model.logit_scale" in grads
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_dedup_of_strings_and_token_rows():
+    from cultureclip.text_length import unique_texts
+    model = build()
+    texts = ["kimono", "sari", "kimono", "kilt", "sari"]
+    unique, inverse = unique_texts(texts)
+    assert unique == ["kimono", "sari", "kilt"] and inverse.tolist() == [0, 1, 0, 2, 1]
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(texts, dedup=True), model.encode_text(texts), atol=1e-6, rtol=0)
+        tokens = model.tokenize(texts)
+        torch.testing.assert_close(model.encode_text(tokens, dedup=True), model.encode_text(tokens), atol=1e-6, rtol=0)

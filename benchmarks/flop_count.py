@@ -20,6 +20,7 @@ from typing import Callable
 
 import open_clip
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from cultureclip import schema
@@ -30,8 +31,12 @@ from cultureclip.text_length import pooled_positions, trim_plan
 
 
 def count_flops(fn: Callable[[], None]) -> int:
-    """FLOPs of everything ``fn`` runs (forward and backward), by torch's flop counter."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of everything ``fn`` runs (forward and backward), by torch's flop counter.
+
+    Attention runs on SDPA's math backend here: the counter does not see inside the fused CPU kernel
+    (it would count no attention at all on a CPU), while the math backend's matrix products it counts.
+    """
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         fn()
     return counter.get_total_flops()
 

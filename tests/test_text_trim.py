@@ -195,3 +195,20 @@ def test_dedup_of_strings_and_token_rows():
         torch.testing.assert_close(model.encode_text(texts, dedup=True), model.encode_text(texts), atol=1e-6, rtol=0)
         tokens = model.tokenize(texts)
         torch.testing.assert_close(model.encode_text(tokens, dedup=True), model.encode_text(tokens), atol=1e-6, rtol=0)
+
+
+def test_trimming_cuts_the_text_flops_to_the_formula():
+    """The benchmark's FLOP counter sees the trimmed length: a transformer layer costs
+    ``24 N L W^2 + 4 N L^2 W`` (qkv, out, 4x MLP; QK^T and AV), plus ``2 N W D`` for the projection."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from flop_count import count_flops
+    model = build()
+    tokens = model.tokenize(TEXTS)
+    n, w, layers, d = tokens.shape[0], 64, 2, 32
+    for trim, length in ((True, int(tokens.argmax(dim=-1).max()) + 1), (False, tokens.shape[1])):
+        model.trim_text = trim
+        with torch.no_grad():
+            flops = count_flops(lambda: model.encode_text(tokens))
+        assert flops == layers * (24 * n * length * w * w + 4 * n * length ** 2 * w) + 2 * n * w * d, trim

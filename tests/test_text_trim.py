@@ -212,3 +212,19 @@ def test_trimming_cuts_the_text_flops_to_the_formula():
         with torch.no_grad():
             flops = count_flops(lambda: model.encode_text(tokens))
         assert flops == layers * (24 * n * length * w * w + 4 * n * length ** 2 * w) + 2 * n * w * d, trim
+
+
+def test_embed_texts_dedups_sorts_and_keeps_order(monkeypatch):
+    """Against encoding each text alone at the full context: same features, in input order, for
+    duplicates, several sort chunks and batches of mixed lengths."""
+    from cultureclip.eval import embed
+    model = build()
+    texts = TEXTS + ["kimono", TEXTS[1], "a sari", "qipao"]
+    monkeypatch.setattr(embed, "SORT_CHUNK", 3)
+    calls = []
+    handle = model.model.token_embedding.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    got = embed.embed_texts(model, texts, batch_size=2)
+    handle.remove()
+    assert sum(calls) == len(set(texts))  # 5 distinct of 8
+    expected = torch.cat([reference(model, model.tokenize([t])) for t in texts])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

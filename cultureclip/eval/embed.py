@@ -12,6 +12,8 @@ import torch
 from cultureclip.model import CultureCLIP
 from cultureclip.text_length import pooled_positions, trim_plan, unique_texts
 
+SORT_CHUNK = 65536  # texts tokenised and length-sorted together by embed_texts
+
 
 def autocast(device: torch.device, amp: bool):
     """bf16 autocast on CUDA when asked (and supported); a no-op context otherwise."""
@@ -33,16 +35,16 @@ def embed_texts(model: CultureCLIP, texts: Sequence[str], batch_size: int = 256,
     unique, inverse = unique_texts(list(texts))
     if not unique:
         return _concat(model, [])
-    tokens = model.tokenize(unique, context_length=context_length)  # [U, L]
     plan = trim_plan(model.model) if model.trim_text else None
-    # stable sort: equal lengths keep their order, so the batches do not depend on the sort's ties
-    order = torch.argsort(pooled_positions(tokens, *plan), stable=True) if plan else torch.arange(len(unique))
-    out = []
-    for i in range(0, len(unique), batch_size):
-        with autocast(model.device, amp):
-            out.append(model.encode_text(tokens[order[i:i + batch_size]]).float().cpu())
-    feats = torch.empty(len(unique), out[0].shape[1])  # [U, D]
-    feats[order] = torch.cat(out)  # back from length order
+    feats = torch.empty(len(unique), int(model.model_cfg["embed_dim"]))  # [U, D]
+    for start in range(0, len(unique), SORT_CHUNK):  # bounded token memory for millions of captions
+        tokens = model.tokenize(unique[start:start + SORT_CHUNK], context_length=context_length)  # [u, L]
+        # stable sort: equal lengths keep their order, so the batches do not depend on the sort's ties
+        order = torch.argsort(pooled_positions(tokens, *plan), stable=True) if plan else torch.arange(len(tokens))
+        for i in range(0, len(tokens), batch_size):
+            idx = order[i:i + batch_size]
+            with autocast(model.device, amp):
+                feats[start + idx] = model.encode_text(tokens[idx]).float().cpu()  # back from length order
     return feats[inverse]  # [N, D]
 
 

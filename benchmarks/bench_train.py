@@ -30,6 +30,7 @@ def format_table(res: dict) -> str:
     lines += ["", f"images/s ours / open_clip: **{res['ratio_images_per_s']:.2f}** (target >= 1; per repeat: {each}). "
               f"Ours encodes {o['texts_per_pair']} texts per pair, open_clip 2 (one caption per image); peak memory is "
               f"{o['mem_kind'].replace('_', ' ')}.", "",
+              flop_line(res), "",
               "| loader workers | pairs/s (pipeline alone) | per worker |", "|---|---|---|"]
     lines += [f"| {r['workers']} | {r['pairs_per_s']:.3g} | {r['pairs_per_s_per_worker']:.3g} |"
               for r in res["pipeline"]]
@@ -37,6 +38,19 @@ def format_table(res: dict) -> str:
         lines.append(f"\nThe data pipeline {'IS' if res['pipeline_is_bottleneck'] else 'is not'} the bottleneck at "
                      f"{res['workers']} workers ({o['pairs_per_s']:.3g} pairs/s trained).")
     return "\n".join(lines)
+
+
+def flop_line(res: dict) -> str:
+    """The FLOP-ratio limit and how much of it the measured speed-up reaches."""
+    f = res["flops"]
+    lengths = "" if f["trimmed_caption_len"] is None else (
+        f"; trimmed batch lengths: captions {f['trimmed_caption_len']:.1f}, concepts {f['trimmed_concept_len']:.1f} "
+        f"tokens (open_clip: {f['open_clip_context']})")
+    each = ", ".join(f"{x:.2f}" for x in res["fractions_of_limit"])
+    return (f"FLOP-ratio limit (open_clip FLOPs per image / ours, torch flop counter, forward + backward): "
+            f"{f['open_clip_per_image'] / 1e9:.3g} / {f['ours_per_image'] / 1e9:.3g} GFLOP = **{f['limit']:.2f}**; "
+            f"achieved **{res['fraction_of_limit']:.2f}** of it (per repeat: {each}){lengths}; "
+            f"{100 * f['distinct_concept_frac']:.0f}% of concept rows distinct.")
 
 
 def main(argv=None) -> dict:

@@ -276,9 +276,18 @@ def bench_pipeline(cfg: BenchConfig) -> list[dict]:
     return rows
 
 
+def bench_flops(cfg: BenchConfig) -> dict:
+    """FLOPs per image of both steps and their ratio, the speed-up limit (see ``flop_count.py``)."""
+    from flop_count import step_flops  # beside this script
+    _start(cfg)
+    return step_flops(cfg.model, cfg.twin_dir, cfg.batch_size, cfg.variant, seed=cfg.seed,
+                      concept_context=CONCEPT_CONTEXT)
+
+
 def run_side(side: str, cfg: BenchConfig):
-    """Run one side (``ours``, ``open_clip`` or ``pipeline``) in this process."""
-    return {"ours": bench_ours, "open_clip": bench_open_clip, "pipeline": bench_pipeline}[side](cfg)
+    """Run one side (``ours``, ``open_clip``, ``pipeline`` or ``flops``) in this process."""
+    return {"ours": bench_ours, "open_clip": bench_open_clip, "pipeline": bench_pipeline,
+            "flops": bench_flops}[side](cfg)
 
 
 def run_side_isolated(side: str, cfg: BenchConfig):
@@ -300,7 +309,7 @@ def _median_run(runs: list[dict]) -> dict:
 
 
 def run_benchmark(cfg: BenchConfig, repeats: int = 1, runner: Callable = run_side_isolated) -> dict:
-    """Alternate ours and open_clip ``repeats`` times, then time the data pipeline alone.
+    """Alternate ours and open_clip ``repeats`` times, then time the data pipeline alone and count FLOPs.
 
     Args:
         cfg: the setting (shards from :func:`prepare_shards`).
@@ -310,7 +319,8 @@ def run_benchmark(cfg: BenchConfig, repeats: int = 1, runner: Callable = run_sid
     Returns:
         A JSON-ready dict: setting, versions, ``ours``/``open_clip`` (the median run and all ``runs``),
         ``ratios_images_per_s`` (ours/open_clip per repeat) and their median ``ratio_images_per_s``,
-        ``pipeline`` rows, ``pipeline_is_bottleneck``.
+        ``pipeline`` rows, ``pipeline_is_bottleneck``, ``flops`` (per image of each step and their ratio
+        ``limit``, see ``flop_count.py``) and ``fraction(s)_of_limit`` (achieved ratio / limit).
     """
     from cultureclip.eval.results import package_versions
 
@@ -319,7 +329,7 @@ def run_benchmark(cfg: BenchConfig, repeats: int = 1, runner: Callable = run_sid
         for side in runs:  # a, b, a, b: drift of a shared machine hits both sides alike
             runs[side].append(runner(side, cfg))
     ratios = [a["images_per_s"] / b["images_per_s"] for a, b in zip(runs["ours"], runs["open_clip"])]
-    ours, pipeline = _median_run(runs["ours"]), runner("pipeline", cfg)
+    ours, pipeline, flops = _median_run(runs["ours"]), runner("pipeline", cfg), runner("flops", cfg)
     at_workers = next((r for r in pipeline if r["workers"] == cfg.workers), None)
     device = resolve_device(cfg.device)
     return {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -327,7 +337,9 @@ def run_benchmark(cfg: BenchConfig, repeats: int = 1, runner: Callable = run_sid
             **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("twin_dir", "plain_dir")},
             "open_clip_batch_size": 2 * cfg.batch_size, "repeats": repeats, "ours": ours,
             "open_clip": _median_run(runs["open_clip"]), "ratio_images_per_s": statistics.median(ratios),
-            "ratios_images_per_s": ratios, "pipeline": pipeline,
+            "ratios_images_per_s": ratios, "pipeline": pipeline, "flops": flops,
+            "fraction_of_limit": statistics.median(ratios) / flops["limit"],
+            "fractions_of_limit": [r / flops["limit"] for r in ratios],
             "pipeline_is_bottleneck": at_workers and at_workers["pairs_per_s"] < ours["pairs_per_s"]}
 
 

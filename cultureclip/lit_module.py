@@ -97,11 +97,15 @@ class CultureCLIPModule(L.LightningModule):
 
     # ------------------------------------------------------------------ encoding
     def encode(self, batch: dict, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Encode the requested inputs; images of both twins in one tower call, texts per kind."""
+        """Encode the requested inputs; images of both twins in one tower call, texts per kind.
+
+        Concept names repeat within a batch: each distinct token row is encoded once and its features
+        gathered back, whose backward adds the duplicates' gradients (the gradient of encoding each).
+        """
         feats: dict[str, torch.Tensor] = {}
         for group, fn in ((schema.IMAGE_KEYS, self.encoder.encode_image),
                           (schema.CAPTION_KEYS, self.encoder.encode_text),
-                          (schema.CONCEPT_KEYS, self.encoder.encode_text)):
+                          (schema.CONCEPT_KEYS, lambda t: self.encoder.encode_text(t, dedup=True))):
             wanted = [k for k in group if k in keys]
             if not wanted:
                 continue

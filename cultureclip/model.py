@@ -24,7 +24,6 @@ from typing import Optional, Sequence, Union
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 from torch import nn
 
 from cultureclip import checkpoint_io as io
@@ -32,6 +31,7 @@ from cultureclip import lora as lora_lib
 from cultureclip.checkpoint_io import (CONFIG_NAME, TRAINING_CKPT_KEY, WEIGHTS_NAME,  # noqa: F401 (public names)
                                        CheckpointMismatchError, UnsafeCheckpointError)
 from cultureclip.data.spec import DataSpec
+from cultureclip.text_length import encode_prefix, trim_plan, trimmed_length, unique_texts
 
 io.register_shipped_configs()  # e.g. "cultureclip-tiny"
 
@@ -53,6 +53,9 @@ class CultureCLIP(nn.Module):
         self.model_cfg = model_cfg
         self.name = name
         self.lora_config: Optional[dict] = None
+        # exact length trimming of token batches (cultureclip.text_length); off only to time or debug it
+        self.trim_text = True
+        self.text_length_multiple: Optional[int] = None  # None: 8 on CUDA, 1 elsewhere
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -175,33 +178,42 @@ class CultureCLIP(nn.Module):
     def supports_short_context(self) -> bool:
         """Whether text may be encoded with fewer tokens than ``context_length`` without changing features.
 
-        True for open_clip's causal text transformer with EOT pooling: a token never attends to later
-        positions, so the padding after EOT cannot change the pooled EOT feature.
+        True for a causal text transformer with end-of-text pooling (see :mod:`cultureclip.text_length`);
+        :meth:`encode_text` then trims every token batch to its longest text by itself.
         """
-        m = self.model
-        text = getattr(m, "text", m)
-        return getattr(text, "attn_mask", None) is not None and \
-            getattr(text, "text_pool_type", None) in ("argmax", "eos") and hasattr(text, "positional_embedding")
+        return trim_plan(self.model) is not None
+
+    def _length_multiple(self, device: torch.device) -> int:
+        """The multiple trimmed lengths round up to: ``text_length_multiple``, or 8 on CUDA and 1 elsewhere."""
+        if self.text_length_multiple is not None:
+            return self.text_length_multiple
+        return 8 if device.type == "cuda" else 1  # tensor-core tiles; on a CPU every token costs
 
     def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        m = self.model
         L = tokens.shape[1]
         if L > self.context_length:
             raise ValueError(f"token ids of length {L} exceed the model's context length {self.context_length}")
-        if L < self.context_length and not self.supports_short_context:
-            raise ValueError(f"this text tower needs the full context length {self.context_length}, got {L}")
-        if L == self.context_length or not isinstance(m, open_clip.CLIP):
-            return m.encode_text(tokens)  # CustomTextCLIP's TextTransformer slices by itself
-        # open_clip.CLIP.encode_text adds the full positional table; slice it and the causal mask to L
-        cast = m.transformer.get_cast_dtype()
-        x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:L].to(cast)  # [N, L, W]
-        x = m.transformer(x, attn_mask=m.attn_mask[:L, :L])
-        x = m.ln_final(x)
-        x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))  # [N, W]
-        return m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
+        plan = trim_plan(self.model)
+        if plan is None:
+            if L < self.context_length:
+                raise ValueError(f"this text tower needs the full context length {self.context_length}, got {L}")
+            return self.model.encode_text(tokens)
+        if self.trim_text:
+            tokens = tokens[:, :trimmed_length(tokens, *plan, multiple=self._length_multiple(tokens.device))]
+        if tokens.shape[1] == self.context_length:
+            return self.model.encode_text(tokens)
+        return encode_prefix(self.model, tokens)
 
-    def encode_text(self, texts: Union[str, Sequence[str], torch.Tensor]) -> torch.Tensor:
-        """L2-normalised text features ``[N, D]`` from strings or token ids ``[N, L]``."""
+    def encode_text(self, texts: Union[str, Sequence[str], torch.Tensor], dedup: bool = False) -> torch.Tensor:
+        """L2-normalised text features ``[N, D]`` from strings or token ids ``[N, L]``.
+
+        ``dedup``: encode each distinct text once and gather the features back (same features; the
+        gather's backward sums the duplicates' gradients, as encoding each copy would).
+        """
+        if dedup:
+            unique, inverse = unique_texts(texts)
+            if len(unique) < len(inverse):
+                return self.encode_text(unique)[inverse.to(self.device)]  # [N, D]
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
         return F.normalize(self._encode_tokens(tokens.to(self.device)), dim=-1)
 
@@ -278,7 +290,7 @@ class CultureCLIP(nn.Module):
 
 def build_encoder(name: str, pretrained: Optional[str] = None, lora: Optional[dict] = None,
                   lock_image: bool = False, lock_text: bool = False, unlocked_groups: int = 0,
-                  **kwargs) -> CultureCLIP:
+                  text_length_multiple: Optional[int] = None, **kwargs) -> CultureCLIP:
     """Load a model and set it up for fine-tuning, from plain values (what a config file holds).
 
     Args:
@@ -286,10 +298,15 @@ def build_encoder(name: str, pretrained: Optional[str] = None, lora: Optional[di
         lora: keyword arguments of :meth:`CultureCLIP.add_lora` (``r``, ``alpha``, ``dropout``,
             ``targets``, ``towers``, ``layers``), or None for full fine-tuning.
         lock_image, lock_text, unlocked_groups: freeze a tower (full fine-tuning only).
+        text_length_multiple: trimmed token batches round up to this length multiple (None: 8 on CUDA,
+            1 elsewhere; see :mod:`cultureclip.text_length`).
     """
     if lora is not None and (lock_image or lock_text):
         raise ValueError("lora already freezes all base weights; lock_image/lock_text are for full fine-tuning")
     model = CultureCLIP.from_pretrained(name, pretrained=pretrained, **kwargs)
+    if text_length_multiple is not None and text_length_multiple < 1:
+        raise ValueError(f"model.text_length_multiple must be >= 1 or null, got {text_length_multiple}")
+    model.text_length_multiple = text_length_multiple
     if lora is not None:
         lora = dict(lora)
         if "towers" in lora:

@@ -17,7 +17,7 @@ from cultureclip import CultureCLIP
 from cultureclip.eval.embed import zero_shot_classifier
 from cultureclip.eval.imagesets import ImageDecodeError, csv_images, folder_images, open_images
 from cultureclip.eval.zeroshot import (IMAGENET_CLASSNAMES_FILE, OPENAI_TEMPLATES_FILE, classify, load_classnames,
-                                       load_templates, write_predictions)
+                                       load_templates, top_predictions, write_predictions)
 from conftest import TINY_VIT
 
 CLASSES = ["qipao", "hanbok", "ao dai", "kimono", "sari", "kebaya", "deel"]  # 7 > 5, so acc5 is not trivial
@@ -92,6 +92,33 @@ def test_classify_matches_brute_force(tiny_model, class_tree):
     # confusion matrix: torchmetrics' layout and counts
     tm = MulticlassConfusionMatrix(num_classes=len(CLASSES))(logits.argmax(dim=1), torch.tensor(labels))
     assert torch.equal(result.confusion, tm)
+
+
+def test_top_k_ranks_by_logits_where_softmax_ties_at_zero():
+    cos = torch.tensor([[0.9, -0.5, -0.3, -0.9, 0.1, -0.4],
+                        [-0.8, 0.7, -0.6, -0.2, -0.7, 0.0]])
+    scale = torch.tensor(100.0)
+    probs = (scale * cos).softmax(dim=1)
+    assert (probs == 0).sum() >= 5  # the case needs float32 underflow: several classes tie at exactly 0
+    scores, idx = top_predictions(cos, scale, k=6)
+    expected = [sorted(range(6), key=lambda j: -cos[i, j].item()) for i in range(2)]  # by cosine, descending
+    assert idx.tolist() == expected
+    torch.testing.assert_close(scores, probs.gather(1, idx))  # scores stay the probabilities
+    assert top_predictions(cos, scale, k=9)[1].shape == (2, 6)  # k clipped to the number of classes
+
+
+def test_duplicate_prompts_are_encoded_once(tiny_model):
+    """A template without ``{c}`` gives the same text for every class: encoded once, same weights."""
+    tiny_model.eval()
+    calls = []
+    handle = tiny_model.model.token_embedding.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    weights = zero_shot_classifier(tiny_model, CLASSES, ["a photo of a {c}.", "a cultural object."], batch_size=4)
+    handle.remove()
+    assert sum(calls) == len(CLASSES) + 1  # 7 class prompts + the shared one, not 14
+    with torch.no_grad():
+        shared = tiny_model.encode_text(["a cultural object."])
+        per_class = [F.normalize(tiny_model.encode_text([f"a photo of a {c}."]) + shared, dim=-1) for c in CLASSES]
+    torch.testing.assert_close(weights, torch.cat(per_class), atol=1e-6, rtol=0)
 
 
 def test_k_clipped_and_csv_source(tiny_model, class_tree, tmp_path):

@@ -10,6 +10,9 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from cultureclip.model import CultureCLIP
+from cultureclip.text_length import pooled_positions, trim_plan, unique_texts
+
+SORT_CHUNK = 65536  # texts tokenised and length-sorted together by embed_texts
 
 
 def autocast(device: torch.device, amp: bool):
@@ -22,14 +25,27 @@ def autocast(device: torch.device, amp: bool):
 @torch.no_grad()
 def embed_texts(model: CultureCLIP, texts: Sequence[str], batch_size: int = 256, amp: bool = True,
                 context_length: Optional[int] = None) -> torch.Tensor:
-    """L2-normalised features ``[N, D]`` (float32, on CPU) for a list of strings, in order."""
+    """L2-normalised features ``[N, D]`` (float32, on CPU) for a list of strings, in order.
+
+    Each distinct string is encoded once. Where the text tower allows exact length trimming
+    (:mod:`cultureclip.text_length`), the texts are batched shortest first, so that each batch is
+    trimmed to a length close to that of all its texts rather than to the longest text of a random mix.
+    """
     model.eval()
-    out = []
-    for i in range(0, len(texts), batch_size):
-        tokens = model.tokenize(list(texts[i:i + batch_size]), context_length=context_length)
-        with autocast(model.device, amp):
-            out.append(model.encode_text(tokens).float().cpu())
-    return _concat(model, out)
+    unique, inverse = unique_texts(list(texts))
+    if not unique:
+        return _concat(model, [])
+    plan = trim_plan(model.model) if model.trim_text else None
+    feats = torch.empty(len(unique), int(model.model_cfg["embed_dim"]))  # [U, D]
+    for start in range(0, len(unique), SORT_CHUNK):  # bounded token memory for millions of captions
+        tokens = model.tokenize(unique[start:start + SORT_CHUNK], context_length=context_length)  # [u, L]
+        # stable sort: equal lengths keep their order, so the batches do not depend on the sort's ties
+        order = torch.argsort(pooled_positions(tokens, *plan), stable=True) if plan else torch.arange(len(tokens))
+        for i in range(0, len(tokens), batch_size):
+            idx = order[i:i + batch_size]
+            with autocast(model.device, amp):
+                feats[start + idx] = model.encode_text(tokens[idx]).float().cpu()  # back from length order
+    return feats[inverse]  # [N, D]
 
 
 @torch.no_grad()
@@ -55,7 +71,9 @@ def zero_shot_classifier(model: CultureCLIP, classnames: Sequence[str], template
                          batch_size: int = 256, amp: bool = True) -> torch.Tensor:
     """CLIP's zero-shot weights ``[C, D]``: the normalised mean of each class's template embeddings.
 
-    Templates use ``{c}`` for the class name (CLIP_benchmark's file format) or are callables.
+    Templates use ``{c}`` for the class name (CLIP_benchmark's file format) or are callables. All
+    class x template texts go through :func:`embed_texts` at once: identical prompts (a template
+    without ``{c}``, a class name given twice) are encoded once, and batches are length-sorted.
     """
     if not classnames or not templates:
         raise ValueError("zero_shot_classifier needs at least one class name and one template")

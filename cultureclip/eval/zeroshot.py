@@ -147,6 +147,19 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, k: int = 
     return out
 
 
+def top_predictions(logits: torch.Tensor, scale: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probabilities, class indices)`` ``[N, min(k, C)]`` of the ``k`` best classes per row.
+
+    Ranked by the cosine similarities ``logits`` ``[N, C]``, not by ``softmax(scale * logits)``: with
+    ``scale`` ~100, every class more than ~1.03 cosine below the best gets probability exactly 0 in
+    float32 (``exp(-103)`` is below its smallest number), and a top-k over those ties would list
+    them in arbitrary order.
+    """
+    topk_indices = logits.topk(min(k, logits.shape[1]), dim=1).indices  # [N, k]
+    probs = (scale * logits).softmax(dim=1)  # [N, C]
+    return probs.gather(1, topk_indices), topk_indices
+
+
 @torch.no_grad()
 def classify(model: CultureCLIP, images: Union[str, os.PathLike, ImageSet], classnames: Sequence[str],
              templates: Sequence[str] = DEFAULT_TEMPLATES, k: int = 5, batch_size: int = 64,
@@ -197,9 +210,7 @@ def classify(model: CultureCLIP, images: Union[str, os.PathLike, ImageSet], clas
         raise ValueError(f"no image of {image_set.source} could be decoded ({len(batches.skipped)} skipped)")
     logits_all = torch.cat(logits)  # [N, C]
     scale = model.logit_scale.exp().float().cpu()
-    probs = (scale * logits_all).softmax(dim=1)
-    kk = min(k, len(classnames))
-    topk_scores, topk_indices = probs.topk(kk, dim=1)
+    topk_scores, topk_indices = top_predictions(logits_all, scale, k)
     metrics = {"n": len(ids), "n_skipped": len(batches.skipped)}
     label_t, cm = None, None
     if image_set.labels is not None:

@@ -16,29 +16,16 @@ A benchmark helper, not part of the package; ``train_harness.run_side("flops", c
 from __future__ import annotations
 
 import statistics
-from typing import Callable
 
 import open_clip
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from cultureclip import schema
+from cultureclip.flops import count_flops  # math-backend attention, so the CPU count includes it
 from cultureclip.data.pipeline import build_twin_pipeline, make_loader
 from cultureclip.loss import CultureCLIPLoss
 from cultureclip.model import CultureCLIP
-from cultureclip.text_length import pooled_positions, trim_plan
-
-
-def count_flops(fn: Callable[[], None]) -> int:
-    """FLOPs of everything ``fn`` runs (forward and backward), by torch's flop counter.
-
-    Attention runs on SDPA's math backend here: the counter does not see inside the fused CPU kernel
-    (it would count no attention at all on a CPU), while the math backend's matrix products it counts.
-    """
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        fn()
-    return counter.get_total_flops()
+from cultureclip.text_length import trim_plan, trimmed_length
 
 
 def step_flops(model_name: str, twin_dir: str, batch_size: int, variant: str, seed: int = 0, batches: int = 3,
@@ -76,8 +63,8 @@ def step_flops(model_name: str, twin_dir: str, batch_size: int, variant: str, se
         theirs += count_flops(open_clip_step)
         images += pixels.shape[0]
         if plan is not None:
-            caption_len.append(int(pooled_positions(captions, *plan).max()) + 1)
-            concept_len.append(int(pooled_positions(concepts, *plan).max()) + 1)
+            caption_len.append(trimmed_length(captions, *plan))
+            concept_len.append(trimmed_length(concepts, *plan))
         distinct.append(len(torch.unique(concepts, dim=0)) / len(concepts))
     mean = (lambda xs: statistics.mean(xs) if xs else None)
     return {"ours_per_image": ours / images, "open_clip_per_image": theirs / images, "limit": theirs / ours,

@@ -64,3 +64,55 @@ def is_skip_report(batch) -> bool:
     add ``batch[N_SKIPPED]`` to their skip count and otherwise ignore it.
     """
     return isinstance(batch, Mapping) and N_SKIPPED in batch and POS_IMAGE not in batch
+
+
+# =====================================================================================================
+# Curation records (``python -m cultureclip.curate``). Every stage writes JSON records; these are their
+# fields. ``pos``/``neg`` sides of a twin use the prefixes above (e.g. ``pos_concept``).
+# =====================================================================================================
+REC_KEY = "key"  # stable record key: a hash of the record's inputs, model id, prompt version and seed
+REC_STAGE = "stage"
+REC_ERROR = "error"  # errors files: the reason (a short word) ...
+REC_MESSAGE = "message"  # ... and the full message
+REC_ATTEMPTS = "attempts"
+REC_WHERE = "where"  # the input file:line a record came from
+CONCEPT = "concept"
+COUNTRY = "country"
+CONTEXT = "context"
+FEATURES = "features"  # key visual features, a list of strings
+CAPTION = "caption"
+CAPTIONS = "captions"  # a list of captions of one concept
+POS_CONTEXT = "pos_context"
+NEG_CONTEXT = "neg_context"
+POS_FEATURES = "pos_features"
+NEG_FEATURES = "neg_features"
+POS_CAPTIONS = "pos_captions"
+NEG_CAPTIONS = "neg_captions"
+TWIN_ID = "twin_id"  # key of a twin pair (category, both concepts and countries)
+SIDE = "side"  # "pos" or "neg": which side of the twin pair a rendered image belongs to
+SEED_INDEX = "seed_index"
+SEED = "seed"
+IMAGE_FILE = "image"  # path of a rendered image, relative to the stage folder
+IMAGE_SHA256 = "image_sha256"
+RENDER_KEY = "render_key"
+MODEL_ID = "model"
+PROMPT_VERSION = "prompt_version"
+PROMPT = "prompt"
+# the judge's answer: three 1-5 scores and the twin check
+SCORE_AUTHENTICITY = "authenticity"
+SCORE_CONSISTENCY = "consistency"
+SCORE_FIDELITY = "cultural_fidelity"
+SCORES = (SCORE_AUTHENTICITY, SCORE_CONSISTENCY, SCORE_FIDELITY)
+TWIN_CHOICE = "twin_choice"  # the concept name the judge picked when shown both names
+PICKS_OWN = "picks_own"  # whether that is the image's own concept
+REASON = "reason"
+
+# ---- the reference pipeline's files (CulTwin JSON/JSONL), read by the curation importer ----
+REF_SAMPLE_ID = "sample_id"
+REF_POS_CAPTION_ID = "pos_caption_id"
+REF_NEG_CAPTION_ID = "neg_caption_id"
+REF_POS_ALL_CAPTIONS = "pos_all_captions"
+REF_NEG_ALL_CAPTIONS = "neg_all_captions"
+REF_METADATA = "metadata"
+REF_VISUAL_FEATURES = "visual_features"
+REF_CATEGORY_DESCRIPTION = "category_description"

@@ -107,6 +107,31 @@ TWIN_CHOICE = "twin_choice"  # the concept name the judge picked when shown both
 PICKS_OWN = "picks_own"  # whether that is the image's own concept
 REASON = "reason"
 
+# ---- upstream stages (concepts, dedup, twins, captions) ----
+NATIVE_NAME = "native_name"  # the concept's name in its own language and script
+SOURCE = "source"  # where a concept or twin candidate came from: "top_down", "wiki", "seed", "llm", "mined"
+CONCEPT_ID = "concept_id"  # key of a concept (name, country, category)
+CONCEPTS = "concepts"  # a concepts record's accepted concepts (a list)
+REJECTED = "rejected"  # items a stage turned down, each with a reason
+MERGED = "merged"  # dedup: the concepts merged into this one, each with its similarity and reason
+MERGED_WITH = "merged_with"  # dedup: the concept a merged one was found to duplicate
+SIMILARITY = "similarity"
+TWINS = "twins"  # a twins record's verified twins, best first
+VISUALLY_SIMILAR = "visually_similar"  # the twin verifier's three questions
+CULTURALLY_DISTINCT = "culturally_distinct"
+EXISTS = "exists"
+SCENE = "scene"
+ROUNDS = "rounds"  # caption requests a caption set took
+# WIT-style Wikipedia image-text rows (the bottom-up concepts input)
+WIT_PAGE_URL = "page_url"
+WIT_PAGE_TITLE = "page_title"
+WIT_SECTION_TITLE = "section_title"
+WIT_REFERENCE_DESCRIPTION = "caption_reference_description"
+WIT_PAGE_DESCRIPTION = "context_page_description"
+WIT_SECTION_DESCRIPTION = "context_section_description"
+WIT_IMAGE_URL = "image_url"
+WIT_IMAGE_PATH = "image_path"  # a local image file (our addition: rows whose image was downloaded)
+
 # ---- the reference pipeline's files (CulTwin JSON/JSONL), read by the curation importer ----
 REF_SAMPLE_ID = "sample_id"
 REF_POS_CAPTION_ID = "pos_caption_id"

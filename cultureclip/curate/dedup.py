@@ -134,12 +134,12 @@ def card_section(out_dir: Any) -> dict:
     recs = load_deduped(out_dir)
     merges = [m for r in recs for m in r[schema.MERGED]]
     by_reason = Counter(m[schema.REASON] for m in merges)
-    lines = [f"| {r[schema.CONCEPT]} | {m[schema.CONCEPT]} (merged with {m[schema.MERGED_WITH]}) | "
+    lines = [f"| {r[schema.CONCEPT]} | {m[schema.CONCEPT]} ~ {m[schema.MERGED_WITH]} | "
              f"{r[schema.COUNTRY]} | {r[schema.CATEGORY]} | {m[schema.REASON]} | {m[schema.SIMILARITY]:.3f} |"
              for r in recs for m in r[schema.MERGED]]
     md = (f"{len(recs)} concepts after merging {len(merges)} duplicates.\n\n"
           + up.counter_md(by_reason, ("merge reason", "merges"))
-          + ("\n| kept | merged | country | category | reason | similarity |\n|---|---|---|---|---|---:|\n"
+          + ("\n| kept | merged pair | country | category | reason | similarity |\n|---|---|---|---|---|---:|\n"
              + "\n".join(lines) + "\n" if lines else ""))
     return {"title": "Deduplication", "markdown": md,
             "data": {"concepts": len(recs), "merges": merges, "merges_by_reason": dict(by_reason)}}

@@ -124,6 +124,7 @@ VISUALLY_SIMILAR = "visually_similar"  # the twin verifier's three questions
 CULTURALLY_DISTINCT = "culturally_distinct"
 EXISTS = "exists"
 SCENE = "scene"
+SCENES = "scenes"  # a caption set's scenes, one per caption
 ROUNDS = "rounds"  # caption requests a caption set took
 # WIT-style Wikipedia image-text rows (the bottom-up concepts input)
 WIT_PAGE_URL = "page_url"

@@ -176,8 +176,12 @@ def run(cfg: Mapping, ctx: Any):
                 for key, ans in client.ask_many(requests):
                     yield _answer_outcome(by_key[key], ans, allowed, countries, model)
 
-    return store.run(jobs, process, shard_index=ctx.shard_index, num_shards=ctx.num_shards,
-                     retry_errors=ctx.retry_errors)
+    try:
+        return store.run(jobs, process, shard_index=ctx.shard_index, num_shards=ctx.num_shards,
+                         retry_errors=ctx.retry_errors)
+    finally:
+        if client is not None:
+            client.close()
 
 
 def _answer_outcome(job: Mapping, ans: Any, allowed: tuple, countries: set, model: str) -> Outcome:

@@ -123,14 +123,20 @@ def load_demo_world() -> dict:
     return json.loads(text)
 
 
-def chat_client(cfg: Mapping, ctx: Any) -> tuple[Any, str]:
-    """A ChatClient from the run's chat defaults overridden by the stage's ``chat`` settings, and its model id."""
-    from cultureclip.curate.chat import ChatClient, ChatConfig  # needs the curate extra
+def chat_settings(cfg: Mapping, ctx: Any) -> dict:
+    """The run's chat defaults (``ctx.chat``) overridden key by key by the stage's own ``chat`` group."""
     settings = {**plain(getattr(ctx, "chat", None) or {}), **plain(cfg.get("chat") or {})}
     if not settings.get("model") or not settings.get("base_url"):
         raise ValueError(f"the chat backend needs base_url and model (got {sorted(settings)}): set chat.base_url "
                          f"and chat.model, or the stage's own chat group")
-    return ChatClient(ChatConfig(**settings)), str(settings["model"])
+    return settings
+
+
+def chat_client(cfg: Mapping, ctx: Any) -> tuple[Any, str]:
+    """A ChatClient for a stage (see :func:`chat_settings`) and its model id."""
+    from cultureclip.curate.chat import ChatClient  # needs the curate extra
+    settings = chat_settings(cfg, ctx)
+    return ChatClient(settings), str(settings["model"])
 
 
 # ---------------------------------------------------------------------------- prompt blocks

@@ -103,7 +103,7 @@ def _cell_record(job: Mapping, answer: Any, allowed: tuple, model: str) -> dict:
             schema.PROMPT_VERSION: PROMPT_VERSION}
 
 
-def build_jobs(cfg: Mapping, model: str) -> list[dict]:
+def build_jobs(cfg: Mapping, model: str, wiki_model: str = "") -> list[dict]:
     """Every job of the configured sources (each with its ``key``)."""
     sources = list(cfg.get("sources") or ["top_down"])
     bad = [s for s in sources if s not in SOURCES]
@@ -123,7 +123,7 @@ def build_jobs(cfg: Mapping, model: str) -> list[dict]:
         for row in read_wit(cfg.get("wiki") or {}):
             inputs = {schema.SOURCE: "wiki", **{k: v for k, v in row.items() if k != schema.REC_WHERE}}
             jobs.append({**row, schema.SOURCE: "wiki",
-                         schema.REC_KEY: record_key(NAME, inputs, model, PROMPT_VERSION)})
+                         schema.REC_KEY: record_key(NAME, inputs, wiki_model, PROMPT_VERSION)})
     if "seed" in sources:
         for item in read_seed((cfg.get("seed") or {}).get("file")):
             inputs = {schema.SOURCE: "seed", **{k: v for k, v in item.items() if k != schema.REC_WHERE}}
@@ -148,40 +148,43 @@ def run(cfg: Mapping, ctx: Any):
     cfg = up.plain(cfg)
     allowed = up.categories_from(cfg.get("categories"))
     countries = set(up.load_countries((cfg.get("top_down") or {}).get("countries_file")))
-    needs_chat = any(s in ("top_down", "wiki") for s in cfg.get("sources") or ["top_down"])
-    client, model = up.chat_client(cfg, ctx) if needs_chat else (None, "")
-    jobs = build_jobs(cfg, model)
-    schema_cls = _schemas() if needs_chat else None
-    settings = {"model": model, "prompt_version": PROMPT_VERSION, "categories": [c.value for c in allowed],
-                "sources": list(cfg.get("sources") or ["top_down"])}
+    sources = list(cfg.get("sources") or ["top_down"])
+    client, model = up.chat_client(cfg, ctx) if "top_down" in sources else (None, "")
+    wiki_chat = {**(cfg.get("chat") or {}), **((cfg.get("wiki") or {}).get("chat") or {})}
+    wiki_client, wiki_model = up.chat_client({"chat": wiki_chat}, ctx) if "wiki" in sources else (None, "")
+    jobs = build_jobs(cfg, model, wiki_model)
+    settings = {"model": model, "wiki_model": wiki_model, "prompt_version": PROMPT_VERSION,
+                "categories": [c.value for c in allowed], "sources": sources}
     store = StageStore(ctx.stage_dir(NAME), NAME, settings)
+    schema_cls = _schemas() if client is not None else None
 
     def process(todo: Iterator[Mapping]) -> Iterator[Outcome]:
         for chunk in up.chunked(todo, int(cfg.get("chunk", 256))):
-            requests, by_key = [], {}
+            cells, pages, by_key = [], [], {}
             for job in chunk:
                 by_key[job[schema.REC_KEY]] = job
                 if job[schema.SOURCE] == "seed":
                     yield _seed_outcome(job, allowed)
                 elif job[schema.SOURCE] == "top_down":
-                    requests.append((job[schema.REC_KEY], top_down_messages(
+                    cells.append((job[schema.REC_KEY], top_down_messages(
                         job[schema.COUNTRY], job[schema.CATEGORY], job["n"]), schema_cls))
                 else:
                     req, failure = wiki_request(job)
                     if failure is not None:
                         yield failure
                     else:
-                        requests.append(req)
-            if requests:
-                for key, ans in client.ask_many(requests):
-                    yield _answer_outcome(by_key[key], ans, allowed, countries, model)
+                        pages.append(req)
+            for cl, reqs, mdl in ((client, cells, model), (wiki_client, pages, wiki_model)):
+                for key, ans in (cl.ask_many(reqs) if reqs else ()):
+                    yield _answer_outcome(by_key[key], ans, allowed, countries, mdl)
 
     try:
         return store.run(jobs, process, shard_index=ctx.shard_index, num_shards=ctx.num_shards,
                          retry_errors=ctx.retry_errors)
     finally:
-        if client is not None:
-            client.close()
+        for cl in (client, wiki_client):
+            if cl is not None:
+                cl.close()
 
 
 def _answer_outcome(job: Mapping, ans: Any, allowed: tuple, countries: set, model: str) -> Outcome:

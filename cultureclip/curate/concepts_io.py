@@ -22,6 +22,7 @@ WIT_FIELDS = (schema.WIT_PAGE_URL, schema.WIT_PAGE_TITLE, schema.WIT_SECTION_TIT
 SEED_FIELDS = (schema.CONCEPT, schema.NATIVE_NAME, schema.COUNTRY, schema.CATEGORY, schema.CONTEXT, schema.FEATURES)
 SYSTEM = ("You are an expert on the cultures of the world. You look at a Wikipedia page's title, descriptions and "
           "image, and reply in the requested JSON format.")
+PACKAGE = "package:"  # seed.file prefix: a file of cultureclip/data_files
 DESCRIPTION_CHARS = 1500  # a page description is cut here: the lead paragraph says what the item is
 
 
@@ -85,13 +86,17 @@ def read_wit(cfg: Mapping) -> list[dict]:
 
 
 def read_seed(path: Optional[str]) -> list[dict]:
-    """Concepts from a JSONL seed file (fields concept, native_name, country, category, context, features).
+    """Concepts from a JSONL seed file (fields concept, native_name, country, category, context, features);
+    ``package:NAME`` names a file shipped in ``cultureclip/data_files``.
 
     Raises:
         ValueError: no file given, a line that is not a JSON object, or features that are not a list.
     """
     if not path:
         raise ValueError("concepts.sources has 'seed' but concepts.seed.file is not set")
+    if str(path).startswith(PACKAGE):  # a file shipped with the package (the demo's seed list)
+        from importlib import resources
+        path = str(resources.files("cultureclip").joinpath("data_files", str(path)[len(PACKAGE):]))
     items = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):

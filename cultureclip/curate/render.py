@@ -236,7 +236,7 @@ def make_process(s: Mapping, render_dir: Path, pipeline: Callable[[], Any], stat
 
     def finish(batch: list[Mapping]) -> Iterator[Outcome]:
         results, tries = attempt(batch, s["batch_size"]), 1
-        if len(batch) > 1 and all(isinstance(r, Exception) and not isinstance(r, RenderRejected) for r in results):
+        if s["batch_size"] > 1 and all(isinstance(r, Exception) and not isinstance(r, RenderRejected) for r in results):
             log.warning("render batch of %d failed (%s); retrying image by image", len(batch), results[0])
             results, tries = [attempt([j], 1)[0] for j in batch], 2
         for job, res in zip(batch, results):

@@ -100,6 +100,12 @@ RENDER_KEY = "render_key"
 MODEL_ID = "model"
 PROMPT_VERSION = "prompt_version"
 PROMPT = "prompt"
+# render settings stored with every rendered image
+WIDTH = "width"
+HEIGHT = "height"
+STEPS = "steps"
+GUIDANCE = "guidance"
+NEGATIVE_PROMPT = "negative_prompt"
 # the judge's answer: three 1-5 scores and the twin check
 SCORE_AUTHENTICITY = "authenticity"
 SCORE_CONSISTENCY = "consistency"

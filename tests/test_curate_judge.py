@@ -237,18 +237,45 @@ def test_secret_key_never_written(tmp_path, monkeypatch, caplog):
     assert secret not in caplog.text and secret not in json.dumps(report.__dict__)
 
 
-def test_standin_responders_are_deterministic_and_valid(tmp_path):
+CONF = Path(__file__).resolve().parents[1] / "conf" / "judge"
+
+
+def test_configs():
+    from omegaconf import OmegaConf
+    ctx = Context(out_dir=Path("."), chat={"base_url": "http://127.0.0.1:1/v1", "model": "run-default"})
+    chat = judge.chat_config(OmegaConf.load(CONF / "qwen25_vl.yaml"), ctx)
+    assert (chat.model, chat.base_url, chat.concurrency) == ("Qwen/Qwen2.5-VL-7B-Instruct", "http://localhost:8000/v1", 64)
+    chat = judge.chat_config(OmegaConf.load(CONF / "standin.yaml"), ctx)
+    assert (chat.model, chat.base_url) == ("standin-judge", "http://127.0.0.1:1/v1")  # the app's server url wins
+    with pytest.raises(ValueError, match="unknown judge settings"):
+        judge.run({"chats": {}}, ctx, pairs=[])
+
+
+def test_standin_responders_and_card(tmp_path):
+    from omegaconf import OmegaConf
     pairs = make_pairs(3)
     make_render(tmp_path, pairs)
     with StandinServer(judge.standin_responders()) as server:
-        judge.run({}, ctx_for(tmp_path, server), pairs=pairs)
+        ctx = Context(out_dir=tmp_path, chat={"base_url": server.url, "model": "ignored"})
+        judge.run(OmegaConf.load(CONF / "standin.yaml"), ctx, pairs=pairs)
+        make_render(tmp_path / "again", pairs)
+        ctx.out_dir = tmp_path / "again"
+        judge.run(OmegaConf.load(CONF / "standin.yaml"), ctx, pairs=pairs)
     records = StageStore(tmp_path / "judge", "judge").records()
     assert len(records) == 12
     assert all(1 <= r[name] <= 5 for r in records for name in schema.SCORES)
     assert sum(r[schema.PICKS_OWN] for r in records) >= 8  # the PNGs carry their prompt: mostly its own
     assert len({tuple(r[n] for n in schema.SCORES) for r in records}) > 1
-    bodies = server.bodies
-    assert [judge._standin_scores(b) for b in bodies[:4]] == [judge._standin_scores(b) for b in bodies[:4]]
+    assert all(r[schema.MODEL_ID] == "standin-judge" for r in records)
+    assert StageStore(tmp_path / "again" / "judge", "judge").records() == records  # deterministic answers
+    card = judge.card_section(tmp_path)
+    data = card["data"]
+    assert data["judged"] == 12 and data["passed"] == sum(reference_passes(r) for r in records)
+    assert data["picks_own"] == sum(r[schema.PICKS_OWN] for r in records)
+    for name in schema.SCORES:
+        assert [data["histograms"][name][v] for v in range(1, 6)] == [sum(r[name] == v for r in records) for v in range(1, 6)]
+    assert f"- pass: {data['passed']} " in card["markdown"]
+    json.dumps(card)
 
 
 KILL_SCRIPT = """

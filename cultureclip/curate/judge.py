@@ -22,11 +22,12 @@ import hashlib
 import logging
 from collections import Counter, deque
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Optional, Sequence
+from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
 
 from cultureclip import schema
 from cultureclip.curate.chat import ChatAnswer, ChatClient, ChatConfig, image_part
 from cultureclip.curate.records import Outcome, StageReport, StageStore, record_key
+from cultureclip.curate.judge_rule import DEFAULT_RULE, card_section, check_rule, passes  # noqa: F401 (API)
 from cultureclip.curate.standin import request_images
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ RENDER_STAGE = "render"
 PROMPT_VERSION = "judge-v1"  # bump whenever a prompt or answer schema below changes
 SCORES_SCHEMA = "judge_scores_v1"  # the response_format names (the stand-in dispatches on them)
 TWIN_SCHEMA = "judge_twin_v1"
-DEFAULT_RULE = {"min_score": 2, "min_mean": 3.0, "require_twin_check": True}
 CONFIG_KEYS = ("chat", "part_size")
 SIDES = {  # side -> (concept, country, context, features, captions) of the pair record, and the other side
     schema.POS_PREFIX: ((schema.POS_CONCEPT, schema.POS_COUNTRY, schema.POS_CONTEXT, schema.POS_FEATURES,
@@ -251,30 +251,6 @@ def _outcome(job: Mapping, scores: ChatAnswer, twin: ChatAnswer, model: str) -> 
     bad = [(what, a) for what, a in (("scores", scores), ("twin check", twin)) if not a.ok]
     return Outcome(key, error=bad[0][1].error, attempts=attempts,
                    message="; ".join(f"{what}: {a.error}: {a.message}" for what, a in bad))
-
-
-# ---------------------------------------------------------------------------------------------- pass rule
-def check_rule(rule: Optional[Mapping] = None) -> dict:
-    """The pass rule with defaults filled in; unknown keys or bad values raise ValueError."""
-    out = dict(DEFAULT_RULE)
-    unknown = sorted(set(rule or {}) - set(out))
-    if unknown:
-        raise ValueError(f"unknown judge rule settings {unknown}; known: {sorted(out)}")
-    out.update(rule or {})
-    if not 1 <= int(out["min_score"]) <= 5 or not 1.0 <= float(out["min_mean"]) < 5.0:
-        raise ValueError(f"judge rule needs 1 <= min_score <= 5 and 1 <= min_mean < 5, got {out}")
-    return out
-
-
-def passes(record: Mapping, rule: Optional[Mapping] = None) -> bool:
-    """Whether one judged image passes: every score >= ``min_score`` (default 2: no score of 1), the
-    mean strictly above ``min_mean`` (default 3.0) and, with ``require_twin_check``, the judge picked
-    the image's own concept over its twin. (A twin *pair* is kept when both its images pass: export.)"""
-    rule = check_rule(rule)
-    scores = [int(record[name]) for name in schema.SCORES]
-    if min(scores) < int(rule["min_score"]) or not sum(scores) / len(scores) > float(rule["min_mean"]):
-        return False
-    return bool(record[schema.PICKS_OWN]) or not rule["require_twin_check"]
 
 
 # ---------------------------------------------------------------------------------------------- stage

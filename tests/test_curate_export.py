@@ -69,11 +69,13 @@ def make_run(out: Path, fails=FAILS) -> dict:
                 write_atomic(out / "render" / rel, data)
                 renders[rkey] = {schema.CONCEPT: pair[f"{side}_concept"], schema.COUNTRY: pair[f"{side}_country"],
                                  schema.CATEGORY: pair[schema.CATEGORY], schema.CAPTION: caption,
-                                 schema.IMAGE_FILE: rel, schema.IMAGE_SHA256: hashlib.sha256(data).hexdigest()}
+                                 schema.IMAGE_FILE: rel, schema.IMAGE_SHA256: hashlib.sha256(data).hexdigest(),
+                                 schema.MODEL_ID: "hand-made", schema.WIDTH: 32, schema.HEIGHT: 32}
                 a, b, f, own = fails.get((t, side, c), (4, 4, 5, True))
                 judged[record_key("judge", {"render": rkey, "twin": pair[schema.TWIN_ID]})] = {
                     schema.RENDER_KEY: rkey, schema.TWIN_ID: pair[schema.TWIN_ID], schema.SIDE: side,
-                    schema.CONCEPT: pair[f"{side}_concept"], "twin_concept": pair[f"{other}_concept"],
+                    schema.CATEGORY: pair[schema.CATEGORY],
+                    schema.CONCEPT: pair[f"{side}_concept"], schema.TWIN_CONCEPT: pair[f"{other}_concept"],
                     schema.SCORE_AUTHENTICITY: a, schema.SCORE_CONSISTENCY: b, schema.SCORE_FIDELITY: f,
                     schema.TWIN_CHOICE: pair[f"{side if own else other}_concept"], schema.PICKS_OWN: own,
                     schema.REASON: f"reason {c}"}
@@ -180,7 +182,7 @@ def test_card_counts_histograms_gallery(run_dir):
     # lowest score sum first: (2,2,2) = 6, then the two of 9, in key order
     assert gallery[0][schema.SCORE_AUTHENTICITY] == 2 and {g[schema.SCORE_AUTHENTICITY] for g in gallery[1:]} == {3, 4}
     assert gallery[0]["failures"] == ["mean 2.00 not above 3.0", "twin check picked 'Stupa'"]
-    assert gallery[0][schema.CONCEPT] == "Pagoda" and gallery[0]["twin_concept"] == "Stupa"
+    assert gallery[0][schema.CONCEPT] == "Pagoda" and gallery[0][schema.TWIN_CONCEPT] == "Stupa"
     assert [g["failures"] for g in gallery[1:]] == [["mean 3.00 not above 3.0"]] * 2
     md = (out / "export" / "card.md").read_text()
     for g in gallery:
@@ -188,7 +190,8 @@ def test_card_counts_histograms_gallery(run_dir):
         with Image.open(out / "export" / g["thumbnail"]) as im:
             assert max(im.size) <= 128
     assert (out / "export" / card["histogram_png"]).is_file() and "| Cuisine | 1 | 4 | 4 | 3 | 2 | 0.75 |" in md
-    assert "Imported caption pairs" in md  # the importer's card section
+    for title in ("Imported caption pairs", "Render", "Judge"):  # the stage modules' card sections
+        assert f"## {title}" in md
 
 
 def test_refuses_unfinished_judge_and_missing_stages(tmp_path):

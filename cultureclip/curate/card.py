@@ -122,7 +122,8 @@ def plot_histograms(hist: Mapping, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(hist), figsize=(3.2 * len(hist), 2.8))
     for ax, (name, counts) in zip(axes, hist.items()):
-        ax.bar([str(k) for k in counts], list(counts.values()), color="#4c72b0")
+        ax.bar(range(len(counts)), list(counts.values()), color="#4c72b0")
+        ax.set_xticks(range(len(counts)), [str(k) for k in counts])
         ax.set_title(name, fontsize=10)
         ax.set_ylabel("images")
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.1, top=0.88, wspace=0.35)  # tight_layout costs seconds
@@ -177,7 +178,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|"]
         for g in card["gallery"]:
             scores = "/".join(str(g[s]) for s in schema.SCORES)
-            lines.append(f"| ![]({g['thumbnail']}) | {g[schema.CONCEPT]} | {g['twin_concept']} | {scores} | "
+            lines.append(f"| ![]({g['thumbnail']}) | {g[schema.CONCEPT]} | {g[schema.TWIN_CONCEPT]} | {scores} | "
                          f"{g[schema.TWIN_CHOICE]} | {'; '.join(g['failures'])} | {g[schema.REASON]} |")
         lines.append("")
     for section in card["sections"]:

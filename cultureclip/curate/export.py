@@ -31,6 +31,7 @@ from typing import Any, Mapping, Optional
 from cultureclip import schema
 from cultureclip.curate import card as C
 from cultureclip.curate.importer import load_pairs
+from cultureclip.curate.judge_rule import check_rule, passes  # the judge's rule (re-exported by curate.judge)
 from cultureclip.curate.records import STAGE_FILE, StageReport, StageStore, job_id, record_key, seed_from_key, write_atomic
 from cultureclip.data.shards import TwinShardWriter
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 NAME, RENDER, JUDGE = "export", "render", "judge"
 TRAIN, VAL = "train", "val"
 DEFAULTS = {"pairs_per_twin": 10, "val_fraction": 0.1, "maxcount": 1000, "resize": None,
-            "rule": {"min_score": 2, "min_mean": 3.0, "require_twin_check": True},
+            "rule": {},  # overrides of the judge's pass rule (cultureclip.curate.judge_rule.DEFAULT_RULE)
             "gallery_size": 24, "thumbnail_size": 128, "plots": True}
 
 
@@ -58,7 +59,7 @@ def config(cfg: Optional[Mapping]) -> dict:
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown export settings {unknown}; known: {sorted(DEFAULTS)}")
-    out = {**DEFAULTS, **given, "rule": {**DEFAULTS["rule"], **(given.get("rule") or {})}}
+    out = {**DEFAULTS, **given, "rule": check_rule(given.get("rule"))}
     k, f = out["pairs_per_twin"], out["val_fraction"]
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"export.pairs_per_twin must be a positive integer or null (all), got {k!r}")
@@ -68,9 +69,8 @@ def config(cfg: Optional[Mapping]) -> dict:
 
 
 def rule_failures(record: Mapping, rule: Mapping) -> list[str]:
-    """Why a judged image fails the pass rule (empty: it passes). The rule: no score below
-    ``min_score``, mean strictly above ``min_mean``, and (``require_twin_check``) the judge picked
-    the image's own concept rather than its twin's."""
+    """Why a judged image fails the pass rule of :func:`~cultureclip.curate.judge_rule.passes`, in words
+    for the card's gallery: a score below ``min_score``, a mean not above ``min_mean``, the twin check."""
     scores = [record[s] for s in schema.SCORES]
     out = [f"{s}={record[s]} < {rule['min_score']}" for s in schema.SCORES if record[s] < rule["min_score"]]
     mean = sum(scores) / len(scores)
@@ -79,11 +79,6 @@ def rule_failures(record: Mapping, rule: Mapping) -> list[str]:
     if rule["require_twin_check"] and not record[schema.PICKS_OWN]:
         out.append(f"twin check picked {record[schema.TWIN_CHOICE]!r}")
     return out
-
-
-def passes(record: Mapping, rule: Mapping) -> bool:
-    """Whether a judged image passes ``rule`` (see :func:`rule_failures`)."""
-    return not rule_failures(record, rule)
 
 
 def check_complete(out_dir: Path, name: str) -> None:
@@ -181,7 +176,7 @@ def _gallery(judged: list[dict], renders: Mapping, rule: Mapping, out_dir: Path,
         other = schema.NEG_PREFIX if j[schema.SIDE] == schema.POS_PREFIX else schema.POS_PREFIX
         out.append({schema.REC_KEY: j[schema.REC_KEY], schema.RENDER_KEY: j[schema.RENDER_KEY], "thumbnail": rel,
                     schema.CONCEPT: twin[f"{j[schema.SIDE]}_{schema.CONCEPT}"],
-                    "twin_concept": twin[f"{other}_{schema.CONCEPT}"], schema.SIDE: j[schema.SIDE],
+                    schema.TWIN_CONCEPT: twin[f"{other}_{schema.CONCEPT}"], schema.SIDE: j[schema.SIDE],
                     schema.CAPTION: renders[j[schema.RENDER_KEY]][schema.CAPTION],
                     **{s: j[s] for s in schema.SCORES}, schema.TWIN_CHOICE: j[schema.TWIN_CHOICE],
                     "failures": rule_failures(j, rule), schema.REASON: j.get(schema.REASON, "")})

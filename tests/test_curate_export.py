@@ -52,8 +52,8 @@ def png_bytes(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def make_run(out: Path, fails=FAILS) -> dict:
-    """pairs (imported), render and judge stores as the stages write them; returns what went in."""
+def make_run(out: Path, fails=FAILS, judge: bool = True) -> dict:
+    """pairs (imported), render and (``judge``) judge stores as the stages write them; returns what went in."""
     src = out.parent / "pairs_in.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in caption_rows()) + "\n")
     import_pairs([src], out)
@@ -79,7 +79,7 @@ def make_run(out: Path, fails=FAILS) -> dict:
                     schema.SCORE_AUTHENTICITY: a, schema.SCORE_CONSISTENCY: b, schema.SCORE_FIDELITY: f,
                     schema.TWIN_CHOICE: pair[f"{side if own else other}_concept"], schema.PICKS_OWN: own,
                     schema.REASON: f"reason {c}"}
-    for name, recs in (("render", renders), ("judge", judged)):
+    for name, recs in (("render", renders), ("judge", judged))[:2 if judge else 1]:
         StageStore(out / name, name, {}).run([{schema.REC_KEY: k} for k in recs],
                                              lambda jobs, recs=recs: (Outcome(j[schema.REC_KEY], record=recs[j[schema.REC_KEY]]) for j in jobs))
     return {"pairs": pairs, "renders": renders, "judged": judged}

@@ -1,7 +1,6 @@
 """The chat client against the stand-in server: a real HTTP server on 127.0.0.1 that scripts failures."""
 import base64
 import json
-import threading
 import time
 import urllib.request
 

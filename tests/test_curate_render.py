@@ -1,0 +1,211 @@
+"""The render stage on the tiny random-weight SD3 pipeline (offline, CPU)."""
+import copy
+import hashlib
+import io
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cultureclip import schema
+from cultureclip.curate import render, t2i
+from cultureclip.curate.records import StageStore, record_key, seed_from_key
+from cultureclip.curate.registry import Context
+
+pytest.importorskip("diffusers")
+
+CFG = {"model": "tiny-sd3", "dtype": "float32", "device": "cpu", "width": 32, "height": 32, "steps": 2,
+       "batch_size": 3, "part_size": 4}
+
+
+def pair(pos, neg, pos_caps, neg_caps, category="Cuisine", pos_country="Japan", neg_country="Korea"):
+    return {schema.TWIN_ID: record_key("twin", {"p": pos, "n": neg}), schema.CATEGORY: category,
+            schema.POS_CONCEPT: pos, schema.POS_COUNTRY: pos_country, schema.POS_CONTEXT: None,
+            schema.POS_FEATURES: [], schema.POS_CAPTIONS: pos_caps,
+            schema.NEG_CONCEPT: neg, schema.NEG_COUNTRY: neg_country, schema.NEG_CONTEXT: None,
+            schema.NEG_FEATURES: [], schema.NEG_CAPTIONS: neg_caps}
+
+
+# "onigiri" is twinned with two concepts: its two captions must be rendered once each, not twice
+PAIRS = [pair("onigiri", "gimbap", ["onigiri on a plate", "onigiri in a bento box"], ["gimbap slices on a board"]),
+         pair("onigiri", "zongzi", ["onigiri on a plate", "onigiri in a bento box"], ["zongzi wrapped in leaves"],
+              neg_country="China"),
+         pair("kimono", "hanbok", ["a woman in a red kimono"], ["a girl in a hanbok", "hanbok at a festival"],
+              category="Clothing")]
+N_UNIQUE = 2 + 1 + 1 + 1 + 2
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return t2i.build_tiny_pipeline(seed=0)
+
+
+def run(tmp, pipeline, cfg=None, pairs=PAIRS, **ctx):
+    report = render.run_pairs(pairs, {**CFG, **(cfg or {})}, Context(out_dir=tmp, **ctx), pipeline=pipeline)
+    return report, StageStore(Path(tmp) / "render", "render")
+
+
+def images(tmp):
+    root = Path(tmp) / "render"
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "images").rglob("*.png"))
+            if not p.name.startswith(".tmp-")}  # a kill during a write may leave a temporary file
+
+
+def test_tokenizer_matches_open_clip(pipe):
+    from open_clip.tokenizer import SimpleTokenizer
+    ref = SimpleTokenizer()
+    for text in ["a bowl of pho with fresh herbs", "Hanbok, at Chuseok!", "onigiri"]:
+        assert pipe.tokenizer(text).input_ids == [ref.sot_token_id, *ref.encode(text), ref.eot_token_id]
+
+
+def test_jobs_dedup_and_keys():
+    jobs = render.render_jobs(PAIRS, CFG, seed=0)
+    assert len(jobs) == N_UNIQUE
+    caps = [(j[schema.CONCEPT], j[schema.CAPTION]) for j in jobs]
+    assert len(set(caps)) == len(caps) and ("onigiri", "onigiri on a plate") in caps
+    assert render.render_jobs(PAIRS[::-1], CFG, seed=0) == jobs  # input order does not matter
+    job = next(j for j in jobs if j[schema.CAPTION] == "onigiri on a plate")
+    assert job[schema.SEED] == seed_from_key(job[schema.REC_KEY])
+    two = render.render_jobs(PAIRS, {**CFG, "images_per_caption": 2}, seed=0)
+    assert len(two) == 2 * N_UNIQUE and {j[schema.REC_KEY] for j in jobs} <= {j[schema.REC_KEY] for j in two}
+    assert not {j[schema.REC_KEY] for j in jobs} & {j[schema.REC_KEY] for j in render.render_jobs(PAIRS, CFG, seed=1)}
+    tmpl = render.render_jobs(PAIRS, {**CFG, "prompt_template": "{concept} ({country}): {caption}"}, seed=0)
+    assert "onigiri (Japan): onigiri on a plate" in {j[schema.PROMPT] for j in tmpl}
+    with pytest.raises(ValueError, match="neg_captions"):
+        render.render_jobs([{**PAIRS[0], schema.NEG_CAPTIONS: ["ok", ""]}], CFG)
+    with pytest.raises(ValueError, match="unknown keys"):
+        render.settings({"steps": 2, "stepz": 3})
+    with pytest.raises(ValueError, match="multiples of 8"):
+        render.settings({"width": 30})
+    with pytest.raises(ValueError, match="prompt_template"):
+        render.settings({"prompt_template": "{caption} {place}"})
+
+
+def test_seeded_render_reproduces_bit_exactly(pipe, tmp_path):
+    rep, store = run(tmp_path / "a", pipe)
+    assert (rep.ok, rep.errors, rep.jobs_total) == (N_UNIQUE, 0, N_UNIQUE)
+    recs = store.records()
+    imgs = images(tmp_path / "a")
+    assert len(imgs) == N_UNIQUE and len(set(imgs.values())) == N_UNIQUE  # every image differs
+    for r in recs:
+        assert hashlib.sha256(imgs[r[schema.IMAGE_FILE]]).hexdigest() == r[schema.IMAGE_SHA256]
+        assert r[schema.IMAGE_FILE] == f"images/{r[schema.REC_KEY][:2]}/{r[schema.REC_KEY]}.png"
+    # a second run elsewhere: the same records and the same bytes
+    _, store_b = run(tmp_path / "b", pipe)
+    assert store_b.records() == recs and images(tmp_path / "b") == imgs
+    # independent reference: a plain diffusers call with the record's seed (batch padded like the stage)
+    from PIL import Image
+    r = recs[0]
+    g = [torch.Generator("cpu").manual_seed(r[schema.SEED]) for _ in range(CFG["batch_size"])]
+    with torch.inference_mode():
+        ref = pipe([r[schema.PROMPT]] * CFG["batch_size"], generator=g, num_inference_steps=2,
+                   guidance_scale=0.0, height=32, width=32, output_type="pil").images[0]
+    got = Image.open(io.BytesIO(imgs[r[schema.IMAGE_FILE]]))
+    assert got.size == (32, 32) and np.array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_batch_mates_do_not_change_pixels(pipe):
+    s = render.settings(CFG)
+    a = render.render_batch(pipe, ["a lantern", "a temple roof", "a tea house"], [1, 2, 3], s, pad_to=3)
+    b = render.render_batch(pipe, ["a dragon dance", "a lantern"], [4, 1], s, pad_to=3)
+    assert np.array_equal(a[0], b[1]) and not np.array_equal(a[0], a[1])
+
+
+def test_two_job_ranges_make_the_union(pipe, tmp_path):
+    run(tmp_path / "one", pipe)
+    r0, _ = run(tmp_path / "two", pipe, shard_index=0, num_shards=2)
+    r1, store = run(tmp_path / "two", pipe, shard_index=1, num_shards=2)
+    assert r0.jobs_in_range + r1.jobs_in_range == N_UNIQUE and min(r0.ok, r1.ok) > 0
+    parts = {}
+    for p in sorted((tmp_path / "two" / "render" / "parts").glob("*.jsonl")):
+        parts[p.name] = [json.loads(x)[schema.REC_KEY] for x in p.read_text().splitlines()]
+    all_keys = [k for ks in parts.values() for k in ks]
+    assert len(all_keys) == len(set(all_keys)) == N_UNIQUE  # no overlap, no gap
+    assert store.records() == StageStore(tmp_path / "one" / "render", "render").records()
+    assert images(tmp_path / "two") == images(tmp_path / "one")
+    rerun, _ = run(tmp_path / "two", pipe, shard_index=1, num_shards=2)
+    assert (rerun.done_before, rerun.processed) == (r1.jobs_in_range, 0)
+
+
+def poisoned(pipe, word):
+    """A copy of the pipeline whose first text encoder turns ``word`` into NaN: its prompts give NaN images."""
+    bad = copy.deepcopy(pipe)
+    (tok,) = bad.tokenizer(word, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        bad.text_encoder.get_input_embeddings().weight[tok] = float("nan")
+    return bad
+
+
+def test_backend_failures_are_counted_errors_not_images(pipe, tmp_path):
+    pairs = [pair("kimono", "hanbok", ["a cursed kimono", "a red kimono"], ["a hanbok"])]
+    rep, store = run(tmp_path, poisoned(pipe, "cursed"), pairs=pairs)
+    assert (rep.ok, rep.errors, rep.errors_by_reason) == (2, 1, {"nan_image": 1})
+    (err,) = store.errors().values()
+    bad_key = next(j[schema.REC_KEY] for j in render.render_jobs(pairs, CFG) if "cursed" in j[schema.CAPTION])
+    assert err[schema.REC_KEY] == bad_key and "non-finite" in err[schema.REC_MESSAGE]
+    assert not render.image_path(tmp_path / "render", bad_key).exists() and len(images(tmp_path)) == 2
+    assert render.card_section(tmp_path)["data"]["errors_by_reason"] == {"nan_image": 1}
+    # a working backend on rerun retries the failed job only
+    rep2, store = run(tmp_path, pipe, pairs=pairs)
+    assert (rep2.done_before, rep2.ok, rep2.errors) == (2, 1, 0) and not store.errors()
+
+
+def test_oom_batch_falls_back_to_single_images(pipe, tmp_path):
+    """A transformer that runs out of memory on batches (a real forward hook raising torch's OOM error)."""
+    def oom_on_batches(module, args, kwargs):
+        if kwargs["hidden_states"].shape[0] > limit:
+            raise torch.OutOfMemoryError(f"batch of {kwargs['hidden_states'].shape[0]} does not fit")
+    limit = 1
+    handle = pipe.transformer.register_forward_pre_hook(oom_on_batches, with_kwargs=True)
+    try:
+        rep, store = run(tmp_path / "a", pipe)
+        assert (rep.ok, rep.errors) == (N_UNIQUE, 0)
+        limit = 0
+        rep, store = run(tmp_path / "b", pipe)
+        assert (rep.ok, rep.errors_by_reason) == (0, {"oom": N_UNIQUE})
+        assert {e[schema.REC_ATTEMPTS] for e in store.errors().values()} == {2} and not images(tmp_path / "b")
+    finally:
+        handle.remove()
+    # the single-image fallback equals a batch_size=1 run
+    run(tmp_path / "c", pipe, cfg={"batch_size": 1})
+    assert images(tmp_path / "a") == images(tmp_path / "c")
+
+
+@pytest.mark.slow
+def test_kill_during_render_then_rerun(pipe, tmp_path):
+    pairs = [pair(f"dish{i}", f"twin{i}", [f"dish{i} on a plate", f"dish{i} at dinner"], [f"twin{i} in a bowl"])
+             for i in range(8)]
+    cfg = {**CFG, "batch_size": 2, "part_size": 2}
+    out = tmp_path / "killed"
+    # a forked child (the pipeline is built and imported already) renders with a slower backend, so that
+    # the kill lands mid-run: each denoising step sleeps
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            pipe.transformer.register_forward_pre_hook(lambda module, args: time.sleep(0.1))
+            run(out, pipe, cfg=cfg, pairs=pairs)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((out / "render" / "parts").glob("*.jsonl")):
+            assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the render exited before writing a part"
+            assert time.monotonic() < deadline, "no part after 60 s"
+            time.sleep(0.02)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    store = StageStore(out / "render", "render")
+    assert 0 < len(store.done_keys()) < 24
+    rep, store = run(out, pipe, cfg=cfg, pairs=pairs)
+    assert rep.done_before + rep.processed == 24 and rep.errors == 0
+    _, ref = run(tmp_path / "ref", pipe, cfg=cfg, pairs=pairs)
+    assert store.records() == ref.records() and images(out) == images(tmp_path / "ref")

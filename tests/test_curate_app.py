@@ -41,13 +41,16 @@ def test_stage_list():
 def test_demo_config_composes(tmp_path):
     cfg = compose_curate(["+experiment=curate_demo", f"paths.root_dir={tmp_path}"])
     assert cfg["standin"] is True and cfg["render"]["model"] == "tiny-sd3" and cfg["out_dir"].startswith(str(tmp_path))
-    pairs, report = read_pairs([cfg["input"]])  # the packaged set loads with no error
+    assert cfg["input"] is None and cfg["concepts"]["top_down"]["countries"]  # the whole chain, from concepts
+    pairs, report = read_pairs([resolvers.data_file("curate_demo_pairs.jsonl")])  # the packaged set loads
     assert 6 <= len(pairs) <= 10 and report.skipped == 0
     assert all(2 <= len(p[k]) <= 3 for p in pairs for k in (schema.POS_CAPTIONS, schema.NEG_CAPTIONS))
     default = compose_curate([f"paths.root_dir={tmp_path}"])
     assert default["render"]["model"] == "stabilityai/stable-diffusion-3.5-large-turbo"
     assert default["chat"]["model"] == "Qwen/Qwen2.5-VL-7B-Instruct" and default["standin"] is False
-    assert app.stage_list(default["stage"], default) == ["render", "judge", "export"]
+    assert app.stage_list(default["stage"], default) == ["concepts", "dedup", "twins", "captions", "render", "judge",
+                                                         "export"]
+    assert app.stage_list(default["stage"], {**default, "input": "x.jsonl"}) == ["render", "judge", "export"]
 
 
 def test_judge_and_export_through_the_standin_server(tmp_path):

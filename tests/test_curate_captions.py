@@ -13,7 +13,6 @@ import pytest
 pytest.importorskip("pydantic")
 pytest.importorskip("openai")
 
-from cultureclip import schema  # noqa: E402
 from cultureclip.curate import captions, concepts, dedup, twins  # noqa: E402
 from cultureclip.curate import upstream as up  # noqa: E402
 from cultureclip.curate.records import StageStore  # noqa: E402
@@ -148,3 +147,19 @@ def test_kill_9_then_rerun_gives_identical_output(tmp_path):
         run_chain(tmp_path / "ref", srv)
     assert json.dumps(_snapshot(out), sort_keys=True) == json.dumps(_snapshot(tmp_path / "ref"),
                                                                                  sort_keys=True)
+
+
+def test_stages_refuse_unfinished_input(tmp_path):
+    with standin(concepts, twins, captions) as srv:
+        ctx = ctx_for(tmp_path, srv)
+        concepts.run(top_down_cfg(COUNTRIES, ["Cuisine"], 2), ctx)
+        with pytest.raises(ValueError, match="run stage=dedup once, with num_shards=1"):
+            dedup.run({"embedding": NGRAM}, ctx_for(tmp_path, srv, shard_index=0, num_shards=2))
+        dedup.run({"embedding": NGRAM}, ctx)
+        half = ctx_for(tmp_path, srv, shard_index=0, num_shards=2)
+        report = twins.run({"embedding": NGRAM, "keep": 1}, half)
+        with pytest.raises(ValueError, match=rf"{report.jobs_total - report.jobs_in_range} of {report.jobs_total} "
+                                             r"twins jobs are not finished"):
+            captions.run({"n": N}, ctx)
+        twins.run({"embedding": NGRAM, "keep": 1}, ctx_for(tmp_path, srv, shard_index=1, num_shards=2))
+        assert captions.run({"n": N}, ctx).ok > 0

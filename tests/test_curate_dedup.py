@@ -119,3 +119,58 @@ def test_open_clip_backend_matches_embed_texts(tmp_path, tiny_model):
     ref = embed_texts(tiny_model, texts)
     assert got.shape == ref.shape
     np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-5)
+
+
+class _EmbeddingHandler:
+    """A local OpenAI-compatible /v1/embeddings endpoint: 3x the ngram vector of each input (not unit norm),
+    listed in reverse order (the client must sort by index), float lists or base64 as asked."""
+
+    @staticmethod
+    def make():
+        import base64
+        from http.server import BaseHTTPRequestHandler
+
+        class Handler(BaseHTTPRequestHandler):
+            seen: list = []
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                Handler.seen.append(body)
+                texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+                vecs = (emb.embed(texts, NGRAM).numpy() * 3).astype("float32")
+                data = []
+                for i, v in enumerate(vecs):
+                    value = (base64.b64encode(v.tobytes()).decode() if body.get("encoding_format") == "base64"
+                             else v.tolist())
+                    data.append({"object": "embedding", "index": i, "embedding": value})
+                out = json.dumps({"object": "list", "data": data[::-1], "model": body["model"],
+                                  "usage": {"prompt_tokens": 0, "total_tokens": 0}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+        return Handler
+
+
+def test_openai_backend_against_a_local_server():
+    import threading
+    from http.server import ThreadingHTTPServer
+    handler = _EmbeddingHandler.make()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        texts = ["Kimono", "Hanbok", "Phở", "Sari", "Qipao"]
+        cfg = {"backend": "openai", "model": "emb-test", "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1",
+               "batch_size": 2, "timeout_s": 10, "max_attempts": 1}
+        got = emb.embed(texts, cfg)
+    finally:
+        server.shutdown()
+        server.server_close()
+    np.testing.assert_allclose(got.numpy(), emb.embed(texts, NGRAM).numpy(), atol=1e-6)
+    assert [len(b["input"]) for b in handler.seen] == [2, 2, 1] and handler.seen[0]["model"] == "emb-test"

@@ -142,7 +142,8 @@ def _set_outcome(key: str, s: dict, n: int, model: str) -> Outcome:
     if len(s["caps"]) < n:
         return Outcome(key, error="incomplete_caption_set", attempts=s["rounds"],
                        message=f"{s['side'][schema.CONCEPT]} ({s['side'][schema.COUNTRY]}): {len(s['caps'])} of {n} "
-                               f"valid captions after {s['rounds']} requests; rejected: {dict(sorted(s['rej'].items()))}")
+                               f"valid captions after {s['rounds']} requests; "
+                               f"rejected: {dict(sorted(s['rej'].items()))}")
     return Outcome(key, attempts=s["rounds"], record={
         **s["side"], schema.CAPTIONS: s["caps"], schema.SCENES: s["scenes"], schema.ROUNDS: s["rounds"],
         schema.REJECTED: dict(sorted(s["rej"].items())), schema.MODEL_ID: model, schema.PROMPT_VERSION: PROMPT_VERSION})
@@ -152,6 +153,7 @@ def run(cfg: Mapping, ctx: Any):
     """Run both passes over the ``twins`` store; return the pairs pass's report."""
     cfg = up.plain(cfg)
     model = str(up.chat_settings(cfg, ctx)["model"])
+    up.require_complete(ctx.stage_dir("twins"), "twins", NAME)
     pairs, mirrored = twin_pairs(load_twins(ctx.out_dir))
     sides = {}
     for _, pos, neg in pairs:

@@ -25,6 +25,7 @@ from cultureclip.curate.concepts import load_concepts
 from cultureclip.curate.records import Outcome, StageStore, record_key
 
 NAME = "dedup"
+THRESHOLD = 0.92  # default cosine for merging (conf/dedup/default.yaml; see docs/curation_upstream.md)
 
 
 def embed_text(concept: Mapping, mode: str) -> str:
@@ -69,7 +70,7 @@ def find_merges(concepts: list[dict], cfg: Mapping) -> tuple[list[list[int]], li
                     union(j, i, 1.0, reason)
     if len(concepts) > 1:
         feats = emb.embed([embed_text(c, cfg.get("text", "name")) for c in concepts], cfg.get("embedding") or {})
-        threshold = float(cfg.get("threshold", 0.9))
+        threshold = float(cfg.get("threshold", THRESHOLD))
         for i, nbrs in sorted(emb.search_groups(feats, group, int(cfg.get("neighbours", 10))).items()):
             for j, sim in nbrs:
                 if sim >= threshold:
@@ -97,11 +98,16 @@ def merged_record(members: list[dict], edges: list[dict]) -> dict:
 def run(cfg: Mapping, ctx: Any):
     """Run the stage over the ``concepts`` store; return its report (``extra.merged`` lists the merges)."""
     cfg = up.plain(cfg)
+    if ctx.num_shards > 1:
+        raise ValueError(f"dedup compares every concept with every other: run stage=dedup once, with num_shards=1 "
+                         f"(got num_shards={ctx.num_shards}), after every job range of stage=concepts")
+    up.require_complete(ctx.stage_dir("concepts"), "concepts", NAME)
     concepts = load_concepts(ctx.out_dir)
     if not concepts:
         raise ValueError(f"{ctx.stage_dir('concepts')} holds no accepted concepts: run stage=concepts first")
     clusters, edges = find_merges(concepts, cfg)
-    settings = {"embedding": emb.embedding_id(cfg.get("embedding") or {}), "threshold": float(cfg.get("threshold", 0.9)),
+    settings = {"embedding": emb.embedding_id(cfg.get("embedding") or {}),
+                "threshold": float(cfg.get("threshold", THRESHOLD)),
                 "neighbours": int(cfg.get("neighbours", 10)), "text": cfg.get("text", "name")}
     jobs = []
     for members in clusters:

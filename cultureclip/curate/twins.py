@@ -102,7 +102,7 @@ def _candidates(job: Mapping, llm_value: Any) -> tuple[list[dict], list[dict]]:
     """The candidates to verify and those rejected by rule, LLM ones first, each (name, country) once."""
     pos = job["pos"]
     llm = [{**_side({**c, schema.CATEGORY: pos[schema.CATEGORY]}), schema.SOURCE: "llm", schema.SIMILARITY: None}
-           for c in (llm_value.model_dump()[TWINS_FIELD] if llm_value is not None else [])]
+           for c in (llm_value.model_dump()[schema.TWINS] if llm_value is not None else [])]
     ask, rejected, seen = [], [], {}
     for cand in llm[:job["k"]] + list(job["mined"]):
         cand[schema.FEATURES] = [f.strip() for f in cand.get(schema.FEATURES) or [] if str(f).strip()]
@@ -120,8 +120,6 @@ def _candidates(job: Mapping, llm_value: Any) -> tuple[list[dict], list[dict]]:
             ask.append(cand)
     return ask, rejected
 
-
-TWINS_FIELD = schema.TWINS
 
 
 def _brief(cand: Mapping) -> dict:

@@ -223,3 +223,22 @@ def current_records(stage_dir: Path, stage: str) -> list[dict]:
         keys = set(json.loads((stage_dir / CURRENT).read_text()))
         records = [r for r in records if r[schema.REC_KEY] in keys]
     return records
+
+
+def require_complete(stage_dir: Path, stage: str, consumer: str) -> None:
+    """Refuse to read a store whose latest run still has jobs neither done nor failed (another job range
+    of ``num_shards`` not finished yet): a stage reading it would silently miss their records.
+
+    Raises:
+        ValueError: naming the store and the counts.
+    """
+    store = StageStore(stage_dir, stage)
+    reports = store.reports()
+    if not reports:
+        return  # written by another tool (or an older run): nothing to compare with
+    total = max(r["jobs_total"] for r in reports)
+    finished = len(store.done_keys() | set(store.errors()))
+    if finished < total:
+        raise ValueError(f"{stage_dir}: {total - finished} of {total} {stage} jobs are not finished (another "
+                         f"job range still running, or not run yet); run every shard_index of stage={stage} "
+                         f"before stage={consumer}")

@@ -64,7 +64,7 @@ def read_wit(cfg: Mapping) -> list[dict]:
             try:
                 import datasets
             except ImportError as exc:  # pragma: no cover
-                raise ImportError("wiki.dataset needs the datasets package: pip install datasets") from exc
+                raise ImportError("wiki.dataset needs the datasets package: pip install 'cultureclip[curate]'") from exc
             stream = ((f"{dataset}[{i}]", r) for i, r in enumerate(datasets.load_dataset(
                 dataset, split=cfg.get("split", "train"), streaming=True)))
         else:

@@ -48,10 +48,18 @@ def test_check_caption():
     assert captions.check_caption("Pho with rice noodles", "Street stall", c, **scenes) == "duplicate_scene"
 
 
-def test_caption_sets_and_pairs(tmp_path):
+@pytest.fixture(scope="module")
+def chain_run(tmp_path_factory):
+    """concepts -> dedup -> twins -> captions on the stand-in server, once for this module."""
+    out = tmp_path_factory.mktemp("chain")
     with standin(concepts, twins, captions) as srv:
-        report = run_chain(tmp_path, srv)
+        report = run_chain(out, srv)
         bodies = [b for b in srv.bodies if schema_name(b) == "CaptionSet"]
+    return out, report, bodies
+
+
+def test_caption_sets_and_pairs(chain_run):
+    tmp_path, report, bodies = chain_run
     sets = StageStore(tmp_path / "captions" / "sets", "caption_sets")
     ok_sets, failed = sets.records(), sets.errors()
     # the demo table's Sherwani only ever gets too-long captions: an error record, never padded
@@ -96,10 +104,9 @@ def test_caption_sets_and_pairs(tmp_path):
     assert sum(card["data"]["by_category"].values()) == len(pairs)
 
 
-def test_render_reads_the_pairs(tmp_path):
+def test_render_reads_the_pairs(chain_run):
     importer = pytest.importorskip("cultureclip.curate.importer")
-    with standin(concepts, twins, captions) as srv:
-        run_chain(tmp_path, srv)
+    tmp_path = chain_run[0]
     got = importer.load_pairs(tmp_path)
     assert [p["twin_id"] for p in got] == sorted(p["twin_id"] for p in StageStore(
         tmp_path / "captions", "captions").records())

@@ -50,11 +50,20 @@ def run_upstream(tmp_path, srv, twins_cfg=None, countries=COUNTRIES):
     return twins.run(cfg, ctx)
 
 
-def test_twins_verified_and_rejections_counted(tmp_path):
+@pytest.fixture(scope="module")
+def upstream_run(tmp_path_factory):
+    """concepts -> dedup -> twins on the stand-in server, once for this module: (out, report, bodies)."""
+    out = tmp_path_factory.mktemp("twins")
     with standin(concepts, twins) as srv:
-        report = run_upstream(tmp_path, srv)
-        verdicts = [b for b in srv.bodies if schema_name(b) == "TwinVerdict"]
-        answers = [twins.standin_responders()["TwinVerdict"](b) for b in verdicts]
+        report = run_upstream(out, srv)
+        bodies = list(srv.bodies)
+    return out, report, bodies
+
+
+def test_twins_verified_and_rejections_counted(upstream_run):
+    tmp_path, report, bodies = upstream_run
+    verdicts = [b for b in bodies if schema_name(b) == "TwinVerdict"]
+    answers = [twins.standin_responders()["TwinVerdict"](b) for b in verdicts]
     assert report.errors == 0
     recs = twins.load_twins(tmp_path)
     pool = {c["concept_id"]: c for c in dedup.load_deduped(tmp_path)}
@@ -85,10 +94,8 @@ def test_twins_verified_and_rejections_counted(tmp_path):
     assert sum(card["data"]["by_category"].values()) == len(kept)
 
 
-def test_twin_prompts_carry_only_their_own_items(tmp_path):
-    with standin(concepts, twins) as srv:
-        run_upstream(tmp_path, srv)
-        bodies = list(srv.bodies)
+def test_twin_prompts_carry_only_their_own_items(upstream_run):
+    tmp_path, _, bodies = upstream_run
     pool = dedup.load_deduped(tmp_path)
     names = {c["concept"] for c in pool}
     asked = [up.read_block(request_text(b)) for b in bodies if schema_name(b) == "TwinCandidates"]

@@ -237,3 +237,19 @@ def test_seed_file(tmp_path):
     with pytest.raises(ValueError, match=r"seed.jsonl:2: not a JSON object"):
         concepts.read_seed(str(seed))
     assert len(concepts.read_seed("package:curate_demo_concepts.jsonl")) == 16
+
+
+def test_adding_a_source_later_keeps_the_done_cells(tmp_path):
+    with standin(concepts) as srv:
+        ctx = ctx_for(tmp_path, srv)
+        concepts.run(top_down_cfg(["Japan"], ["Cuisine"], 2), ctx)
+        cfg = {**top_down_cfg(["Japan"], ["Cuisine"], 2), "sources": ["top_down", "seed"],
+               "seed": {"file": "package:curate_demo_concepts.jsonl"}}
+        report = concepts.run(cfg, ctx)
+        assert srv.requests == 1  # the cell was not asked again
+    # the seed list's Clothing concepts are not enabled here: rejected with that reason, not re-categorised
+    assert report.done_before == 1 and report.ok == 8 and report.errors_by_reason == {"category_not_enabled": 8}
+    got = concepts.load_concepts(tmp_path)
+    assert {c["source"] for c in got} == {"top_down", "seed"} and {c["category"] for c in got} == {"Cuisine"}
+    # Ramen and Sushi come from both sources: one concept id each
+    assert len(got) == len({c["concept_id"] for c in got}) == 8

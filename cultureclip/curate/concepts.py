@@ -72,6 +72,8 @@ def check_concept(item: Mapping, allowed: tuple) -> tuple[Optional[up.Category],
     """The concept's category, or None and the reason it is rejected."""
     try:
         cat = up.parse_category(item.get(schema.CATEGORY), allowed)
+    except up.CategoryNotEnabled as exc:
+        return None, f"category_not_enabled: {exc}"
     except up.UnknownCategory as exc:
         return None, f"unknown_category: {exc}"
     if not str(item.get(schema.CONCEPT) or "").strip():
@@ -153,8 +155,10 @@ def run(cfg: Mapping, ctx: Any):
     wiki_chat = {**(cfg.get("chat") or {}), **((cfg.get("wiki") or {}).get("chat") or {})}
     wiki_client, wiki_model = up.chat_client({"chat": wiki_chat}, ctx) if "wiki" in sources else (None, "")
     jobs = build_jobs(cfg, model, wiki_model)
-    settings = {"model": model, "wiki_model": wiki_model, "prompt_version": PROMPT_VERSION,
-                "categories": [c.value for c in allowed], "sources": sources}
+    # the models of both sources whether used now or not, so that adding a source later to the same folder works
+    chat = {**up.plain(getattr(ctx, "chat", None) or {}), **(cfg.get("chat") or {})}
+    settings = {"model": chat.get("model"), "wiki_model": {**chat, **wiki_chat}.get("model"),
+                "prompt_version": PROMPT_VERSION, "categories": [c.value for c in allowed]}
     store = StageStore(ctx.stage_dir(NAME), NAME, settings)
     schema_cls = _schemas() if client is not None else None
 

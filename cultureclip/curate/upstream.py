@@ -41,6 +41,10 @@ class UnknownCategory(ValueError):
     """A category that is not in :class:`Category` (never mapped to a default)."""
 
 
+class CategoryNotEnabled(UnknownCategory):
+    """A category of the enum that the config does not enable."""
+
+
 def _category_token(text: str) -> str:
     return re.sub(r"[^a-z]+", "", text.casefold().replace("&", "and"))
 
@@ -55,7 +59,7 @@ def parse_category(value: Any, allowed: Optional[Sequence[Category]] = None) -> 
     for cat in Category:
         if token in (_category_token(cat.value), _category_token(cat.name)):
             if allowed is not None and cat not in allowed:
-                raise UnknownCategory(f"category {value!r} is not enabled (enabled: {[c.value for c in allowed]})")
+                raise CategoryNotEnabled(f"category {value!r} is not enabled (enabled: {[c.value for c in allowed]})")
             return cat
     raise UnknownCategory(f"category {value!r} is not one of {[c.value for c in Category]}")
 

@@ -55,13 +55,13 @@ def mine(concepts: list[dict], feats: Any, k: int) -> dict[int, list[tuple[int, 
     for rows in by_cat.values():
         own = Counter(concepts[r][schema.COUNTRY] for r in rows)
         index = build_index(feats[rows], kind="flat", use_gpu=False)
-        for r in rows:
-            country = concepts[r][schema.COUNTRY]
-            kq = min(len(rows), k + own[country])
-            scores, idx = index.search(feats[r:r + 1], kq)  # [1, kq]
-            found = [(rows[j], float(s)) for s, j in zip(scores[0].tolist(), idx[0].tolist())
-                     if concepts[rows[j]][schema.COUNTRY] != country]
-            out[r] = found[:k]
+        for country in sorted(own):  # one batched search per (category, country)
+            queries = [r for r in rows if concepts[r][schema.COUNTRY] == country]
+            scores, idx = index.search(feats[queries], min(len(rows), k + own[country]))  # [q, kq]
+            for qi, r in enumerate(queries):
+                found = [(rows[j], float(s)) for s, j in zip(scores[qi].tolist(), idx[qi].tolist())
+                         if concepts[rows[j]][schema.COUNTRY] != country]
+                out[r] = found[:k]
     return out
 
 

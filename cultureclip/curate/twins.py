@@ -104,7 +104,7 @@ def _candidates(job: Mapping, llm_value: Any) -> tuple[list[dict], list[dict]]:
     llm = [{**_side({**c, schema.CATEGORY: pos[schema.CATEGORY]}), schema.SOURCE: "llm", schema.SIMILARITY: None}
            for c in (llm_value.model_dump()[schema.TWINS] if llm_value is not None else [])]
     ask, rejected, seen = [], [], {}
-    for cand in llm[:job["k"]] + list(job["mined"]):
+    for cand in llm[:job["k"]] + [dict(c) for c in job["mined"]]:  # copies: the job stays as built
         cand[schema.FEATURES] = [f.strip() for f in cand.get(schema.FEATURES) or [] if str(f).strip()]
         ident = (up.normalize_name(cand.get(schema.CONCEPT) or ""), up.normalize_name(cand.get(schema.COUNTRY) or ""))
         if ident in seen:

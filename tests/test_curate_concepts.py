@@ -186,6 +186,10 @@ def test_wit_rows_jsonl_and_parquet_agree(tmp_path):
     assert [{k: v for k, v in r.items() if k != "where"} for r in got_pq] == \
            [{k: v for k, v in r.items() if k != "where"} for r in got]
     assert len(concepts.read_wit({"files": [str(path)], "limit": 2})) == 2
+    pytest.importorskip("datasets")  # the `datasets` path, with its local json loader (no network)
+    got_ds = concepts.read_wit({"dataset": "json", "data_files": [str(path)], "split": "train"})
+    assert [r["page_title"] for r in got_ds] == [r["page_title"] for r in got]
+    assert got_ds[1]["where"] == "json[2]"  # the page's first row, the second row of the dataset
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"page_title": "A"}\n{"section_title": "no title"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: .*page_title"):

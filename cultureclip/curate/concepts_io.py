@@ -48,7 +48,8 @@ def _rows_of(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def read_wit(cfg: Mapping) -> list[dict]:
-    """WIT-style rows from ``cfg.files`` and/or ``cfg.dataset`` (a ``datasets`` name, ``cfg.split``),
+    """WIT-style rows from ``cfg.files`` and/or ``cfg.dataset`` (a ``datasets`` name, ``cfg.split``, and
+    ``cfg.data_files`` for the generic loaders such as ``json`` and ``parquet``),
     one per page, at most ``cfg.limit`` pages; relative ``image_path`` resolves against the row's file.
 
     Raises:
@@ -65,8 +66,9 @@ def read_wit(cfg: Mapping) -> list[dict]:
                 import datasets
             except ImportError as exc:  # pragma: no cover
                 raise ImportError("wiki.dataset needs the datasets package: pip install 'cultureclip[curate]'") from exc
+            kwargs = {"data_files": cfg["data_files"]} if cfg.get("data_files") else {}
             stream = ((f"{dataset}[{i}]", r) for i, r in enumerate(datasets.load_dataset(
-                dataset, split=cfg.get("split", "train"), streaming=True)))
+                dataset, split=cfg.get("split", "train"), streaming=True, **kwargs)))
         else:
             stream = _rows_of(path)
         for where, row in stream:

@@ -227,3 +227,26 @@ def test_a_failed_export_leaves_the_previous_one(run_dir):
         E.run({"maxcount": 1}, Context(out_dir=out))
     after = {p.relative_to(out): p.read_bytes() for p in (out / "export").rglob("*") if p.is_file()}
     assert after == before and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_exported_shards_read_by_the_pipeline(run_dir):
+    out, made = run_dir
+    E.run({"pairs_per_twin": None, "val_fraction": 0.0, "plots": False}, Context(out_dir=out))
+    import torch
+    from cultureclip.data.pipeline import build_twin_pipeline
+
+    def tokenizer(texts, context_length=8):  # token ids are not under test here: lengths only
+        return torch.tensor([[len(t)] * context_length for t in texts])
+
+    def preprocess(im):
+        return torch.from_numpy(np.asarray(im.resize((16, 16)), dtype=np.float32))
+    batches = list(build_twin_pipeline(str(out / "export" / "train" / "shard-000000.tar"), preprocess, tokenizer,
+                                       batch_size=4, train=False))
+    want = expected_pairs(made)
+    keys = [k for b in batches for k in b[schema.KEY]]
+    assert sorted(keys) == sorted(want) and sum(b[schema.POS_IMAGE].shape[0] for b in batches) == 7
+    for b in batches:
+        for r, key in enumerate(b[schema.KEY]):
+            pair = want[key][0]
+            assert b[schema.CATEGORY][r] == pair[schema.CATEGORY] and b[schema.POS_COUNTRY][r] == pair[schema.POS_COUNTRY]
+            assert b[schema.POS_FEATURES][r] == pair[schema.POS_FEATURES] and b[schema.NEG_CONTEXT][r] is None

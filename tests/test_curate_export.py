@@ -68,13 +68,13 @@ def make_run(out: Path, fails=FAILS, judge: bool = True) -> dict:
                 data = png_bytes(len(renders))
                 write_atomic(out / "render" / rel, data)
                 renders[rkey] = {schema.CONCEPT: pair[f"{side}_concept"], schema.COUNTRY: pair[f"{side}_country"],
-                                 schema.CATEGORY: pair[schema.CATEGORY], schema.CAPTION: caption,
+                                 schema.CATEGORY: pair[schema.CATEGORY], schema.IMAGE_SHA256: renders[rkey][schema.IMAGE_SHA256], schema.CAPTION: caption,
                                  schema.IMAGE_FILE: rel, schema.IMAGE_SHA256: hashlib.sha256(data).hexdigest(),
                                  schema.MODEL_ID: "hand-made", schema.WIDTH: 32, schema.HEIGHT: 32}
                 a, b, f, own = fails.get((t, side, c), (4, 4, 5, True))
                 judged[record_key("judge", {"render": rkey, "twin": pair[schema.TWIN_ID]})] = {
                     schema.RENDER_KEY: rkey, schema.TWIN_ID: pair[schema.TWIN_ID], schema.SIDE: side,
-                    schema.CATEGORY: pair[schema.CATEGORY],
+                    schema.CATEGORY: pair[schema.CATEGORY], schema.IMAGE_SHA256: renders[rkey][schema.IMAGE_SHA256],
                     schema.CONCEPT: pair[f"{side}_concept"], schema.TWIN_CONCEPT: pair[f"{other}_concept"],
                     schema.SCORE_AUTHENTICITY: a, schema.SCORE_CONSISTENCY: b, schema.SCORE_FIDELITY: f,
                     schema.TWIN_CHOICE: pair[f"{side if own else other}_concept"], schema.PICKS_OWN: own,
@@ -133,7 +133,7 @@ def test_export_all_pairs_split_shards_and_meta(run_dir):
                         schema.NEG_CAPTION: made["renders"][neg][schema.CAPTION],
                         schema.POS_CONCEPT: pair[schema.POS_CONCEPT], schema.NEG_CONCEPT: pair[schema.NEG_CONCEPT],
                         schema.POS_COUNTRY: pair[schema.POS_COUNTRY], schema.NEG_COUNTRY: pair[schema.NEG_COUNTRY],
-                        schema.CATEGORY: pair[schema.CATEGORY], schema.PAIR_ID: key,
+                        schema.CATEGORY: pair[schema.CATEGORY], schema.IMAGE_SHA256: renders[rkey][schema.IMAGE_SHA256], schema.PAIR_ID: key,
                         schema.POS_CONTEXT: pair[schema.POS_CONTEXT], schema.POS_FEATURES: pair[schema.POS_FEATURES]}
     sizes = json.loads((out / "export" / "train" / schema.SIZES_FILE).read_text())
     assert sum(sizes.values()) == len(train) and max(sizes.values()) <= 3

@@ -116,6 +116,9 @@ def build_pairs(pairs: list[dict], renders: Mapping[str, dict], judged: list[dic
         if j[schema.RENDER_KEY] not in renders:
             raise ValueError(f"judge record {j[schema.REC_KEY]} names render {j[schema.RENDER_KEY]}, which has no "
                              f"render record")
+        if j[schema.IMAGE_SHA256] != renders[j[schema.RENDER_KEY]][schema.IMAGE_SHA256]:
+            raise ValueError(f"judge record {j[schema.REC_KEY]} judged another image than render record "
+                             f"{j[schema.RENDER_KEY]} now holds (sha256 differs): judge again")
         if passes(j, rule):
             good[j[schema.TWIN_ID]][j[schema.SIDE]].append(j[schema.RENDER_KEY])
     out = []

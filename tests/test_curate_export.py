@@ -68,7 +68,7 @@ def make_run(out: Path, fails=FAILS, judge: bool = True) -> dict:
                 data = png_bytes(len(renders))
                 write_atomic(out / "render" / rel, data)
                 renders[rkey] = {schema.CONCEPT: pair[f"{side}_concept"], schema.COUNTRY: pair[f"{side}_country"],
-                                 schema.CATEGORY: pair[schema.CATEGORY], schema.IMAGE_SHA256: renders[rkey][schema.IMAGE_SHA256], schema.CAPTION: caption,
+                                 schema.CATEGORY: pair[schema.CATEGORY], schema.CAPTION: caption,
                                  schema.IMAGE_FILE: rel, schema.IMAGE_SHA256: hashlib.sha256(data).hexdigest(),
                                  schema.MODEL_ID: "hand-made", schema.WIDTH: 32, schema.HEIGHT: 32}
                 a, b, f, own = fails.get((t, side, c), (4, 4, 5, True))

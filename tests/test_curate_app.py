@@ -36,6 +36,9 @@ def test_stage_list():
     assert app.stage_list(["export", "render", "export"], cfg) == ["render", "export"]
     with pytest.raises(app.CurateError, match=r"unknown stage\(s\) \['rendr'\]"):
         app.stage_list(["rendr"], cfg)
+    assert app.stage_list("import", {**cfg, "input": "x.jsonl"}) == []
+    with pytest.raises(app.CurateError, match="stage=import needs input="):
+        app.stage_list("import", cfg)
 
 
 def test_demo_config_composes(tmp_path):

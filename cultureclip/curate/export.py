@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from cultureclip import schema
 from cultureclip.curate import card as C
@@ -47,8 +47,7 @@ def _plain(obj: Any) -> Any:
     """Plain dicts and lists from any mappings and sequences (e.g. OmegaConf containers)."""
     if isinstance(obj, Mapping):
         return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) or (hasattr(obj, "__iter__") and hasattr(obj, "__getitem__")
-                                          and not isinstance(obj, (str, bytes))):
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
         return [_plain(v) for v in obj]
     return obj
 
@@ -236,10 +235,10 @@ def run(cfg: Optional[Mapping], ctx) -> StageReport:
                            "val_fraction": cfg["val_fraction"], "seed": ctx.seed, "sizes": sizes},
                 "rule": rule, "stages": {**stages, NAME: {"records": len(rows), "errors": 0, "errors_by_reason": {},
                                                           "jobs_total": len(pairs), "pending": 0,
-                                                          "success_rate": C._rate(len(twins), len(pairs)),
+                                                          "success_rate": C.rate(len(twins), len(pairs)),
                                                           "job_ranges_reported": 1}},
                 "judge": {"images_judged": len(judged), "images_passed": n_pass,
-                          "pass_rate": C._rate(n_pass, len(judged)), "histograms": hist},
+                          "pass_rate": C.rate(n_pass, len(judged)), "histograms": hist},
                 "groups": C.group_tables(pairs, renders, judged, lambda j: passes(j, rule), [r["meta"] for r in rows]),
                 "gallery": _gallery(judged, renders, rule, out_dir, tmp, cfg, by_twin),
                 "histogram_png": None,

@@ -80,8 +80,9 @@ def make_run(out: Path, fails=FAILS, judge: bool = True) -> dict:
                     schema.TWIN_CHOICE: pair[f"{side if own else other}_concept"], schema.PICKS_OWN: own,
                     schema.REASON: f"reason {c}"}
     for name, recs in (("render", renders), ("judge", judged))[:2 if judge else 1]:
-        StageStore(out / name, name, {}).run([{schema.REC_KEY: k} for k in recs],
-                                             lambda jobs, recs=recs: (Outcome(j[schema.REC_KEY], record=recs[j[schema.REC_KEY]]) for j in jobs))
+        def process(jobs, recs=recs):
+            return (Outcome(j[schema.REC_KEY], record=recs[j[schema.REC_KEY]]) for j in jobs)
+        StageStore(out / name, name, {}).run([{schema.REC_KEY: k} for k in recs], process)
     return {"pairs": pairs, "renders": renders, "judged": judged}
 
 
@@ -116,7 +117,8 @@ def run_dir(tmp_path):
 
 def test_export_all_pairs_split_shards_and_meta(run_dir):
     out, made = run_dir
-    report = E.run({"pairs_per_twin": None, "val_fraction": 0.3, "maxcount": 3, "plots": False}, Context(out_dir=out, seed=5))
+    report = E.run({"pairs_per_twin": None, "val_fraction": 0.3, "maxcount": 3, "plots": False},
+                   Context(out_dir=out, seed=5))
     want = expected_pairs(made)
     assert len(want) == 2 + 1 + 0 + 4  # bibimbap 2x1, hanbok 1x1, pagoda none, songkran 2x2 (see FAILS)
     train, val = read_shards(out / "export" / "train"), read_shards(out / "export" / "val")
@@ -248,5 +250,6 @@ def test_exported_shards_read_by_the_pipeline(run_dir):
     for b in batches:
         for r, key in enumerate(b[schema.KEY]):
             pair = want[key][0]
-            assert b[schema.CATEGORY][r] == pair[schema.CATEGORY] and b[schema.POS_COUNTRY][r] == pair[schema.POS_COUNTRY]
+            assert b[schema.CATEGORY][r] == pair[schema.CATEGORY]
+            assert b[schema.POS_COUNTRY][r] == pair[schema.POS_COUNTRY]
             assert b[schema.POS_FEATURES][r] == pair[schema.POS_FEATURES] and b[schema.NEG_CONTEXT][r] is None

@@ -32,7 +32,8 @@ from cultureclip import schema
 from cultureclip.curate import card as C
 from cultureclip.curate.importer import load_pairs
 from cultureclip.curate.judge_rule import check_rule, passes  # the judge's rule (re-exported by curate.judge)
-from cultureclip.curate.records import STAGE_FILE, StageReport, StageStore, job_id, record_key, seed_from_key, write_atomic
+from cultureclip.curate.records import (STAGE_FILE, StageReport, StageStore, job_id, record_key, seed_from_key,
+                                        write_atomic)
 from cultureclip.data.shards import TwinShardWriter
 
 log = logging.getLogger(__name__)
@@ -221,8 +222,9 @@ def run(cfg: Optional[Mapping], ctx) -> StageReport:
     tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-partial-", dir=out_dir))
     old = None
     try:
-        sizes = {split: _write_split(tmp / split, [r for r in rows if (r[schema.TWIN_ID] in val_twins) == (split == VAL)],
-                                     renders, out_dir, cfg) for split in (TRAIN, VAL)}
+        by_split = {TRAIN: [r for r in rows if r[schema.TWIN_ID] not in val_twins],
+                    VAL: [r for r in rows if r[schema.TWIN_ID] in val_twins]}
+        sizes = {split: _write_split(tmp / split, by_split[split], renders, out_dir, cfg) for split in (TRAIN, VAL)}
         n_val = sum(sizes[VAL].values())
         report = StageReport(stage=NAME, job=job_id(0, 1), jobs_total=len(pairs), jobs_in_range=len(pairs),
                              processed=len(pairs), ok=len(twins),

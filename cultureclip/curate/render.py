@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "prompt_template": "{caption}",  # fields: caption, concept, country, category
     "prompt_version": PROMPT_VERSION, "max_sequence_length": None,  # SD3's T5 length; null: its default
     "part_size": 64, "cpu_offload": False, "variant": None, "local_files_only": False,
+    "ray": None,  # a mapping: render on a Ray cluster (cultureclip.curate.ray_render)
 }
 SIDES = ((schema.POS_CONCEPT, schema.POS_COUNTRY, schema.POS_CAPTIONS),
          (schema.NEG_CONCEPT, schema.NEG_COUNTRY, schema.NEG_CAPTIONS))
@@ -296,7 +297,11 @@ def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context, pipeline: Any = Non
 def run(cfg: Mapping, ctx: Context) -> StageReport:
     """The stage entry point: render the twin caption sets found in ``ctx.out_dir``."""
     from cultureclip.curate.importer import load_pairs
-    return run_pairs(load_pairs(ctx.out_dir), cfg, ctx)
+    pairs = load_pairs(ctx.out_dir)
+    if cfg.get("ray"):
+        from cultureclip.curate import ray_render
+        return ray_render.run_pairs(pairs, cfg, ctx)
+    return run_pairs(pairs, cfg, ctx)
 
 
 def load_records(out_dir: Path) -> list[dict]:

@@ -81,7 +81,9 @@ def load_pipeline(model_id: str = DEFAULT_MODEL, dtype: str = "float16", device:
     torch_dt = torch_dtype(dtype)
     if is_tiny(model_id):
         kind = model_id[len(TINY_PREFIX):]
-        pipe = build_tiny_pipeline(seed=seed, kind=kind).to(torch_dt)
+        pipe = build_tiny_pipeline(seed=seed, kind=kind)
+        if dtype != "float32":  # built in float32
+            pipe = pipe.to(torch_dtype=torch_dt)
         return pipe.to(resolve_device(device))
     diffusers, _ = _import_diffusers()
     pipe = diffusers.AutoPipelineForText2Image.from_pretrained(

@@ -122,7 +122,7 @@ def test_two_job_ranges_make_the_union(pipe, tmp_path):
     r1, store = run(tmp_path / "two", pipe, shard_index=1, num_shards=2)
     assert r0.jobs_in_range + r1.jobs_in_range == N_UNIQUE and min(r0.ok, r1.ok) > 0
     parts = {}
-    for p in sorted((tmp_path / "two" / "render" / "parts").glob("*.jsonl")):
+    for p in sorted((tmp_path / "two" / "render" / "parts").glob("part-*.jsonl")):
         parts[p.name] = [json.loads(x)[schema.REC_KEY] for x in p.read_text().splitlines()]
     all_keys = [k for ks in parts.values() for k in ks]
     assert len(all_keys) == len(set(all_keys)) == N_UNIQUE  # no overlap, no gap
@@ -195,7 +195,7 @@ def test_kill_during_render_then_rerun(pipe, tmp_path):
             os._exit(code)
     try:
         deadline = time.monotonic() + 60
-        while not list((out / "render" / "parts").glob("*.jsonl")):
+        while not list((out / "render" / "parts").glob("part-*.jsonl")):  # not a .tmp- file
             assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the render exited before writing a part"
             assert time.monotonic() < deadline, "no part after 60 s"
             time.sleep(0.02)

@@ -24,6 +24,7 @@ import hashlib
 import io
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -235,35 +236,48 @@ def make_process(s: Mapping, render_dir: Path, pipeline: Callable[[], Any], stat
         finally:
             stats["backend_seconds"] += time.perf_counter() - start
 
-    def finish(batch: list[Mapping]) -> Iterator[Outcome]:
+    def save(key: str, img) -> bytes:
+        data = png_bytes(img)
+        write_atomic(image_path(render_dir, key), data)
+        return data
+
+    def start(batch: list[Mapping], pool) -> list:
+        """Render a batch and start writing its images; returns (job, error or future) pairs."""
         results, tries = attempt(batch, s["batch_size"]), 1
         if s["batch_size"] > 1 and all(isinstance(r, Exception) and not isinstance(r, RenderRejected) for r in results):
             log.warning("render batch of %d failed (%s); retrying image by image", len(batch), results[0])
             results, tries = [attempt([j], 1)[0] for j in batch], 2
-        for job, res in zip(batch, results):
-            key = job[schema.REC_KEY]
+        return [(job, res if isinstance(res, Exception) else pool.submit(save, job[schema.REC_KEY], res), tries)
+                for job, res in zip(batch, results)]
+
+    def finish(started: list) -> Iterator[Outcome]:
+        for job, res, tries in started:
             if isinstance(res, Exception):
-                yield Outcome(key, error=_error_reason(res), message=f"{type(res).__name__}: {res}"[:2000],
-                              attempts=tries)
-                continue
-            data = png_bytes(res)
-            write_atomic(image_path(render_dir, key), data)  # the image exists before its record does
-            yield record(job, data)
+                yield Outcome(job[schema.REC_KEY], error=_error_reason(res), attempts=tries,
+                              message=f"{type(res).__name__}: {res}"[:2000])
+            else:  # the image is on disk (fsynced) before its record exists; a write error stops the stage
+                yield record(job, res.result())
 
     def process(jobs: Iterator[Mapping]) -> Iterator[Outcome]:
-        batch: list[Mapping] = []
-        for job in jobs:
-            data = _readable_png(image_path(render_dir, job[schema.REC_KEY]))
-            if data is not None:  # rendered before a crash lost its record: same key, same image
-                stats["reused"] += 1
-                yield record(job, data)
-                continue
-            batch.append(job)
-            if len(batch) == s["batch_size"]:
-                yield from finish(batch)
-                batch = []
-        if batch:
-            yield from finish(batch)
+        # images of batch k are encoded and written (fsync: ~10 ms each) by threads while batch k+1
+        # renders; batch k's records are yielded once its writes are done
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="render-write") as pool:
+            batch: list[Mapping] = []
+            previous: list = []
+            for job in jobs:
+                data = _readable_png(image_path(render_dir, job[schema.REC_KEY]))
+                if data is not None:  # rendered before a crash lost its record: same key, same image
+                    stats["reused"] += 1
+                    yield record(job, data)
+                    continue
+                batch.append(job)
+                if len(batch) == s["batch_size"]:
+                    current = start(batch, pool)
+                    yield from finish(previous)
+                    previous, batch = current, []
+            current = start(batch, pool) if batch else []
+            yield from finish(previous)
+            yield from finish(current)
 
     return process
 

@@ -116,8 +116,7 @@ def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context) -> StageReport:
     ray_cfg = cfg.pop("ray", None)
     s = render.settings(cfg)
     if not ray.is_initialized():
-        ray.init(address=ray_cfg.get("address") if ray_cfg else None, include_dashboard=False,
-                 log_to_driver=False)
+        ray.init(address=ray_cfg.get("address") if ray_cfg else None, include_dashboard=False)
     opts = ray_options(ray_cfg, ray)
     jobs = render.render_jobs(pairs, s, ctx.seed)
     render_dir = ctx.stage_dir(render.NAME)

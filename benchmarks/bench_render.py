@@ -47,14 +47,14 @@ def main() -> None:
     data = pairs(args.images)
     s = render.settings(cfg)
     jobs = render.render_jobs(data, s)
-    render.render_batch(pipe, [jobs[0][schema.PROMPT]], [1], s, args.batch_size)  # warm-up
+    t2i.render_batch(pipe, [jobs[0][schema.PROMPT]], [1], s, args.batch_size)  # warm-up
     # the pipeline alone (same batches) and the whole stage, alternated; the best of --repeats each
     pipe_s, stage_s, backend = [], [], []
     for _ in range(args.repeats):
         t = time.perf_counter()
         for i in range(0, len(jobs), args.batch_size):
             b = jobs[i:i + args.batch_size]
-            render.render_batch(pipe, [j[schema.PROMPT] for j in b], [j[schema.SEED] for j in b], s,
+            t2i.render_batch(pipe, [j[schema.PROMPT] for j in b], [j[schema.SEED] for j in b], s,
                                 args.batch_size)
         pipe_s.append(time.perf_counter() - t)
         with tempfile.TemporaryDirectory() as tmp:

@@ -113,8 +113,8 @@ def test_seeded_render_reproduces_bit_exactly(pipe, tmp_path):
 
 def test_batch_mates_do_not_change_pixels(pipe):
     s = render.settings(CFG)
-    a = render.render_batch(pipe, ["a lantern", "a temple roof", "a tea house"], [1, 2, 3], s, pad_to=3)
-    b = render.render_batch(pipe, ["a dragon dance", "a lantern"], [4, 1], s, pad_to=3)
+    a = t2i.render_batch(pipe, ["a lantern", "a temple roof", "a tea house"], [1, 2, 3], s, pad_to=3)
+    b = t2i.render_batch(pipe, ["a dragon dance", "a lantern"], [4, 1], s, pad_to=3)
     assert np.array_equal(a[0], b[1]) and not np.array_equal(a[0], a[1])
 
 

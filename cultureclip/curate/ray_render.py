@@ -22,7 +22,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-from cultureclip import schema
 from cultureclip.curate import render, t2i
 from cultureclip.curate.records import Outcome, StageReport, StageStore
 from cultureclip.curate.registry import Context

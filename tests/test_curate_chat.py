@@ -58,7 +58,7 @@ def test_fault_retried_then_answered(kind, reason):
         assert server.requests == 3
 
 
-@pytest.mark.parametrize("kind,reason", [("503", "http_503"), ("429", "http_429"),
+@pytest.mark.parametrize("kind,reason", [("503", "http_503"), ("429", "http_429"), ("garbage", "bad_response"),
                                          ("malformed", "malformed_json"), ("schema", "schema_violation")])
 def test_fault_every_time_is_an_error_not_a_default(kind, reason):
     with StandinServer({"echo": echo}, faults=lambda i, body: kind) as server, client_for(server) as client:

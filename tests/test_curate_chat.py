@@ -58,7 +58,7 @@ def test_fault_retried_then_answered(kind, reason):
         assert server.requests == 3
 
 
-@pytest.mark.parametrize("kind,reason", [("503", "http_503"), ("429", "http_429"),
+@pytest.mark.parametrize("kind,reason", [("503", "http_503"), ("429", "http_429"), ("garbage", "bad_response"),
                                          ("malformed", "malformed_json"), ("schema", "schema_violation")])
 def test_fault_every_time_is_an_error_not_a_default(kind, reason):
     with StandinServer({"echo": echo}, faults=lambda i, body: kind) as server, client_for(server) as client:
@@ -150,3 +150,24 @@ def test_config_rejects_bad_values():
         ChatConfig.from_mapping({"base_url": "http://x/v1", "model": "m", "api_key": "leak"})
     with pytest.raises(ValueError, match="concurrency"):
         ChatConfig(base_url="http://x/v1", model="m", concurrency=0)
+
+
+@pytest.mark.slow
+def test_standin_cli_serves_in_another_process():
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen([sys.executable, "-m", "cultureclip.curate.standin", "--latency", "0"],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        url = proc.stdout.readline().strip()  # EOF (not a hang) if the server fails to start
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+        with ChatClient(ChatConfig(base_url=url, model="m", timeout_s=5, max_attempts=1)) as client:
+            ans = client.ask([{"role": "user", "content": "x"}], Echo, name="echo")
+        assert ans.error == "http_400" and "judge_scores_v1" in ans.message  # the judge's responders are served
+        with urllib.request.urlopen(url + "/standin/stats", timeout=5) as r:
+            assert json.load(r)["requests"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -74,14 +74,15 @@ def make_run(out: Path, fails=FAILS, judge: bool = True) -> dict:
                 a, b, f, own = fails.get((t, side, c), (4, 4, 5, True))
                 judged[record_key("judge", {"render": rkey, "twin": pair[schema.TWIN_ID]})] = {
                     schema.RENDER_KEY: rkey, schema.TWIN_ID: pair[schema.TWIN_ID], schema.SIDE: side,
-                    schema.CATEGORY: pair[schema.CATEGORY],
+                    schema.CATEGORY: pair[schema.CATEGORY], schema.IMAGE_SHA256: renders[rkey][schema.IMAGE_SHA256],
                     schema.CONCEPT: pair[f"{side}_concept"], schema.TWIN_CONCEPT: pair[f"{other}_concept"],
                     schema.SCORE_AUTHENTICITY: a, schema.SCORE_CONSISTENCY: b, schema.SCORE_FIDELITY: f,
                     schema.TWIN_CHOICE: pair[f"{side if own else other}_concept"], schema.PICKS_OWN: own,
                     schema.REASON: f"reason {c}"}
     for name, recs in (("render", renders), ("judge", judged))[:2 if judge else 1]:
-        StageStore(out / name, name, {}).run([{schema.REC_KEY: k} for k in recs],
-                                             lambda jobs, recs=recs: (Outcome(j[schema.REC_KEY], record=recs[j[schema.REC_KEY]]) for j in jobs))
+        def process(jobs, recs=recs):
+            return (Outcome(j[schema.REC_KEY], record=recs[j[schema.REC_KEY]]) for j in jobs)
+        StageStore(out / name, name, {}).run([{schema.REC_KEY: k} for k in recs], process)
     return {"pairs": pairs, "renders": renders, "judged": judged}
 
 
@@ -116,7 +117,8 @@ def run_dir(tmp_path):
 
 def test_export_all_pairs_split_shards_and_meta(run_dir):
     out, made = run_dir
-    report = E.run({"pairs_per_twin": None, "val_fraction": 0.3, "maxcount": 3, "plots": False}, Context(out_dir=out, seed=5))
+    report = E.run({"pairs_per_twin": None, "val_fraction": 0.3, "maxcount": 3, "plots": False},
+                   Context(out_dir=out, seed=5))
     want = expected_pairs(made)
     assert len(want) == 2 + 1 + 0 + 4  # bibimbap 2x1, hanbok 1x1, pagoda none, songkran 2x2 (see FAILS)
     train, val = read_shards(out / "export" / "train"), read_shards(out / "export" / "val")
@@ -227,3 +229,27 @@ def test_a_failed_export_leaves_the_previous_one(run_dir):
         E.run({"maxcount": 1}, Context(out_dir=out))
     after = {p.relative_to(out): p.read_bytes() for p in (out / "export").rglob("*") if p.is_file()}
     assert after == before and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_exported_shards_read_by_the_pipeline(run_dir):
+    out, made = run_dir
+    E.run({"pairs_per_twin": None, "val_fraction": 0.0, "plots": False}, Context(out_dir=out))
+    import torch
+    from cultureclip.data.pipeline import build_twin_pipeline
+
+    def tokenizer(texts, context_length=8):  # token ids are not under test here: lengths only
+        return torch.tensor([[len(t)] * context_length for t in texts])
+
+    def preprocess(im):
+        return torch.from_numpy(np.asarray(im.resize((16, 16)), dtype=np.float32))
+    batches = list(build_twin_pipeline(str(out / "export" / "train" / "shard-000000.tar"), preprocess, tokenizer,
+                                       batch_size=4, train=False))
+    want = expected_pairs(made)
+    keys = [k for b in batches for k in b[schema.KEY]]
+    assert sorted(keys) == sorted(want) and sum(b[schema.POS_IMAGE].shape[0] for b in batches) == 7
+    for b in batches:
+        for r, key in enumerate(b[schema.KEY]):
+            pair = want[key][0]
+            assert b[schema.CATEGORY][r] == pair[schema.CATEGORY]
+            assert b[schema.POS_COUNTRY][r] == pair[schema.POS_COUNTRY]
+            assert b[schema.POS_FEATURES][r] == pair[schema.POS_FEATURES] and b[schema.NEG_CONTEXT][r] is None

@@ -51,7 +51,8 @@ def expected_record():
 
 
 def write(path: Path, rows, as_list=False) -> Path:
-    text = json.dumps(rows, indent=1) if as_list else "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows)
+    lines = (r if isinstance(r, str) else json.dumps(r) for r in rows)
+    text = json.dumps(rows, indent=1) if as_list else "\n".join(lines)
     path.write_text(text + "\n")
     return path
 

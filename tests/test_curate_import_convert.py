@@ -2,7 +2,6 @@
 contexts and features, so per-category evaluation of converted data has its categories."""
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 

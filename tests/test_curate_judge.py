@@ -325,3 +325,18 @@ def test_kill9_mid_judge_then_rerun_matches_uninterrupted(tmp_path):
     store.verify()
     assert store.records() == StageStore(clean / "judge", "judge").records()
     assert sum(1 for p in (killed / "judge" / "parts").iterdir() for _ in p.open()) == 40  # no duplicate lines
+
+
+def test_run_reads_pairs_through_the_importer(tmp_path):
+    importer = pytest.importorskip("cultureclip.curate.importer")  # the export helper's module
+    pairs = make_pairs(2)
+    make_render(tmp_path, pairs)
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    importer.import_pairs([src], tmp_path)
+    with StandinServer(RESPONDERS) as server:
+        report = judge.run({}, ctx_for(tmp_path, server))
+    assert (report.ok, report.errors) == (8, 0)
+    got = {(r[schema.RENDER_KEY], r[schema.SIDE]): r for r in StageStore(tmp_path / "judge", "judge").records()}
+    exp = expected_records(tmp_path, pairs)
+    assert set(got) == set(exp) and all({f: got[k][f] for f in e} == e for k, e in exp.items())

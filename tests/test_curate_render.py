@@ -42,7 +42,9 @@ N_UNIQUE = 2 + 1 + 1 + 1 + 2
 
 @pytest.fixture(scope="module")
 def pipe():
-    return t2i.build_tiny_pipeline(seed=0)
+    """The stage's own cached tiny pipeline: other test files rendering with tiny-sd3 on CPU reuse it.
+    Tests must leave it as they found it (hooks removed; poisoning works on a copy)."""
+    return render.get_pipeline(render.settings(CFG), "cpu")
 
 
 def run(tmp, pipeline, cfg=None, pairs=PAIRS, **ctx):
@@ -111,8 +113,8 @@ def test_seeded_render_reproduces_bit_exactly(pipe, tmp_path):
 
 def test_batch_mates_do_not_change_pixels(pipe):
     s = render.settings(CFG)
-    a = render.render_batch(pipe, ["a lantern", "a temple roof", "a tea house"], [1, 2, 3], s, pad_to=3)
-    b = render.render_batch(pipe, ["a dragon dance", "a lantern"], [4, 1], s, pad_to=3)
+    a = t2i.render_batch(pipe, ["a lantern", "a temple roof", "a tea house"], [1, 2, 3], s, pad_to=3)
+    b = t2i.render_batch(pipe, ["a dragon dance", "a lantern"], [4, 1], s, pad_to=3)
     assert np.array_equal(a[0], b[1]) and not np.array_equal(a[0], a[1])
 
 
@@ -122,7 +124,7 @@ def test_two_job_ranges_make_the_union(pipe, tmp_path):
     r1, store = run(tmp_path / "two", pipe, shard_index=1, num_shards=2)
     assert r0.jobs_in_range + r1.jobs_in_range == N_UNIQUE and min(r0.ok, r1.ok) > 0
     parts = {}
-    for p in sorted((tmp_path / "two" / "render" / "parts").glob("*.jsonl")):
+    for p in sorted((tmp_path / "two" / "render" / "parts").glob("part-*.jsonl")):
         parts[p.name] = [json.loads(x)[schema.REC_KEY] for x in p.read_text().splitlines()]
     all_keys = [k for ks in parts.values() for k in ks]
     assert len(all_keys) == len(set(all_keys)) == N_UNIQUE  # no overlap, no gap
@@ -195,7 +197,7 @@ def test_kill_during_render_then_rerun(pipe, tmp_path):
             os._exit(code)
     try:
         deadline = time.monotonic() + 60
-        while not list((out / "render" / "parts").glob("*.jsonl")):
+        while not list((out / "render" / "parts").glob("part-*.jsonl")):  # not a .tmp- file
             assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the render exited before writing a part"
             assert time.monotonic() < deadline, "no part after 60 s"
             time.sleep(0.02)
@@ -209,3 +211,39 @@ def test_kill_during_render_then_rerun(pipe, tmp_path):
     assert rep.done_before + rep.processed == 24 and rep.errors == 0
     _, ref = run(tmp_path / "ref", pipe, cfg=cfg, pairs=pairs)
     assert store.records() == ref.records() and images(out) == images(tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_two_processes_at_once(pipe, tmp_path):
+    """Job ranges 0/2 and 1/2 rendered by two forked processes at the same time into one folder."""
+    pids = []
+    for shard in range(2):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                run(tmp_path / "two", pipe, shard_index=shard, num_shards=2)
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    assert [os.WEXITSTATUS(os.waitpid(p, 0)[1]) for p in pids] == [0, 0]
+    run(tmp_path / "one", pipe)
+    store = StageStore(tmp_path / "two" / "render", "render")
+    keys = [json.loads(x)[schema.REC_KEY] for p in sorted((tmp_path / "two" / "render" / "parts").glob("part-*"))
+            for x in p.read_text().splitlines()]
+    assert sorted(keys) == [r[schema.REC_KEY] for r in store.records()] and len(keys) == N_UNIQUE
+    assert store.records() == StageStore(tmp_path / "one" / "render", "render").records()
+    assert images(tmp_path / "two") == images(tmp_path / "one")
+    assert sorted(r["job"] for r in store.reports()) == ["00000of00002", "00001of00002"]
+
+
+def test_shipped_configs_are_valid():
+    from omegaconf import OmegaConf
+    conf = Path(render.__file__).parents[2] / "conf" / "render"
+    base = OmegaConf.load(conf / "sd35_turbo.yaml")
+    assert render.settings(base) == {**render.DEFAULTS, "ray": None}  # the yaml spells out every default
+    tiny = OmegaConf.merge(base, {k: v for k, v in OmegaConf.load(conf / "tiny.yaml").items() if k != "defaults"})
+    s = render.settings(tiny)
+    assert t2i.is_tiny(s["model"]) and s["dtype"] == "float32"
+    assert (base.steps, base.guidance, base.width, base.dtype) == (4, 0.0, 512, "float16")  # the authors' settings

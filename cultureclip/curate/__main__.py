@@ -1,4 +1,4 @@
-"""``python -m cultureclip.curate stage=render|judge|export|all|[render,judge] [input=...] [key=value ...]``.
+"""``python -m cultureclip.curate stage=render|judge|export|all|import|[render,judge] [input=...] [key=value ...]``.
 
 Composes ``conf/curate.yaml`` and hands the plain config to :func:`cultureclip.curate.app.run`. A run
 that stops on bad input or settings prints ``error: <message>`` and exits 1 (no traceback; set

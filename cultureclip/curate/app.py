@@ -18,6 +18,7 @@ from cultureclip.curate.records import StageReport
 
 log = logging.getLogger("cultureclip.curate")
 FIRST_AFTER_PAIRS = "render"  # with input=, the stages that would make the caption pairs are not run
+IMPORT_ONLY = "import"  # stage=import: only import input= (once, before many processes start on it)
 
 
 class CurateError(RuntimeError):
@@ -28,7 +29,8 @@ def stage_list(stage: Union[str, Sequence[str]], cfg: Mapping[str, Any]) -> list
     """The stages to run, in pipeline order.
 
     Args:
-        stage: a stage name, ``"all"``, or a list of names (``stage=[render,judge]`` on the command line).
+        stage: a stage name, ``"all"``, ``"import"`` (no stage: only import ``input``), or a list of
+            names (``stage=[render,judge]`` on the command line).
         cfg: the run's config: ``all`` means every registered stage that has a config group in it,
             from ``render`` on when ``input`` is given (the imported pairs replace the earlier stages).
     """
@@ -39,11 +41,15 @@ def stage_list(stage: Union[str, Sequence[str]], cfg: Mapping[str, Any]) -> list
         if not names:
             raise CurateError("stage=all found no stage config group in the config")
         return names
+    if isinstance(stage, str) and stage == IMPORT_ONLY:
+        if not cfg.get("input"):
+            raise CurateError("stage=import needs input=<caption-pair file(s)>")
+        return []
     names = [stage] if isinstance(stage, str) else list(stage)
     unknown = [s for s in names if s not in registry.STAGES]
     if unknown or not names:
         raise CurateError(f"unknown stage(s) {unknown or names}: choose among {list(registry.ORDER)}, 'all', "
-                          f"or a list such as stage=[render,judge]")
+                          f"'{IMPORT_ONLY}', or a list such as stage=[render,judge]")
     return sorted(set(names), key=registry.ORDER.index)
 
 

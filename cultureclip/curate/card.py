@@ -63,7 +63,8 @@ def module_sections(out_dir: Path, names: Sequence[str]) -> list[dict]:
     return sections
 
 
-def _rate(passed: int, total: int) -> Optional[float]:
+def rate(passed: int, total: int) -> Optional[float]:
+    """``passed / total`` rounded to 4 digits; None when nothing was counted."""
     return round(passed / total, 4) if total else None
 
 
@@ -98,7 +99,7 @@ def group_tables(pairs: Sequence[Mapping], renders: Mapping[str, Mapping], judge
         for value in sorted(groups):
             row = {k: groups[value][k] for k in ("twin_pairs", "images_rendered", "images_judged", "images_passed",
                                                  "pairs_exported")}
-            row["pass_rate"] = _rate(row["images_passed"], row["images_judged"])
+            row["pass_rate"] = rate(row["images_passed"], row["images_judged"])
             out[table][value] = row
     return out
 

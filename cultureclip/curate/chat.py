@@ -255,13 +255,20 @@ class ChatClient:
     def _once(self, messages: Sequence[Mapping], schema: type, response_format: dict) -> Any:
         import openai
         import pydantic
+        from openai.types.chat import ChatCompletion
         if self._bucket is not None:
             self._bucket.acquire()
+        body = {"model": self.cfg.model, "messages": list(messages), "response_format": response_format,
+                "temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens,
+                **(self.cfg.extra_body or {})}
         try:
-            completion = self._client.chat.completions.create(
-                model=self.cfg.model, messages=list(messages), response_format=response_format,
-                temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens,
-                extra_body=self.cfg.extra_body)
+            # The SDK's documented raw-request path (auth, timeouts, status errors, response parsing as
+            # in chat.completions.create) with the body serialised once by us: create() walks every
+            # message through its type transforms, which costs more CPU than the request itself for
+            # image messages of a few hundred kB.
+            completion = self._client.post("/chat/completions", cast_to=ChatCompletion,
+                                           content=json.dumps(body).encode("ascii"),
+                                           options={"headers": {"Content-Type": "application/json"}})
         except openai.APITimeoutError as exc:
             raise _Retry("timeout", f"no answer within {self.cfg.timeout_s} s ({exc})") from None
         except openai.APIConnectionError as exc:
@@ -271,6 +278,12 @@ class ChatClient:
             retryable = status in RETRYABLE_STATUS or status >= 500
             raise _Retry(f"http_{status}", f"HTTP {status}: {exc.message}",
                          _retry_after(exc.response.headers), retryable) from None
+        except openai.OpenAIError as exc:  # anything else the SDK raises: an error answer, not a crash
+            raise _Retry("api_error", f"{type(exc).__name__}: {exc}") from None
+        except ValueError as exc:  # a 200 whose body is not JSON at all
+            raise _Retry("bad_response", f"unreadable response: {exc}") from None
+        if not isinstance(completion, ChatCompletion) or not isinstance(completion.choices, list):
+            raise _Retry("bad_response", f"not a chat completion: {str(completion)[:200]!r}")
         if not completion.choices:
             raise _Retry("empty_answer", "the server returned no choices")
         choice = completion.choices[0]

@@ -26,13 +26,14 @@ import time
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from cultureclip import schema
 from cultureclip.curate import card as C
 from cultureclip.curate.importer import load_pairs
 from cultureclip.curate.judge_rule import check_rule, passes  # the judge's rule (re-exported by curate.judge)
-from cultureclip.curate.records import STAGE_FILE, StageReport, StageStore, job_id, record_key, seed_from_key, write_atomic
+from cultureclip.curate.records import (STAGE_FILE, StageReport, StageStore, job_id, record_key, seed_from_key,
+                                        write_atomic)
 from cultureclip.data.shards import TwinShardWriter
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,7 @@ def _plain(obj: Any) -> Any:
     """Plain dicts and lists from any mappings and sequences (e.g. OmegaConf containers)."""
     if isinstance(obj, Mapping):
         return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) or (hasattr(obj, "__iter__") and hasattr(obj, "__getitem__")
-                                          and not isinstance(obj, (str, bytes))):
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
         return [_plain(v) for v in obj]
     return obj
 
@@ -116,6 +116,9 @@ def build_pairs(pairs: list[dict], renders: Mapping[str, dict], judged: list[dic
         if j[schema.RENDER_KEY] not in renders:
             raise ValueError(f"judge record {j[schema.REC_KEY]} names render {j[schema.RENDER_KEY]}, which has no "
                              f"render record")
+        if j[schema.IMAGE_SHA256] != renders[j[schema.RENDER_KEY]][schema.IMAGE_SHA256]:
+            raise ValueError(f"judge record {j[schema.REC_KEY]} judged another image than render record "
+                             f"{j[schema.RENDER_KEY]} now holds (sha256 differs): judge again")
         if passes(j, rule):
             good[j[schema.TWIN_ID]][j[schema.SIDE]].append(j[schema.RENDER_KEY])
     out = []
@@ -219,8 +222,9 @@ def run(cfg: Optional[Mapping], ctx) -> StageReport:
     tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-partial-", dir=out_dir))
     old = None
     try:
-        sizes = {split: _write_split(tmp / split, [r for r in rows if (r[schema.TWIN_ID] in val_twins) == (split == VAL)],
-                                     renders, out_dir, cfg) for split in (TRAIN, VAL)}
+        by_split = {TRAIN: [r for r in rows if r[schema.TWIN_ID] not in val_twins],
+                    VAL: [r for r in rows if r[schema.TWIN_ID] in val_twins]}
+        sizes = {split: _write_split(tmp / split, by_split[split], renders, out_dir, cfg) for split in (TRAIN, VAL)}
         n_val = sum(sizes[VAL].values())
         report = StageReport(stage=NAME, job=job_id(0, 1), jobs_total=len(pairs), jobs_in_range=len(pairs),
                              processed=len(pairs), ok=len(twins),
@@ -233,10 +237,10 @@ def run(cfg: Optional[Mapping], ctx) -> StageReport:
                            "val_fraction": cfg["val_fraction"], "seed": ctx.seed, "sizes": sizes},
                 "rule": rule, "stages": {**stages, NAME: {"records": len(rows), "errors": 0, "errors_by_reason": {},
                                                           "jobs_total": len(pairs), "pending": 0,
-                                                          "success_rate": C._rate(len(twins), len(pairs)),
+                                                          "success_rate": C.rate(len(twins), len(pairs)),
                                                           "job_ranges_reported": 1}},
                 "judge": {"images_judged": len(judged), "images_passed": n_pass,
-                          "pass_rate": C._rate(n_pass, len(judged)), "histograms": hist},
+                          "pass_rate": C.rate(n_pass, len(judged)), "histograms": hist},
                 "groups": C.group_tables(pairs, renders, judged, lambda j: passes(j, rule), [r["meta"] for r in rows]),
                 "gallery": _gallery(judged, renders, rule, out_dir, tmp, cfg, by_twin),
                 "histogram_png": None,

@@ -192,10 +192,11 @@ def parse_row(row: Mapping, where: str) -> tuple[str, dict, dict]:
                 raise RecordError(f"{where}: field {cid!r} must be an integer, got {row.get(cid)!r}")
             ids[side] = row[cid]
         if not texts:
-            raise RecordError(f"{where}: no captions for the {side} side (field {captions if fmt == FORMAT_OURS else many!r})")
+            field_name = captions if fmt == FORMAT_OURS else many
+            raise RecordError(f"{where}: no captions for the {side} side (field {field_name!r})")
         sides[side] = (text_field(row, concept, where), text_field(row, country, where, required=False),
                        extras[context], extras[features], texts)
-    if sides[schema.POS_PREFIX][0] == sides[schema.NEG_PREFIX][0] and sides[schema.POS_PREFIX][1] == sides[schema.NEG_PREFIX][1]:
+    if sides[schema.POS_PREFIX][:2] == sides[schema.NEG_PREFIX][:2]:  # same concept and country
         raise RecordError(f"{where}: {schema.POS_CONCEPT!r} and {schema.NEG_CONCEPT!r} are the same concept "
                           f"{sides[schema.POS_PREFIX][0]!r}: not a twin pair")
     rec = pair_record(category, sides)

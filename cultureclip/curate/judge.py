@@ -314,16 +314,25 @@ def _standin_scores(body: dict) -> dict:
 
 
 def _png_text(data_url: str) -> str:
-    """The text chunks of a PNG data URL (e.g. a prompt a renderer stored), lower-cased; "" if none."""
+    """The tEXt chunks of a PNG data URL (e.g. the prompt a renderer stored), lower-cased; "" if none.
+    Read from the chunk headers, without decoding the image (the stand-in must stay cheap)."""
     import base64
-    import io
-
-    from PIL import Image
+    import struct
     try:
-        with Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))) as im:
-            return " ".join(str(v) for v in getattr(im, "text", {}).values()).casefold()
-    except Exception:  # not a PNG, or unreadable: the stand-in then has no hint, which is fine
+        data = base64.b64decode(data_url.split(",", 1)[1])
+    except ValueError:
         return ""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return ""
+    out, pos = [], 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"tEXt":
+            out.append(data[pos + 8:pos + 8 + length].split(b"\0", 1)[-1].decode("latin-1"))
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    return " ".join(out).casefold()
 
 
 def _standin_twin(body: dict) -> dict:

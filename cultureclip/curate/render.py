@@ -25,6 +25,7 @@ import io
 import logging
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -45,18 +46,11 @@ DEFAULTS: dict[str, Any] = {
     "prompt_template": "{caption}",  # fields: caption, concept, country, category
     "prompt_version": PROMPT_VERSION, "max_sequence_length": None,  # SD3's T5 length; null: its default
     "part_size": 64, "cpu_offload": False, "variant": None, "local_files_only": False,
+    "ray": None,  # a mapping: render on a Ray cluster (cultureclip.curate.ray_render)
 }
 SIDES = ((schema.POS_CONCEPT, schema.POS_COUNTRY, schema.POS_CAPTIONS),
          (schema.NEG_CONCEPT, schema.NEG_COUNTRY, schema.NEG_CAPTIONS))
 _PIPELINES: dict[tuple, Any] = {}  # loaded once per process: reruns and stage=all reuse the model
-
-
-class RenderRejected(RuntimeError):
-    """A finished render that must not be kept (NaN pixels, flagged by a safety checker)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def settings(cfg: Mapping) -> dict:
@@ -138,47 +132,6 @@ def get_pipeline(s: Mapping, device: str):
     return _PIPELINES[cache_key]
 
 
-def render_batch(pipe, prompts: list[str], seeds: list[int], s: Mapping, pad_to: int) -> list:
-    """Render ``prompts``; returns one float image array (H, W, 3) in [0, 1] or a RenderRejected each.
-
-    The batch is padded to ``pad_to`` images (copies of the last prompt) so its shape never varies.
-    """
-    import numpy as np
-    import torch
-    n = len(prompts)
-    prompts = prompts + [prompts[-1]] * (pad_to - n)
-    seeds = seeds + [seeds[-1]] * (pad_to - n)
-    kwargs = dict(num_inference_steps=s["steps"], guidance_scale=s["guidance"], height=s["height"],
-                  width=s["width"], output_type="np")
-    if s["negative_prompt"] is not None:
-        kwargs["negative_prompt"] = [s["negative_prompt"]] * len(prompts)
-    if s["max_sequence_length"] is not None:
-        kwargs["max_sequence_length"] = s["max_sequence_length"]
-    generators = [torch.Generator("cpu").manual_seed(x) for x in seeds]
-    with torch.inference_mode():
-        out = pipe(prompt=prompts, generator=generators, **kwargs)
-    images = np.asarray(out.images)  # (B, H, W, 3) float in [0, 1]
-    flags = getattr(out, "nsfw_content_detected", None) or [False] * len(prompts)
-    results = []
-    for img, flagged in zip(images[:n], flags[:n]):
-        if flagged:
-            results.append(RenderRejected("nsfw", "the pipeline's safety checker flagged the image"))
-        elif not np.isfinite(img).all():
-            results.append(RenderRejected("nan_image", f"{int((~np.isfinite(img)).sum())} non-finite pixel values"))
-        else:
-            results.append(img)
-    return results
-
-
-def png_bytes(img) -> bytes:
-    """PNG of a float image in [0, 1] (rounded to uint8 like diffusers' own conversion)."""
-    import numpy as np
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray((img * 255).round().astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _readable_png(path: Path) -> Optional[bytes]:
     if not path.is_file():
         return None
@@ -195,7 +148,7 @@ def _readable_png(path: Path) -> Optional[bytes]:
 
 def _error_reason(exc: BaseException) -> str:
     import torch
-    if isinstance(exc, RenderRejected):
+    if isinstance(exc, t2i.RenderRejected):
         return exc.reason
     return "oom" if isinstance(exc, torch.OutOfMemoryError) else "backend_error"
 
@@ -225,7 +178,7 @@ def make_process(s: Mapping, render_dir: Path, pipeline: Callable[[], Any], stat
     def attempt(batch: list[Mapping], pad_to: int) -> list:
         start = time.perf_counter()
         try:
-            return render_batch(pipeline(), [j[schema.PROMPT] for j in batch], [j[schema.SEED] for j in batch],
+            return t2i.render_batch(pipeline(), [j[schema.PROMPT] for j in batch], [j[schema.SEED] for j in batch],
                                 s, pad_to)
         except RuntimeError as exc:  # OOM, CUDA and kernel errors: the job's, not the stage's
             if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
@@ -234,35 +187,48 @@ def make_process(s: Mapping, render_dir: Path, pipeline: Callable[[], Any], stat
         finally:
             stats["backend_seconds"] += time.perf_counter() - start
 
-    def finish(batch: list[Mapping]) -> Iterator[Outcome]:
+    def save(key: str, img) -> bytes:
+        data = t2i.png_bytes(img)
+        write_atomic(image_path(render_dir, key), data)
+        return data
+
+    def start(batch: list[Mapping], pool) -> list:
+        """Render a batch and start writing its images; returns (job, error or future) pairs."""
         results, tries = attempt(batch, s["batch_size"]), 1
-        if s["batch_size"] > 1 and all(isinstance(r, Exception) and not isinstance(r, RenderRejected) for r in results):
+        if s["batch_size"] > 1 and all(isinstance(r, Exception) and not isinstance(r, t2i.RenderRejected) for r in results):
             log.warning("render batch of %d failed (%s); retrying image by image", len(batch), results[0])
             results, tries = [attempt([j], 1)[0] for j in batch], 2
-        for job, res in zip(batch, results):
-            key = job[schema.REC_KEY]
+        return [(job, res if isinstance(res, Exception) else pool.submit(save, job[schema.REC_KEY], res), tries)
+                for job, res in zip(batch, results)]
+
+    def finish(started: list) -> Iterator[Outcome]:
+        for job, res, tries in started:
             if isinstance(res, Exception):
-                yield Outcome(key, error=_error_reason(res), message=f"{type(res).__name__}: {res}"[:2000],
-                              attempts=tries)
-                continue
-            data = png_bytes(res)
-            write_atomic(image_path(render_dir, key), data)  # the image exists before its record does
-            yield record(job, data)
+                yield Outcome(job[schema.REC_KEY], error=_error_reason(res), attempts=tries,
+                              message=f"{type(res).__name__}: {res}"[:2000])
+            else:  # the image is on disk (fsynced) before its record exists; a write error stops the stage
+                yield record(job, res.result())
 
     def process(jobs: Iterator[Mapping]) -> Iterator[Outcome]:
-        batch: list[Mapping] = []
-        for job in jobs:
-            data = _readable_png(image_path(render_dir, job[schema.REC_KEY]))
-            if data is not None:  # rendered before a crash lost its record: same key, same image
-                stats["reused"] += 1
-                yield record(job, data)
-                continue
-            batch.append(job)
-            if len(batch) == s["batch_size"]:
-                yield from finish(batch)
-                batch = []
-        if batch:
-            yield from finish(batch)
+        # images of batch k are encoded and written (fsync: ~10 ms each) by threads while batch k+1
+        # renders; batch k's records are yielded once its writes are done
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="render-write") as pool:
+            batch: list[Mapping] = []
+            previous: list = []
+            for job in jobs:
+                data = _readable_png(image_path(render_dir, job[schema.REC_KEY]))
+                if data is not None:  # rendered before a crash lost its record: same key, same image
+                    stats["reused"] += 1
+                    yield record(job, data)
+                    continue
+                batch.append(job)
+                if len(batch) == s["batch_size"]:
+                    current = start(batch, pool)
+                    yield from finish(previous)
+                    previous, batch = current, []
+            current = start(batch, pool) if batch else []
+            yield from finish(previous)
+            yield from finish(current)
 
     return process
 
@@ -296,7 +262,11 @@ def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context, pipeline: Any = Non
 def run(cfg: Mapping, ctx: Context) -> StageReport:
     """The stage entry point: render the twin caption sets found in ``ctx.out_dir``."""
     from cultureclip.curate.importer import load_pairs
-    return run_pairs(load_pairs(ctx.out_dir), cfg, ctx)
+    pairs = load_pairs(ctx.out_dir)
+    if cfg.get("ray"):
+        from cultureclip.curate import ray_render
+        return ray_render.run_pairs(pairs, cfg, ctx)
+    return run_pairs(pairs, cfg, ctx)
 
 
 def load_records(out_dir: Path) -> list[dict]:

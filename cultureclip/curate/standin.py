@@ -1,6 +1,7 @@
 """A stand-in OpenAI-compatible chat server: a real HTTP server on localhost with deterministic answers.
 
-It serves ``POST /v1/chat/completions`` and ``GET /v1/models`` in the OpenAI wire format, so the
+It serves ``POST /v1/chat/completions`` and ``GET /v1/models`` in the OpenAI wire format (and its
+counters at ``GET /v1/standin/stats``), so the
 curation stages talk to it through the same SDK and code path as to vLLM or a hosted API. It is not a
 model: each request is dispatched on the name of its ``response_format`` JSON schema to a *responder*
 (a function of the request body returning the answer object), which the stage modules provide
@@ -21,7 +22,9 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-FAULT_KINDS = ("429", "500", "503", "slow", "malformed", "schema")
+STAGE_MODULES = ("cultureclip.curate.judge",)  # stage modules whose standin_responders() the CLI serves
+
+FAULT_KINDS = ("429", "500", "503", "slow", "malformed", "schema", "garbage")
 SCHEMA_VIOLATION = {"not_in_schema": True}  # every closed schema with a required field rejects it
 
 
@@ -32,7 +35,8 @@ class Fault:
     Attributes:
         kind: ``"429"`` / ``"500"`` / ``"503"`` (that status), ``"slow"`` (answer after ``delay_s``,
             meant to exceed the client's timeout), ``"malformed"`` (content that is not JSON),
-            ``"schema"`` (JSON that violates the requested schema).
+            ``"schema"`` (JSON that violates the requested schema), ``"garbage"`` (HTTP 200 whose body
+            is not a chat completion at all).
         retry_after: for 429/503, the ``Retry-After`` header in seconds (omitted when None).
         delay_s: for ``slow``, the delay before answering.
     """
@@ -90,14 +94,15 @@ class StandinServer:
         model: the id listed by ``/v1/models``.
         api_key: when set, requests must carry ``Authorization: Bearer <api_key>`` (else 401).
         keep_bodies: keep every chat request body in :attr:`bodies`.
+        port: the port to bind; 0 (default) for a free one.
     """
 
     def __init__(self, responders: Mapping[str, Callable[[dict], Any]], latency_s: float = 0.0,
                  faults: Faults = None, host: str = "127.0.0.1", model: str = "standin",
-                 api_key: Optional[str] = None, keep_bodies: bool = True) -> None:
+                 api_key: Optional[str] = None, keep_bodies: bool = True, port: int = 0) -> None:
         self.responders = dict(responders)
         self.latency_s, self.faults, self.host, self.model = float(latency_s), faults, host, model
-        self._api_key, self.keep_bodies = api_key, keep_bodies
+        self._api_key, self.keep_bodies, self.port = api_key, keep_bodies, int(port)
         self.lock = threading.Lock()
         self.requests = 0  # chat requests received
         self.in_flight = 0
@@ -118,7 +123,7 @@ class StandinServer:
 
     def start(self) -> "StandinServer":
         handler = type("Handler", (_Handler,), {"standin": self})
-        self._httpd = ThreadingHTTPServer((self.host, 0), handler)
+        self._httpd = ThreadingHTTPServer((self.host, self.port), handler)
         self._httpd.daemon_threads = True  # a slow answer never blocks shutdown
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="standin-server", daemon=True)
@@ -177,6 +182,8 @@ class StandinServer:
         if fault is not None and fault.kind in ("429", "500", "503"):
             headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
             return int(fault.kind), headers, _error(f"stand-in fault {fault.kind}", "server_error")
+        if fault is not None and fault.kind == "garbage":
+            return 200, {}, {"unexpected": "not a chat completion"}
         if fault is not None and fault.kind == "slow":
             time.sleep(fault.delay_s)
         if name is None:
@@ -214,6 +221,7 @@ def _error(message: str, kind: str) -> dict:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the client reuses connections, as with vLLM
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
     standin: StandinServer
 
     def log_message(self, *args: Any) -> None:  # quiet: tests and benchmarks make thousands
@@ -242,7 +250,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if not self._authorised():
             return
-        if self.path.rstrip("/") == "/v1/models":
+        if self.path.rstrip("/") == "/v1/standin/stats":  # counters, for clients in another process
+            with self.standin.lock:
+                stats = {"requests": self.standin.requests, "max_in_flight": self.standin.max_in_flight,
+                         "by_schema": dict(self.standin.by_schema),
+                         "statuses": {str(k): v for k, v in self.standin.statuses.items()}}
+            self._send(200, stats)
+        elif self.path.rstrip("/") == "/v1/models":
             self._send(200, {"object": "list", "data": [
                 {"id": self.standin.model, "object": "model", "created": 0, "owned_by": "cultureclip-standin"}]})
         else:
@@ -263,3 +277,33 @@ class _Handler(BaseHTTPRequestHandler):
             return
         status, headers, payload = self.standin.answer(body)
         self._send(status, payload, headers)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m cultureclip.curate.standin``: serve the stand-in in this process until interrupted.
+
+    Prints the base URL on the first line of stdout (for scripts and benchmarks that need the server
+    in another process than the client).
+    """
+    import argparse
+    import importlib
+    p = argparse.ArgumentParser(description="A stand-in OpenAI-compatible chat server (deterministic answers).")
+    p.add_argument("--modules", default=",".join(STAGE_MODULES),
+                   help="comma-separated modules whose standin_responders() to serve")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds added to every answer")
+    p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one)")
+    args = p.parse_args(argv)
+    responders: dict = {}
+    for name in filter(None, args.modules.split(",")):
+        responders.update(importlib.import_module(name).standin_responders())
+    with StandinServer(responders, latency_s=args.latency, port=args.port, keep_bodies=False) as server:
+        print(server.url, flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,8 +14,10 @@ on use.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -81,7 +83,9 @@ def load_pipeline(model_id: str = DEFAULT_MODEL, dtype: str = "float16", device:
     torch_dt = torch_dtype(dtype)
     if is_tiny(model_id):
         kind = model_id[len(TINY_PREFIX):]
-        pipe = build_tiny_pipeline(seed=seed, kind=kind).to(torch_dt)
+        pipe = build_tiny_pipeline(seed=seed, kind=kind)
+        if dtype != "float32":  # built in float32
+            pipe = pipe.to(torch_dtype=torch_dt)
         return pipe.to(resolve_device(device))
     diffusers, _ = _import_diffusers()
     pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
@@ -172,3 +176,55 @@ def build_tiny_pipeline(seed: int = 0, kind: str = "sd3"):
         text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class RenderRejected(RuntimeError):
+    """A finished render that must not be kept (NaN pixels, flagged by a safety checker)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def render_batch(pipe, prompts: list[str], seeds: list[int], s: Mapping, pad_to: int) -> list:
+    """Render ``prompts``; returns one float image array (H, W, 3) in [0, 1] or a RenderRejected each.
+
+    ``s`` holds steps, guidance, width, height, negative_prompt and max_sequence_length (None: the
+    pipeline's default). Each image gets its own CPU generator seeded with its seed.
+
+    The batch is padded to ``pad_to`` images (copies of the last prompt) so its shape never varies.
+    """
+    import numpy as np
+    import torch
+    n = len(prompts)
+    prompts = prompts + [prompts[-1]] * (pad_to - n)
+    seeds = seeds + [seeds[-1]] * (pad_to - n)
+    kwargs = dict(num_inference_steps=s["steps"], guidance_scale=s["guidance"], height=s["height"],
+                  width=s["width"], output_type="np")
+    if s["negative_prompt"] is not None:
+        kwargs["negative_prompt"] = [s["negative_prompt"]] * len(prompts)
+    if s["max_sequence_length"] is not None:
+        kwargs["max_sequence_length"] = s["max_sequence_length"]
+    generators = [torch.Generator("cpu").manual_seed(x) for x in seeds]
+    with torch.inference_mode():
+        out = pipe(prompt=prompts, generator=generators, **kwargs)
+    images = np.asarray(out.images)  # (B, H, W, 3) float in [0, 1]
+    flags = getattr(out, "nsfw_content_detected", None) or [False] * len(prompts)
+    results = []
+    for img, flagged in zip(images[:n], flags[:n]):
+        if flagged:
+            results.append(RenderRejected("nsfw", "the pipeline's safety checker flagged the image"))
+        elif not np.isfinite(img).all():
+            results.append(RenderRejected("nan_image", f"{int((~np.isfinite(img)).sum())} non-finite pixel values"))
+        else:
+            results.append(img)
+    return results
+
+
+def png_bytes(img) -> bytes:
+    """PNG of a float image in [0, 1] (rounded to uint8 like diffusers' own conversion)."""
+    import numpy as np
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray((img * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()

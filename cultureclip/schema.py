@@ -106,6 +106,8 @@ SCORES = (SCORE_AUTHENTICITY, SCORE_CONSISTENCY, SCORE_FIDELITY)
 TWIN_CHOICE = "twin_choice"  # the concept name the judge picked when shown both names
 PICKS_OWN = "picks_own"  # whether that is the image's own concept
 REASON = "reason"
+TWIN_CONCEPT = "twin_concept"  # judge records: the other concept of the twin pair ...
+TWIN_COUNTRY = "twin_country"  # ... and its country
 
 # ---- the reference pipeline's files (CulTwin JSON/JSONL), read by the curation importer ----
 REF_SAMPLE_ID = "sample_id"

@@ -247,3 +247,16 @@ def test_shipped_configs_are_valid():
     s = render.settings(tiny)
     assert t2i.is_tiny(s["model"]) and s["dtype"] == "float32"
     assert (base.steps, base.guidance, base.width, base.dtype) == (4, 0.0, 512, "float16")  # the authors' settings
+
+
+@pytest.mark.slow
+def test_load_pipeline_from_a_saved_folder(pipe, tmp_path):
+    """The real loader (AutoPipelineForText2Image.from_pretrained) on the stand-in saved to disk, offline:
+    the stage renders the same bytes through it as through the in-memory pipeline."""
+    pipe.save_pretrained(tmp_path / "model")
+    loaded = t2i.load_pipeline(str(tmp_path / "model"), dtype="float32", device="cpu", local_files_only=True,
+                               text_encoder_3=None, tokenizer_3=None)
+    assert type(loaded).__name__ == "StableDiffusion3Pipeline" and loaded.dtype == torch.float32
+    run(tmp_path / "a", pipe)
+    run(tmp_path / "b", loaded)
+    assert images(tmp_path / "a") == images(tmp_path / "b")

@@ -262,4 +262,8 @@ def run(cfg: Optional[Mapping], ctx) -> StageReport:
             shutil.rmtree(old, ignore_errors=True)
     log.info("export: %d train and %d val pairs from %d of %d twin pairs in %s", len(rows) - n_val, n_val,
              len(twins), len(pairs), final)
+    if not rows or (cfg["val_fraction"] > 0 and not n_val):
+        log.warning("export: the %s split is empty (%d of %d twin pairs have a passing image on both sides); see "
+                    "the rejected images in %s", "train" if not rows else "val", len(twins), len(pairs),
+                    final / C.CARD_MD)
     return report

@@ -75,7 +75,8 @@ def load_pipeline(model_id: str = DEFAULT_MODEL, dtype: str = "float16", device:
         variant, revision: passed to ``from_pretrained`` (e.g. ``variant="fp16"``).
         cpu_offload: move submodules to the GPU only while they run (large models on small GPUs).
         local_files_only: never touch the network (the model must be in the local cache).
-        **kwargs: more ``from_pretrained`` arguments.
+        **kwargs: more ``from_pretrained`` arguments (e.g. ``text_encoder_3=None, tokenizer_3=None``
+            to load SD3 without its T5 encoder).
 
     Returns:
         The diffusers pipeline, on ``device``, progress bar off.
@@ -88,9 +89,11 @@ def load_pipeline(model_id: str = DEFAULT_MODEL, dtype: str = "float16", device:
             pipe = pipe.to(torch_dtype=torch_dt)
         return pipe.to(resolve_device(device))
     diffusers, _ = _import_diffusers()
+    # recent diffusers name the argument ``dtype`` and deprecate ``torch_dtype``; older ones only know the latter
+    dtype_arg = "dtype" if hasattr(diffusers.pipelines.pipeline_utils, "_resolve_dtype") else "torch_dtype"
     pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
-        model_id, torch_dtype=torch_dt, variant=variant, revision=revision,
-        local_files_only=local_files_only, **kwargs)
+        model_id, variant=variant, revision=revision, local_files_only=local_files_only,
+        **{dtype_arg: torch_dt}, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     dev = resolve_device(device)
     if cpu_offload:

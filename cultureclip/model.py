@@ -66,7 +66,9 @@ class CultureCLIP(nn.Module):
 
         Args:
             name_or_path: an open_clip architecture (``"ViT-B-32-quickgelu"``), an ``hf-hub:org/repo``
-                id, a directory written by :meth:`save_pretrained` (or ``local-dir:DIR``).
+                id, a directory written by :meth:`save_pretrained` (or ``local-dir:DIR``), or
+                ``hf-transformers:<model id or dir>`` for a ``transformers`` CLIPModel (converted exactly,
+                see :mod:`cultureclip.interop`; ``adapter=<PEFT LoRA dir>`` merges an adapter into it).
             pretrained: with an architecture name: an open_clip pretrained tag (``"openai"``) or a
                 checkpoint file (``.safetensors``/``.pt``, read without unpickling); ``None`` builds
                 random weights.
@@ -74,6 +76,10 @@ class CultureCLIP(nn.Module):
             **kwargs: open_clip overrides (``force_quick_gelu``, ``force_context_length``, ...).
         """
         name = str(name_or_path)
+        if name.startswith("hf-transformers:"):
+            from cultureclip.interop.hf_io import from_transformers
+            return from_transformers(cls, name[len("hf-transformers:"):], device=device, precision=precision,
+                                     cache_dir=cache_dir, **kwargs)
         if name.startswith("local-dir:"):
             name = name[len("local-dir:"):]
         if os.path.isdir(name):
@@ -270,8 +276,11 @@ class CultureCLIP(nn.Module):
             self.model.lock_text_tower(unlocked_layers=unlocked_groups, freeze_layer_norm=True)
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
+    def save_pretrained(self, directory: Union[str, os.PathLike], format: str = "open_clip") -> Path:
         """Write open_clip's hub layout (``open_clip_config.json`` + ``open_clip_model.safetensors``).
+
+        ``format="transformers"`` writes a ``transformers`` CLIPModel directory instead (config, weights,
+        tokenizer and image processor; see :func:`cultureclip.interop.hf_io.save_transformers`).
 
         Adapters are merged into a copy first, so the files load into plain open_clip
         (``create_model_and_transforms("local-dir:" + directory)``) and this model keeps training.
@@ -283,6 +292,11 @@ class CultureCLIP(nn.Module):
             model = deepcopy(self.model)
             lora_lib.merge_lora(model)
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if format == "transformers":
+            from cultureclip.interop.hf_io import save_transformers
+            return save_transformers(self, state, directory)
+        if format != "open_clip":
+            raise ValueError(f"format must be 'open_clip' or 'transformers', got {format!r}")
         config = {"model_cfg": self.model_cfg, "preprocess_cfg": self.checkpoint_metadata()["preprocess_cfg"],
                   "name": self.name}
         return io.write_saved_dir(Path(directory), state, self.model_cfg, config)

@@ -231,3 +231,25 @@ def test_mismatched_adapters_are_refused(tmp_path, hf_base):
     with pytest.raises(AdapterMismatchError, match="r=8"):
         _edit_config(adapter, use_dora=False, r=8)
         load()
+
+
+def test_transformers_pipeline_runs_our_export(tmp_path, tiny_model):
+    """transformers' zero-shot pipeline on our export ranks labels as we do, with the same probabilities."""
+    import numpy as np
+    from PIL import Image
+    with torch.no_grad():
+        tiny_model.logit_scale.fill_(4.0)  # sharper than the init so the ranking is not a near-tie
+    tiny_model.save_pretrained(tmp_path / "hf", format="transformers")
+    pipe = transformers.pipeline("zero-shot-image-classification", model=str(tmp_path / "hf"), device="cpu")
+    labels = ["lantern", "dumpling", "kimono", "temple gate", "tea bowl"]
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        got = pipe(image, candidate_labels=labels)  # template "This is a photo of {}."
+        with torch.no_grad():
+            img = tiny_model.encode_image(tiny_model.preprocess_val(image)[None])
+            txt = tiny_model.encode_text([f"This is a photo of {c}." for c in labels])
+            probs = (tiny_model.logit_scale.exp() * img @ txt.T).softmax(-1)[0]
+        order = probs.argsort(descending=True).tolist()
+        assert [g["label"] for g in got] == [labels[i] for i in order]
+        assert np.allclose([g["score"] for g in got], probs[order].numpy(), atol=1e-4)

@@ -14,6 +14,7 @@ pipeline would silently see other pixels.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import logging
@@ -37,9 +38,12 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
+@functools.lru_cache(maxsize=1)
 def clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
     """``(vocab, merges)`` of the CLIP BPE tokenizer, built from open_clip's bundled merges file the way
-    open_clip's ``SimpleTokenizer`` builds it, with the special tokens under ``transformers``' names."""
+    open_clip's ``SimpleTokenizer`` builds it, with the special tokens under ``transformers``' names.
+
+    Cached: callers must not modify the returned objects."""
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     symbols = list(bytes_to_unicode().values())
@@ -286,8 +290,17 @@ def write_vocab_files(directory: Path) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
-def _hf_tokenizer(transformers, context_length: int):
-    """A ``CLIPTokenizer`` read from the vocabulary files (the one constructor every version accepts)."""
+@functools.lru_cache(maxsize=1)
+def _base_hf_tokenizer():
+    """A ``CLIPTokenizer`` read from the vocabulary files (the one constructor every version accepts).
+    Built once per process: turning 49k merges into a tokenizer takes seconds."""
+    transformers = require("transformers")
     with tempfile.TemporaryDirectory() as tmp:
         write_vocab_files(Path(tmp))
-        return transformers.CLIPTokenizer.from_pretrained(tmp, model_max_length=context_length)
+        return transformers.CLIPTokenizer.from_pretrained(tmp)
+
+
+def _hf_tokenizer(transformers, context_length: int):
+    tok = _base_hf_tokenizer()
+    tok.model_max_length = context_length  # set on every use: the cached object is shared
+    return tok

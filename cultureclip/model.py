@@ -77,6 +77,8 @@ class CultureCLIP(nn.Module):
         """
         name = str(name_or_path)
         if name.startswith("hf-transformers:"):
+            if pretrained is not None:
+                raise ValueError("hf-transformers: models carry their weights; pretrained must be None")
             from cultureclip.interop.hf_io import from_transformers
             return from_transformers(cls, name[len("hf-transformers:"):], device=device, precision=precision,
                                      cache_dir=cache_dir, **kwargs)
@@ -287,6 +289,8 @@ class CultureCLIP(nn.Module):
         Files are written to temporary names and renamed, so an interrupted save never leaves a
         half-written model that looks complete.
         """
+        if format not in ("open_clip", "transformers"):
+            raise ValueError(f"format must be 'open_clip' or 'transformers', got {format!r}")
         model = self.model
         if self.has_lora:
             model = deepcopy(self.model)
@@ -295,8 +299,6 @@ class CultureCLIP(nn.Module):
         if format == "transformers":
             from cultureclip.interop.hf_io import save_transformers
             return save_transformers(self, state, directory)
-        if format != "open_clip":
-            raise ValueError(f"format must be 'open_clip' or 'transformers', got {format!r}")
         config = {"model_cfg": self.model_cfg, "preprocess_cfg": self.checkpoint_metadata()["preprocess_cfg"],
                   "name": self.name}
         return io.write_saved_dir(Path(directory), state, self.model_cfg, config)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_RESNET, TINY_VIT
+from conftest import TINY_RESNET, TINY_VIT, randomize_lora
 
 transformers = pytest.importorskip("transformers")
 from cultureclip import CultureCLIP  # noqa: E402
@@ -104,7 +104,13 @@ def test_open_clip_to_transformers_exact(tmp_path, quick_gelu):
     cfg = dict(TINY_VIT, quick_gelu=True) if quick_gelu else TINY_VIT
     torch.manual_seed(0)
     ours = CultureCLIP.from_config(cfg, name="tiny-vit", preprocess_cfg={"mean": MEAN, "std": STD})
+    if quick_gelu:  # unmerged adapters, in training mode: the export merges a copy, dropout plays no part
+        ours.add_lora(r=2, alpha=4, dropout=0.5)
+        randomize_lora(ours)
+        ours.train()
     ours.save_pretrained(tmp_path / "hf", format="transformers")
+    assert ours.has_lora == quick_gelu  # the model itself keeps its adapters
+    ours.eval()
     hf = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.text_config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
     pixels, tokens = inputs(ours)
@@ -120,6 +126,8 @@ def test_open_clip_to_transformers_exact(tmp_path, quick_gelu):
     # and back: the same architecture and exactly the same tensors
     back = CultureCLIP.from_pretrained(f"hf-transformers:{tmp_path / 'hf'}")
     assert back.model_cfg == cfg
+    if quick_gelu:
+        ours.merge_lora()
     for k, v in ours.model.state_dict().items():
         assert torch.equal(v, back.model.state_dict()[k]), k
 

@@ -191,20 +191,10 @@ def from_transformers(cls, name: str, adapter: Optional[Union[str, os.PathLike]]
     preprocess_cfg = preprocess_cfg_from_hf(pp, cfg["vision_cfg"]["image_size"], name)
     oc_state = conv.open_clip_state_from_hf(state, cfg["vision_cfg"]["layers"], cfg["text_cfg"]["layers"])
     with io.quiet_random_init():
-        obj = cls.from_config(cfg, name=display_name(name), preprocess_cfg=preprocess_cfg, device="cpu")
-    obj.model.load_state_dict(oc_state, strict=True)
-    if precision != "fp32":
-        # open_clip's own casting rules for fp16/bf16 (LayerNorms stay fp32 for the "pure" variants)
-        from open_clip.model import convert_weights_to_lp
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "pure_fp16": torch.float16,
-                 "pure_bf16": torch.bfloat16}.get(precision)
-        if dtype is None:
-            raise ValueError(f"unknown precision {precision!r}")
-        if precision.startswith("pure"):
-            obj.model.to(dtype)
-        else:
-            convert_weights_to_lp(obj.model, dtype=dtype)
-    return obj.to(device).eval()
+        obj = cls.from_config(cfg, name=display_name(name), preprocess_cfg=preprocess_cfg, device=device,
+                              precision=precision)
+    obj.model.load_state_dict(oc_state, strict=True)  # copy_ casts to the built dtypes (open_clip's precision rules)
+    return obj.eval()
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -218,19 +208,31 @@ def _hf_features(hf_model, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[
 
 
 @torch.no_grad()
-def verify_export(model, hf_model, atol: float = 1e-4, seed: int = 0) -> float:
+def verify_export(model, hf_model, atol: float = 1e-4, seed: int = 0) -> Optional[float]:
     """Largest absolute difference between the two models' normalised features on random pixels and
-    tokenized random text; raises :class:`~cultureclip.interop.hf_convert.ConversionError` above ``atol``."""
+    tokenized text; raises :class:`~cultureclip.interop.hf_convert.ConversionError` above ``atol``.
+
+    Skipped (returns None) for a model that is not float32: its rounding alone would exceed ``atol``.
+    """
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        log.warning("export of a non-float32 model: feature check skipped")
+        return None
     g = torch.Generator().manual_seed(seed)
     size = model.model_cfg["vision_cfg"].get("image_size", 224)
     size = size[0] if isinstance(size, (list, tuple)) else size
     pixels = torch.randn(2, 3, size, size, generator=g)
     tokens = model.tokenize(["a photo of a red lantern", "two dumplings on a plate"])
-    ours_i = model.model.encode_image(pixels.to(model.device), normalize=True).float().cpu()
-    ours_t = torch.nn.functional.normalize(model.model.encode_text(tokens.to(model.device)).float().cpu(), dim=-1)
+    was_training = model.training
+    model.eval()  # dropout (LoRA, patch dropout) off, as in the exported model
+    try:
+        ours_i = model.model.encode_image(pixels.to(model.device), normalize=True).cpu()
+        ours_t = model.model.encode_text(tokens.to(model.device), normalize=True).cpu()
+    finally:
+        model.train(was_training)
     hf_i, hf_t = _hf_features(hf_model, pixels, tokens)
-    diff = max(float((ours_i - torch.nn.functional.normalize(hf_i, dim=-1)).abs().max()),
-               float((ours_t - torch.nn.functional.normalize(hf_t, dim=-1)).abs().max()))
+    F = torch.nn.functional
+    diff = max(float((ours_i - F.normalize(hf_i, dim=-1)).abs().max()),
+               float((ours_t - F.normalize(hf_t, dim=-1)).abs().max()))
     if diff > atol:
         raise conv.ConversionError(f"exported model's features differ from the original by {diff:.3g} > {atol}")
     return diff

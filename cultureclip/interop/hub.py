@@ -39,7 +39,8 @@ def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
 def _value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
-    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    text = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return text.replace("|", "\\|")  # a bare | would split the Markdown table cell
 
 
 def _yaml_scalar(v: str) -> str:

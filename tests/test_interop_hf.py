@@ -153,11 +153,11 @@ def _saved(path, config):
 peft = pytest.importorskip("peft")
 
 
-def make_adapter(base_dir, out, targets, r=4, alpha=8, rslora=False, seed=0):
+def make_adapter(base_dir, out, targets, r=4, alpha=8, rslora=False, seed=0, **lora_kw):
     """A PEFT LoRA adapter with random B (B starts at zero), and PEFT's own merged model."""
     base = transformers.CLIPModel.from_pretrained(base_dir).eval()
     pm = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                   use_rslora=rslora, lora_dropout=0.0))
+                                                   use_rslora=rslora, lora_dropout=0.0, **lora_kw))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # B starts at zero (no change); A too, so every entry of the update is random
         for name, p in pm.named_parameters():
@@ -174,10 +174,12 @@ def hf_base(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("targets,rslora", [(["q_proj", "v_proj"], False),
-                                            (["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], True)])
-def test_peft_adapter_merge_matches_peft(tmp_path, hf_base, targets, rslora):
-    merged = make_adapter(hf_base, tmp_path / "adapter", targets, r=4, alpha=12, rslora=rslora)
+@pytest.mark.parametrize("targets,rslora,patterns", [
+    (["q_proj", "v_proj"], False, {}),
+    (["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "visual_projection", "text_projection"], True,
+     {"rank_pattern": {"fc1": 2}, "alpha_pattern": {"text_model.encoder.layers.1.self_attn.q_proj": 5}})])
+def test_peft_adapter_merge_matches_peft(tmp_path, hf_base, targets, rslora, patterns):
+    merged = make_adapter(hf_base, tmp_path / "adapter", targets, r=4, alpha=12, rslora=rslora, **patterns)
     ours = CultureCLIP.from_pretrained(f"hf-transformers:{hf_base}", adapter=tmp_path / "adapter")
     base = CultureCLIP.from_pretrained(f"hf-transformers:{hf_base}")
     pixels, tokens = inputs(ours)

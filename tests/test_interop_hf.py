@@ -115,6 +115,15 @@ def test_open_clip_to_transformers_exact(tmp_path, quick_gelu):
     assert hf.config.text_config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
     pixels, tokens = inputs(ours)
     assert_features_equal(our_features(ours, pixels, tokens), hf_features(hf, pixels, tokens))
+    # and back: the same architecture and exactly the same tensors
+    back = CultureCLIP.from_pretrained(f"hf-transformers:{tmp_path / 'hf'}")
+    assert back.model_cfg == cfg
+    if quick_gelu:
+        ours.merge_lora()
+    for k, v in ours.model.state_dict().items():
+        assert torch.equal(v, back.model.state_dict()[k]), k
+    if quick_gelu:  # the tokenizer and processor files do not depend on the activation: checked once
+        return
     # the exported tokenizer produces open_clip's ids; the image processor has our settings
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     ids = tok(TEXTS, padding="max_length", max_length=ours.context_length, return_tensors="pt")["input_ids"]
@@ -123,13 +132,6 @@ def test_open_clip_to_transformers_exact(tmp_path, quick_gelu):
     assert torch.equal(ids, ours.tokenize(TEXTS))
     pp = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
     assert pp["image_mean"] == MEAN and pp["crop_size"] == {"height": 32, "width": 32}
-    # and back: the same architecture and exactly the same tensors
-    back = CultureCLIP.from_pretrained(f"hf-transformers:{tmp_path / 'hf'}")
-    assert back.model_cfg == cfg
-    if quick_gelu:
-        ours.merge_lora()
-    for k, v in ours.model.state_dict().items():
-        assert torch.equal(v, back.model.state_dict()[k]), k
 
 
 def test_unsupported_models_are_refused(tmp_path):
@@ -137,6 +139,14 @@ def test_unsupported_models_are_refused(tmp_path):
         CultureCLIP.from_pretrained(f"hf-transformers:{_saved(tmp_path / 'a', tiny_hf_config(hidden_act='gelu_new'))}")
     with pytest.raises(ConversionError, match="layer_norm_eps"):
         CultureCLIP.from_pretrained(f"hf-transformers:{_saved(tmp_path / 'b', tiny_hf_config(layer_norm_eps=1e-6))}")
+    # another tokenizer vocabulary (two tokens swapped): open_clip would encode text differently
+    from cultureclip.interop.hf_io import clip_bpe_vocab
+    vocab = dict(clip_bpe_vocab()[0])
+    vocab["cat</w>"], vocab["dog</w>"] = vocab["dog</w>"], vocab["cat</w>"]
+    path = _saved(tmp_path / "v", tiny_hf_config())
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(ConversionError, match="cat</w>"):
+        CultureCLIP.from_pretrained(f"hf-transformers:{path}")
     with pytest.raises(ConversionError, match="VisionTransformer"):
         CultureCLIP.from_config(TINY_RESNET).save_pretrained(tmp_path / "c", format="transformers")
     assert not (tmp_path / "c" / "config.json").exists()

@@ -273,3 +273,20 @@ def test_transformers_pipeline_runs_our_export(tmp_path, tiny_model):
         order = probs.argsort(descending=True).tolist()
         assert [g["label"] for g in got] == [labels[i] for i in order]
         assert np.allclose([g["score"] for g in got], probs[order].numpy(), atol=1e-4)
+
+
+def test_preprocess_settings_carry_over(caplog):
+    from cultureclip.interop.hf_io import hf_preprocessor_from_open_clip, preprocess_cfg_from_hf
+    old_style = {"size": 224, "crop_size": 224, "resample": 2, "image_mean": MEAN, "image_std": STD}
+    with caplog.at_level("WARNING", logger="cultureclip"):
+        cfg = preprocess_cfg_from_hf(old_style, 224, "old")
+    assert cfg == {"mean": MEAN, "std": STD, "interpolation": "bilinear", "resize_mode": "shortest"}
+    assert not caplog.records
+    for mode in ("shortest", "squash"):  # export then import gives the same settings back
+        c = dict(cfg, resize_mode=mode)
+        assert preprocess_cfg_from_hf(hf_preprocessor_from_open_clip(c, 64), 64, "rt") == c
+    with caplog.at_level("WARNING", logger="cultureclip"):  # resize 256 then crop 224: not open_clip's
+        preprocess_cfg_from_hf({"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}}, 224, "p")
+    assert "256" in caplog.text
+    with pytest.raises(ConversionError, match="longest"):
+        hf_preprocessor_from_open_clip(dict(cfg, resize_mode="longest"), 224)

@@ -85,8 +85,12 @@ def check_tokenizer(name: str, vocab_size: int, cache_dir: Optional[str] = None)
 
 
 # ---------------------------------------------------------------------------------------- preprocessing
-def _size(value: Any) -> dict:
-    return {"height": value, "width": value} if isinstance(value, int) else dict(value or {})
+def _size(value: Any, int_key: str) -> dict:
+    """A size entry as a dict; older files store a bare int (the shortest edge for ``size``, the square
+    side for ``crop_size``)."""
+    if isinstance(value, int):
+        return {"shortest_edge": value} if int_key == "shortest_edge" else {"height": value, "width": value}
+    return dict(value or {})
 
 
 def preprocess_cfg_from_hf(pp: Optional[dict], image_size: int, source: str) -> dict:
@@ -101,7 +105,7 @@ def preprocess_cfg_from_hf(pp: Optional[dict], image_size: int, source: str) -> 
     if resample not in _RESAMPLE:
         log.warning("%s: resample=%s has no open_clip equivalent; using bicubic", source, resample)
     out["interpolation"] = _RESAMPLE.get(resample, "bicubic")
-    size, crop = _size(pp.get("size")), _size(pp.get("crop_size"))
+    size, crop = _size(pp.get("size"), "shortest_edge"), _size(pp.get("crop_size"), "square")
     if pp.get("do_center_crop", True):
         out["resize_mode"] = "shortest"
         shortest = size.get("shortest_edge", image_size)

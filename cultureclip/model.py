@@ -31,6 +31,7 @@ from cultureclip import lora as lora_lib
 from cultureclip.checkpoint_io import (CONFIG_NAME, TRAINING_CKPT_KEY, WEIGHTS_NAME,  # noqa: F401 (public names)
                                        CheckpointMismatchError, UnsafeCheckpointError)
 from cultureclip.data.spec import DataSpec
+from cultureclip.interop import HF_PREFIX  # light: the hf extra is imported only when used
 from cultureclip.text_length import encode_prefix, trim_plan, trimmed_length, unique_texts
 
 io.register_shipped_configs()  # e.g. "cultureclip-tiny"
@@ -76,11 +77,11 @@ class CultureCLIP(nn.Module):
             **kwargs: open_clip overrides (``force_quick_gelu``, ``force_context_length``, ...).
         """
         name = str(name_or_path)
-        if name.startswith("hf-transformers:"):
+        if name.startswith(HF_PREFIX):
             if pretrained is not None:
-                raise ValueError("hf-transformers: models carry their weights; pretrained must be None")
+                raise ValueError(f"{HF_PREFIX} models carry their weights; pretrained must be None")
             from cultureclip.interop.hf_io import from_transformers
-            return from_transformers(cls, name[len("hf-transformers:"):], device=device, precision=precision,
+            return from_transformers(cls, name[len(HF_PREFIX):], device=device, precision=precision,
                                      cache_dir=cache_dir, **kwargs)
         if name.startswith("local-dir:"):
             name = name[len("local-dir:"):]

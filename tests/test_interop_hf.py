@@ -228,7 +228,9 @@ def _edit_config(adapter, **changes):
 def test_mismatched_adapters_are_refused(tmp_path, hf_base):
     adapter = tmp_path / "adapter"
     make_adapter(hf_base, adapter, ["q_proj", "v_proj"])
-    load = lambda base=hf_base, **kw: CultureCLIP.from_pretrained(f"hf-transformers:{base}", adapter=adapter, **kw)  # noqa: E731
+
+    def load(base=hf_base):
+        return CultureCLIP.from_pretrained(f"hf-transformers:{base}", adapter=adapter)
 
     _edit_config(adapter, base_model_name_or_path="openai/clip-vit-large-patch14")
     with pytest.raises(AdapterMismatchError, match="clip-vit-large-patch14"):

@@ -22,7 +22,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="training run directory holding model/ and metrics.json")
     parser.add_argument("--out", required=True, help="folder to write (model files + README.md)")
-    parser.add_argument("--repo-id", default=None, help="Hub repository, e.g. me/cultureclip-b32 (required with --push)")
+    parser.add_argument("--repo-id", default=None,
+                        help="Hub repository, e.g. me/cultureclip-b32 (required with --push)")
     parser.add_argument("--model-dir", default=None, help="model folder if not RUN_DIR/model")
     parser.add_argument("--license", default="mit", help="license in the card's front matter (default: mit)")
     parser.add_argument("--base-model", default=None,

@@ -253,7 +253,8 @@ def save_transformers(model, state: dict, directory: Union[str, os.PathLike], ve
     """
     transformers = require("transformers")
     kw = conv.hf_config_from_open_clip(model.model_cfg)
-    if kw["text_config"]["vocab_size"] != len(clip_bpe_vocab()[0]) or type(model.tokenizer).__name__ != "SimpleTokenizer":
+    from open_clip.tokenizer import SimpleTokenizer
+    if kw["text_config"]["vocab_size"] != len(clip_bpe_vocab()[0]) or not isinstance(model.tokenizer, SimpleTokenizer):
         raise conv.ConversionError("only models using open_clip's CLIP BPE tokenizer (49408 tokens) export")
     hf_state = conv.hf_state_from_open_clip({k: v.detach().float().cpu() for k, v in state.items()},
                                             kw["vision_config"]["num_hidden_layers"],

@@ -34,6 +34,12 @@ def check_train_config(cfg: DictConfig) -> None:
         raise RuntimeError("this config trains on a GPU (trainer=gpu, which +experiment=cultwin selects) but no CUDA "
                            "GPU is available here; add trainer=cpu to run the same recipe on the CPU")
     check_shard_specs(cfg.data.train_shards, cfg.data.get("val_shards"), cfg.data.get("toy_dir"))
+    replay_on = (cfg.data.get("replay") or {}).get("shards") is not None
+    weights = {k: cfg.loss.get(k, 0) or 0 for k in ("lambda_replay", "lambda_distill")}
+    if replay_on != any(w > 0 for w in weights.values()):
+        raise ValueError(f"data.replay.shards is {'set' if replay_on else 'null'} but loss.lambda_replay="
+                         f"{weights['lambda_replay']} and loss.lambda_distill={weights['lambda_distill']}: replay "
+                         f"data needs a weight > 0 to be used, and a replay weight needs data.replay.shards")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

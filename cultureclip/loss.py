@@ -160,11 +160,11 @@ class CultureCLIPLoss(nn.Module):
         if missing:
             raise KeyError(f"CultureCLIPLoss(variant={self.variant!r}) needs features {missing}; "
                            f"got {sorted(features)}")
-        for group in ([k for k in self.required_keys if k not in self.replay_keys], self.replay_keys):
+        replay = self.replay_keys
+        for kind, group in (("twin", [k for k in self.required_keys if k not in replay]), ("replay", replay)):
             shapes = {k: tuple(features[k].shape) for k in group}
             first = next(iter(shapes.values()), None)
             if first is not None and (len(first) != 2 or any(s != first for s in shapes.values())):
-                kind = "replay" if group is self.replay_keys else "twin"
                 raise ValueError(f"all {kind} features must share one [B, D] shape, got {shapes}")
         if torch.as_tensor(logit_scale).numel() != 1:
             raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")

@@ -154,7 +154,7 @@ class TwinDataModule(L.LightningDataModule):
             ensure_toy_shards(self.toy_dir, seed=self.toy_seed)
         if self.replay and self.replay["toy_dir"]:
             from cultureclip.data.toy_general import ensure_general_set
-            ensure_general_set(self.replay["toy_dir"], seed=self.replay["toy_seed"])
+            ensure_general_set(self.replay["toy_dir"], seed=self.replay["toy_seed"], keep_any=True)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_pairs_per_epoch is None:  # toy set: its shards exist only now

@@ -174,19 +174,23 @@ def make_general_set(out_dir: Union[str, os.PathLike], seed: int = 0, train_per_
     return counts
 
 
-def _is_complete(out: Path, params: dict) -> bool:
+def _is_complete(out: Path, params: Optional[dict]) -> bool:
     try:
         marker = json.loads((out / MARKER_FILE).read_text())
         sizes = json.loads((out / "train" / schema.SIZES_FILE).read_text())
-        return marker["params"] == params and all((out / "train" / n).is_file() for n in sizes) \
+        return (params is None or marker["params"] == params) and all((out / "train" / n).is_file() for n in sizes) \
             and sum(sizes.values()) == marker["samples"]["train"]
     except (OSError, ValueError, KeyError):
         return False
 
 
 def ensure_general_set(out_dir: Union[str, os.PathLike], seed: int = 0, force: bool = False,
-                       train_per_class: int = 160, eval_per_class: int = 25, image_size: int = 64) -> Path:
+                       train_per_class: int = 160, eval_per_class: int = 25, image_size: int = 64,
+                       keep_any: bool = False) -> Path:
     """Build the set in ``out_dir`` unless a complete one with the same parameters is there.
+
+    ``keep_any``: keep a complete set built with other parameters too (a reader that did not build
+    it, such as the evaluation task, must not replace it with the defaults).
 
     Built in a temporary sibling folder and renamed into place (an interrupted build never looks
     complete); an existing folder is replaced only if it holds nothing but this set's files.
@@ -197,7 +201,7 @@ def ensure_general_set(out_dir: Union[str, os.PathLike], seed: int = 0, force: b
     out = Path(out_dir)
     params = dict(version=GENERAL_VERSION, seed=seed, train_per_class=train_per_class, eval_per_class=eval_per_class,
                   image_size=image_size, maxcount=500)
-    if not force and _is_complete(out, params):
+    if not force and _is_complete(out, None if keep_any else params):
         return out
     if out.exists():
         foreign = sorted(p.name for p in out.iterdir() if p.name not in _OWNED)

@@ -2,14 +2,17 @@
 
 The twin set (:mod:`cultureclip.data.toy`) teaches fine cultural details; this one holds what a
 model should *not* forget meanwhile: 12 everyday shapes (circle, star, heart, ...) in 8 colours,
-each a fresh random variant (position, size, rotation, palette jitter, the twin set's background
-styles and pixel noise), captioned in plain words ("a small red star"). It serves two purposes:
+each a fresh random variant (position, size, rotation, palette jitter, a plain light background
+and pixel noise), captioned in plain words ("a small red star"). It serves two purposes:
 
 * ``train/``: open_clip-layout WebDataset shards (``<key>.jpg`` + ``<key>.txt``, ``sizes.json``),
   the replay stream of ``data.replay`` and the "pre-training" data of the forgetting benchmark;
-* ``eval/<shape>/*.png`` with ``classnames.txt`` and ``templates.txt``: a held-out zero-shot
-  classification set (separate random stream), scored with the ImageNet zero-shot code
+* ``eval/<colour>/*.png`` with ``classnames.txt`` and ``templates.txt``: a held-out zero-shot
+  classification set (separate random stream) over the 8 colour names, prompts ensembled over the
+  shapes ("a {c} star"), scored with the ImageNet zero-shot code
   (:func:`cultureclip.eval.general.imagenet_zeroshot`, task ``cultureclip.eval.tasks.toy_general``).
+  Colour naming is the general skill a tiny model learns from scratch in a few hundred CPU steps
+  (shape naming takes far longer), which is what the replay benchmark needs.
 
 Like the twin set it is synthetic: it shows whether replay keeps a skill, not how much real
 zero-shot accuracy a real model keeps. CLI: ``python -m cultureclip.data.toy_general --out DIR``.
@@ -17,6 +20,7 @@ zero-shot accuracy a real model keeps. CLI: ``python -m cultureclip.data.toy_gen
 from __future__ import annotations
 
 import argparse
+import colorsys
 import json
 import math
 import os
@@ -31,10 +35,10 @@ from PIL import Image, ImageDraw
 
 from cultureclip import schema
 from cultureclip.data.shards import SHARD_MTIME
-from cultureclip.data.toy import _background, _noise_bank
+from cultureclip.data.toy import _noise_bank
 from cultureclip.images import image_to_bytes
 
-GENERAL_VERSION = 1  # bump whenever the drawings change, so cached sets are rebuilt
+GENERAL_VERSION = 3  # bump whenever the drawings change, so cached sets are rebuilt
 MARKER_FILE = "general_complete.json"
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "templates.txt"
@@ -43,7 +47,7 @@ COLOURS = {"red": (215, 40, 40), "orange": (240, 140, 30), "yellow": (235, 210, 
            "blue": (40, 80, 210), "purple": (130, 50, 170), "pink": (240, 120, 180), "black": (25, 25, 25)}
 CAPTION_TEMPLATES = ("a {colour} {shape}", "a {size} {colour} {shape}", "a drawing of a {colour} {shape}",
                      "a {shape} in {colour}", "a {size} {shape}, coloured {colour}", "a picture of a {shape}")
-ZEROSHOT_TEMPLATES = ("a {c}.", "a drawing of a {c}.", "a picture of a {c}.")
+# zero-shot over the colour names, the prompts ensembled over the shapes ("a {c} circle", "a {c} star", ...)
 
 
 def _poly(points):
@@ -108,7 +112,9 @@ def render_shape(shape: str, colour: str, rng: np.random.Generator, image_size: 
             draw.ellipse(box(geom), outline=fill, width=max(1, round(extra[0] * k)))
         else:  # cut: ImageDraw writes without blending, so a transparent fill makes a hole
             draw.ellipse(box(geom), fill=(0, 0, 0, 0))
-    canvas = _background(rng, big)
+    # a plain, light background: unlike the twin set's textures, so the two sets look different
+    hue, sat, val = rng.random(), rng.uniform(0.0, 0.25), rng.uniform(0.75, 1.0)
+    canvas = Image.new("RGB", (big, big), tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue, sat, val)))
     canvas.paste(layer, (0, 0), layer)
     small = np.asarray(canvas.reduce(2), np.float32)
     ox, oy = rng.integers(0, image_size + 1, 2)
@@ -133,7 +139,8 @@ def make_general_set(out_dir: Union[str, os.PathLike], seed: int = 0, train_per_
     Args:
         out_dir: target folder (its ``train/`` and ``eval/`` are replaced).
         seed: the same seed gives the same images and captions.
-        train_per_class, eval_per_class: samples per shape in each split (separate random streams).
+        train_per_class, eval_per_class: samples per shape in each split (separate random streams; a
+            random colour each).
         image_size: image side in pixels.
         maxcount: samples per train shard.
 
@@ -163,10 +170,10 @@ def make_general_set(out_dir: Union[str, os.PathLike], seed: int = 0, train_per_
     (out / "train" / schema.SIZES_FILE).write_text(json.dumps(sizes, indent=1, sort_keys=True))
     evals = _items("eval", seed, eval_per_class)
     for v, shape, colour, rng in evals:
-        (out / "eval" / shape).mkdir(parents=True, exist_ok=True)
-        render_shape(shape, colour, rng, image_size)[0].save(out / "eval" / shape / f"{v:04d}.png")
-    (out / CLASSNAMES_FILE).write_text("\n".join(SHAPES) + "\n")
-    (out / TEMPLATES_FILE).write_text("\n".join(ZEROSHOT_TEMPLATES) + "\n")
+        (out / "eval" / colour).mkdir(parents=True, exist_ok=True)
+        render_shape(shape, colour, rng, image_size)[0].save(out / "eval" / colour / f"{shape}_{v:04d}.png")
+    (out / CLASSNAMES_FILE).write_text("\n".join(COLOURS) + "\n")
+    (out / TEMPLATES_FILE).write_text("".join(f"a {{c}} {shape}\n" for shape in SHAPES))
     counts = {"train": len(train), "eval": len(evals)}
     params = dict(version=GENERAL_VERSION, seed=seed, train_per_class=train_per_class, eval_per_class=eval_per_class,
                   image_size=image_size, maxcount=maxcount)

@@ -77,7 +77,7 @@ def finetune(base: Path, data_dir: Path, run_dir: Path, seed: int, steps: int, b
     resolvers.register()
     overrides = [f"model.name={base}", f"seed={seed}", f"trainer.max_steps={steps}", "trainer.max_epochs=1000",
                  f"data.batch_size={batch_size}",
-                 "trainer.accelerator=cpu", "trainer.limit_val_batches=0", "heldout=after_only", "callbacks=none",
+                 "trainer.accelerator=cpu", "+trainer.limit_val_batches=0", "heldout=after_only", "callbacks=none",
                  "logger=none", "data.num_workers=0", "module.count_flops=false", *replay]
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides)

@@ -188,8 +188,9 @@ def toy_general(model: CultureCLIP, toy_dir: str, toy_seed: int = 0, batch_size:
                 amp: bool = True, task: str = "toy_general_zeroshot") -> TaskOutput:
     """Zero-shot accuracy on the held-out split of the toy general set (:mod:`cultureclip.data.toy_general`).
 
-    The set is built in ``toy_dir`` first if missing (a complete one is used as built); scoring is :func:`imagenet` on its class
-    folders with its own class names and templates (8 colour names, prompts ensembled over 12 shapes).
+    The set is built in ``toy_dir`` first if missing (a complete one is used as built); scoring is
+    :func:`imagenet` on its class folders with its own class names and templates (8 colour names,
+    prompts ensembled over 12 shapes).
     """
     from cultureclip.data.toy_general import CLASSNAMES_FILE, TEMPLATES_FILE, ensure_general_set
     root = ensure_general_set(toy_dir, seed=toy_seed, keep_any=True)

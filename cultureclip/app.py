@@ -16,7 +16,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from cultureclip import rundir
-from cultureclip.data.datamodule import check_shard_specs
+from cultureclip.data.datamodule import check_replay, check_shard_specs
 from cultureclip.eval.results import package_versions
 
 log = logging.getLogger("cultureclip")
@@ -34,6 +34,13 @@ def check_train_config(cfg: DictConfig) -> None:
         raise RuntimeError("this config trains on a GPU (trainer=gpu, which +experiment=cultwin selects) but no CUDA "
                            "GPU is available here; add trainer=cpu to run the same recipe on the CPU")
     check_shard_specs(cfg.data.train_shards, cfg.data.get("val_shards"), cfg.data.get("toy_dir"))
+    replay_on = (cfg.data.get("replay") or {}).get("shards") is not None
+    weights = {k: float(cfg.loss.get(k) or 0.0) for k in ("lambda_replay", "lambda_distill")}
+    if replay_on != any(w > 0 for w in weights.values()):
+        raise ValueError(f"data.replay.shards is {'set' if replay_on else 'null'} but loss.lambda_replay="
+                         f"{weights['lambda_replay']} and loss.lambda_distill={weights['lambda_distill']}: replay "
+                         f"data needs a weight > 0 to be used, and a replay weight needs data.replay.shards")
+    check_replay(cfg.data.get("replay"), cfg.data.batch_size)  # keys, batch size, shard patterns
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

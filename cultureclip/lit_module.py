@@ -7,13 +7,16 @@ is back-propagated. Lightning's ``accumulate_grad_batches`` would instead add up
 losses, each with only its own negatives (the reference code's defect), so this module optimises
 manually and the trainer's accumulation stays at 1.
 
+With general-data replay (:mod:`cultureclip.data.replay`) every batch also carries a replay batch; the
+loss adds its CLIP term and, optionally, a distillation term towards a frozen copy of the starting image
+tower (:class:`cultureclip.loss.FrozenImageTower`), logged as ``train/loss_replay``/``train/loss_distill``.
+
 Validation logs the twin metrics of :mod:`cultureclip.metrics` as ``val/<name>`` (the names
 ``cultureclip.eval.twins`` reports), plus ``val/loss`` and ``val/skipped_samples``.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from typing import Any, Optional, Sequence
 
@@ -24,7 +27,7 @@ from torchmetrics import MeanMetric
 
 from cultureclip import flops, metrics, schema
 from cultureclip.data.resumable import restore_rng_states, rng_states
-from cultureclip.loss import CultureCLIPLoss
+from cultureclip.loss import CultureCLIPLoss, FrozenImageTower
 from cultureclip.model import TRAINING_CKPT_KEY, CultureCLIP
 from cultureclip.optim import param_groups
 from cultureclip.step_stats import FiniteWatch, Throughput, tune_towers
@@ -78,7 +81,7 @@ class CultureCLIPModule(L.LightningModule):
         self.total_steps, self.val_concepts, self.val_shards = total_steps, list(val_concepts), list(val_shards)
         self.automatic_optimization = False
         self.encoder, self.loss = encoder, loss
-        self.val_loss_fn = copy.copy(loss)
+        self.val_loss_fn = loss.twin_only()  # validation batches hold twins only
         self.val_loss_fn.gather = False  # eval batches may be uneven across ranks; metrics sync instead
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.weight_decay, self.accum_freq, self.grad_clip_norm = weight_decay, accum_freq, grad_clip_norm
@@ -92,6 +95,9 @@ class CultureCLIPModule(L.LightningModule):
         self._step_flops: Optional[int] = None  # FLOPs of one optimizer step on this device
         self._peak: Optional[float] = None  # the device's peak FLOP/s for the run's precision
         self._skipped_total = 0
+        self._replay_skipped_total = 0
+        # distillation target: the starting weights, copied now, before any checkpoint is restored
+        self._teacher = FrozenImageTower(encoder.model.visual) if loss.lambda_distill > 0 else None
         self._val_skipped = 0
         self._val_pairs = 0
 
@@ -101,20 +107,30 @@ class CultureCLIPModule(L.LightningModule):
 
         Concept names repeat within a batch: each distinct token row is encoded once and its features
         gathered back, whose backward adds the duplicates' gradients (the gradient of encoding each).
+        Replay images and captions share the tower calls of the twin images and captions; the replay
+        images' features under the frozen starting model come from its copy.
         """
         feats: dict[str, torch.Tensor] = {}
-        for group, fn in ((schema.IMAGE_KEYS, self.encoder.encode_image),
-                          (schema.CAPTION_KEYS, self.encoder.encode_text),
+        for group, fn in ((schema.IMAGE_KEYS + (schema.REPLAY_IMAGE,), self.encoder.encode_image),
+                          (schema.CAPTION_KEYS + (schema.REPLAY_TEXT,), self.encoder.encode_text),
                           (schema.CONCEPT_KEYS, lambda t: self.encoder.encode_text(t, dedup=True))):
             wanted = [k for k in group if k in keys]
             if not wanted:
                 continue
-            out = fn(torch.cat([batch[k] for k in wanted]))  # [len(wanted) * B, D]
-            feats.update(zip(wanted, out.chunk(len(wanted))))
+            inputs = [batch[k] for k in wanted]
+            if all(x.shape[1:] == inputs[0].shape[1:] for x in inputs):
+                out = fn(torch.cat(inputs))  # [sum of the batch sizes, D]
+                feats.update(zip(wanted, out.split([len(x) for x in inputs])))
+            else:  # e.g. replay captions tokenised to another length: one call each
+                feats.update((k, fn(x)) for k, x in zip(wanted, inputs))
+        if schema.REPLAY_TEACHER_IMAGE in keys:
+            feats[schema.REPLAY_TEACHER_IMAGE] = self._teacher(batch[schema.REPLAY_IMAGE].to(self.device))
         return feats
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
+        if self._teacher is not None:
+            self._teacher.to(self.device)
         cuda = self.device.type == "cuda"
         for message in tune_towers(self.encoder.model, cuda, self.channels_last, self.compile_towers):
             rank_zero_warn(message)
@@ -149,8 +165,12 @@ class CultureCLIPModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
         self._skipped_total += int(batch.get(schema.N_SKIPPED, 0))
+        self._replay_skipped_total += int(batch.get(schema.REPLAY_N_SKIPPED, 0))
         if schema.is_skip_report(batch):  # counted above, nothing to train on
             return None
+        if self.loss.uses_replay and schema.REPLAY_IMAGE not in batch:
+            raise ValueError("loss.lambda_replay or loss.lambda_distill is > 0 but the training batches carry no "
+                             "replay data: set data.replay.shards (or set both lambdas to 0)")
         self.speed.window["pairs"] += batch[schema.POS_IMAGE].shape[0]
         self._micro.append(batch)
         if len(self._micro) < self.accum_freq:
@@ -224,6 +244,12 @@ class CultureCLIPModule(L.LightningModule):
         if world > 1:  # all-reduced on the device; a non-blocking copy does not wait for the device
             skipped = skipped.to(self.device, non_blocking=True)
         self.log("train/skipped_samples", skipped, on_step=True, reduce_fx="sum", sync_dist=world > 1)
+        if self.loss.uses_replay:
+            replay_skipped = _host(self._replay_skipped_total)
+            if world > 1:
+                replay_skipped = replay_skipped.to(self.device, non_blocking=True)
+            self.log("train/replay_skipped_samples", replay_skipped, on_step=True, reduce_fx="sum",
+                     sync_dist=world > 1)
         if self.finite.pending:  # no check this step: the device may still be working, no rates to measure
             return
         self.log("loss", _host(self.finite.last_loss), prog_bar=True, logger=False)
@@ -309,11 +335,13 @@ class CultureCLIPModule(L.LightningModule):
         checkpoint["rng"] = rng_states()
         # this rank's running skip count (rank 0's is the one saved), so train/skipped_samples goes on counting
         checkpoint["skipped_samples"] = self._skipped_total
+        checkpoint["replay_skipped_samples"] = self._replay_skipped_total
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.finite.pending = []
         if self.global_rank == 0:  # the other ranks' shares were not saved: they restart from 0
             self._skipped_total = int(checkpoint.get("skipped_samples", 0))
+            self._replay_skipped_total = int(checkpoint.get("replay_skipped_samples", 0))
         if checkpoint.get("rng") is not None:
             restore_rng_states(checkpoint["rng"])
 

@@ -12,6 +12,16 @@ A variant is a weighting of at most one caption term and one concept term (``VAR
 function of its own; the reference code had one function per ablation and silently fell back to
 another loss (and finally to zero) on any error. Here a bad input raises.
 
+General-data replay (:mod:`cultureclip.data.replay`) adds two optional terms on the replay batch
+(``R`` image-text samples, batch size independent of the twins')::
+
+    loss_replay  = clip(I_r, T_r)                 # plain symmetric InfoNCE, open_clip's ClipLoss
+    loss_distill = mean_i || f(I_r)_i - f0(I_r)_i ||²   # f0: the frozen starting model's image tower
+    loss = twin loss + lambda_replay * loss_replay + lambda_distill * loss_distill
+
+Both features of ``loss_distill`` are L2-normalised, so it equals ``2 * mean(1 - cos)``: the L2 and
+the cosine forms are one term up to that factor.
+
 Multi-GPU: the features are gathered across ranks with gradient (``torch.distributed.nn.all_gather``),
 and each rank scores its local rows against the global columns (open_clip's ``local_loss=True,
 gather_with_grad=True``). The mean of the per-rank losses equals the single-process loss on the
@@ -19,6 +29,7 @@ global batch, and after DDP's gradient averaging so does the gradient.
 """
 from __future__ import annotations
 
+import copy
 from typing import Mapping, Optional
 
 import torch
@@ -76,16 +87,23 @@ class CultureCLIPLoss(nn.Module):
         lambda_caption: weight of the caption term of a two-term variant (default 0.7).
         lambda_concept: weight of the concept term of a two-term variant (default 0.3).
         gather: gather features across ranks when ``torch.distributed`` is initialised.
+        lambda_replay: weight of the CLIP loss on the replay batch (0: off).
+        lambda_distill: weight of the feature-distillation term on the replay images (0: off).
 
     Single-term variants use weight 1 and refuse a ``lambda_*`` (it would be silently ignored).
     ``forward`` returns ``{"loss": total, "<term>_loss": ...}``
     where the named terms are unweighted (so they stay comparable across weightings) and ``loss`` is
-    their weighted sum.
+    their weighted sum. With replay terms, ``loss_replay`` and ``loss_distill`` are returned too.
     """
 
     def __init__(self, variant: str = "cultureclip", lambda_caption: Optional[float] = None,
-                 lambda_concept: Optional[float] = None, gather: bool = True):
+                 lambda_concept: Optional[float] = None, gather: bool = True, lambda_replay: float = 0.0,
+                 lambda_distill: float = 0.0):
         super().__init__()
+        for name, value in (("lambda_replay", lambda_replay), ("lambda_distill", lambda_distill)):
+            if not value >= 0:  # also refuses NaN
+                raise ValueError(f"loss.{name} must be >= 0, got {value}")
+        self.lambda_replay, self.lambda_distill = float(lambda_replay), float(lambda_distill)
         if variant not in VARIANTS:
             raise ValueError(f"unknown loss variant {variant!r}; choose one of {sorted(VARIANTS)}")
         self.variant = variant
@@ -114,17 +132,40 @@ class CultureCLIPLoss(nn.Module):
             keys.append(pos)
             if kind == "neg":
                 keys += [schema.NEG_IMAGE, neg]
+        return tuple(dict.fromkeys(keys + list(self.replay_keys)))
+
+    @property
+    def replay_keys(self) -> tuple[str, ...]:
+        """Replay feature keys the active replay terms read (empty without replay)."""
+        keys = []
+        if self.lambda_replay > 0:
+            keys += [schema.REPLAY_IMAGE, schema.REPLAY_TEXT]
+        if self.lambda_distill > 0:
+            keys += [schema.REPLAY_IMAGE, schema.REPLAY_TEACHER_IMAGE]
         return tuple(dict.fromkeys(keys))
+
+    @property
+    def uses_replay(self) -> bool:
+        """Whether a replay term is on (the batches must then carry a replay batch)."""
+        return bool(self.replay_keys)
+
+    def twin_only(self) -> "CultureCLIPLoss":
+        """A copy without the replay terms (validation batches hold twins only)."""
+        loss = copy.copy(self)
+        loss.lambda_replay = loss.lambda_distill = 0.0
+        return loss
 
     def _check(self, features: Mapping[str, torch.Tensor], logit_scale: torch.Tensor) -> None:
         missing = [k for k in self.required_keys if k not in features]
         if missing:
             raise KeyError(f"CultureCLIPLoss(variant={self.variant!r}) needs features {missing}; "
                            f"got {sorted(features)}")
-        shapes = {k: tuple(features[k].shape) for k in self.required_keys}
-        first = shapes[schema.POS_IMAGE]
-        if len(first) != 2 or any(s != first for s in shapes.values()):
-            raise ValueError(f"all features must share one [B, D] shape, got {shapes}")
+        replay = self.replay_keys
+        for kind, group in (("twin", [k for k in self.required_keys if k not in replay]), ("replay", replay)):
+            shapes = {k: tuple(features[k].shape) for k in group}
+            first = next(iter(shapes.values()), None)
+            if first is not None and (len(first) != 2 or any(s != first for s in shapes.values())):
+                raise ValueError(f"all {kind} features must share one [B, D] shape, got {shapes}")
         if torch.as_tensor(logit_scale).numel() != 1:
             raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
 
@@ -177,5 +218,54 @@ class CultureCLIPLoss(nn.Module):
                 name = f"{texts}_negclip_loss"
             out[name] = term
             total = total + weight * term
+        if self.uses_replay:
+            for name, term, weight in self._replay_terms(features, logit_scale):
+                out[name] = term
+                total = total + weight * term
         out["loss"] = total
         return out
+
+    def _replay_terms(self, features: Mapping[str, torch.Tensor], logit_scale: torch.Tensor):
+        """``(name, unweighted term, weight)`` of the replay CLIP loss and the distillation term."""
+        terms = []
+        if self.lambda_replay > 0:
+            local = {k: features[k] for k in (schema.REPLAY_IMAGE, schema.REPLAY_TEXT)}
+            rank, world = _dist_info() if self.gather else (0, 1)
+            glob = gather_features(local) if world > 1 else local
+            r = local[schema.REPLAY_IMAGE].shape[0]
+            labels = torch.arange(r, device=local[schema.REPLAY_IMAGE].device) + rank * r
+            term = self._clip(local[schema.REPLAY_IMAGE], local[schema.REPLAY_TEXT], glob[schema.REPLAY_IMAGE],
+                              glob[schema.REPLAY_TEXT], logit_scale, labels)
+            terms.append(("loss_replay", term, self.lambda_replay))
+        if self.lambda_distill > 0:
+            student = features[schema.REPLAY_IMAGE]
+            teacher = features[schema.REPLAY_TEACHER_IMAGE].detach().to(student.dtype)  # [R, D], a constant
+            term = (student - teacher).pow(2).sum(dim=1).mean()
+            terms.append(("loss_distill", term, self.lambda_distill))
+        return terms
+
+
+class FrozenImageTower:
+    """The starting model's image tower, frozen: the target of the feature-distillation term.
+
+    A plain object, not an ``nn.Module`` attribute of the training module, so the copy is in no
+    optimizer, no ``state_dict`` and no checkpoint (checkpoints keep their size). It is copied when
+    the training module is built, before a checkpoint is restored, so a resumed run distils towards
+    the same starting weights. Calling it returns L2-normalised features ``[N, D]`` without gradient.
+
+    Args:
+        visual: the image tower to copy (``CultureCLIP.model.visual``; LoRA adapters, if any, are
+            copied as they are and frozen with the rest).
+    """
+
+    def __init__(self, visual: nn.Module) -> None:
+        self.visual = copy.deepcopy(visual).eval()
+        self.visual.requires_grad_(False)
+
+    def to(self, device) -> "FrozenImageTower":
+        self.visual.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.visual(pixels), dim=-1)

@@ -57,6 +57,19 @@ TEXT_SUFFIX = "_text"
 # number of samples the pipeline skipped (bad member, undecodable image) since the previous batch
 N_SKIPPED = "n_skipped"
 
+# ---- general image-text shards (open_clip's layout), the replay stream of training ----
+# one sample per key: an image member (jpg, jpeg, png or webp) and a caption member, as open_clip reads them
+REPLAY_IMAGE_MEMBERS = IMAGE_EXTS
+REPLAY_TEXT_MEMBER = "txt"
+# batch keys of a replay batch, and the feature keys the loss reads them under
+REPLAY_IMAGE = "replay_image"
+REPLAY_TEXT = "replay_text"
+# features of the replay images under the frozen starting model (feature distillation)
+REPLAY_TEACHER_IMAGE = "replay_teacher_image"
+REPLAY_KEYS = (REPLAY_IMAGE, REPLAY_TEXT)
+# skips of the replay stream since its previous batch, carried in the merged training batch
+REPLAY_N_SKIPPED = "replay_n_skipped"
+
 # ---- files stored next to the shards ----
 SIZES_FILE = "sizes.json"  # {"shard-000000.tar": n_pairs, ...}, as open_clip reads it
 SHARD_PATTERN = "shard-%06d.tar"

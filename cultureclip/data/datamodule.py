@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning as L
 import torch
@@ -13,6 +13,8 @@ import torch
 from cultureclip.data.pipeline import (  # noqa: F401  (read_concept_names: importable from here too)
     DEFAULT_MAX_CONSECUTIVE_SKIPS, build_twin_pipeline, count_pairs, expand_shards, make_loader, read_concept_names)
 from cultureclip.images import DEFAULT_MAX_PIXELS
+from cultureclip.data.replay import (REPLAY_SEED_OFFSET, ReplayMixer, build_replay_pipeline, replay_batch_size,
+                                     replay_loader)
 from cultureclip.data.resumable import IsolatedRNG, SkipFirstBatches, set_stream_epoch
 from cultureclip.data.spec import DataSpec
 from cultureclip.resolvers import workers as default_workers  # min(n, cores), also the configs' cc_workers
@@ -30,6 +32,26 @@ def check_shard_specs(train_shards: Union[str, Sequence[str]], val_shards: Union
     if toy_dir:
         return [], []
     return expand_shards(train_shards), (expand_shards(val_shards) if val_shards else [])
+
+
+REPLAY_KEYS = ("shards", "batch_size", "ratio", "num_workers", "shuffle_buffer", "toy_dir", "toy_seed")
+
+
+def check_replay(replay: Optional[Mapping[str, Any]], batch_size: int) -> Optional[dict]:
+    """The ``data.replay`` settings with defaults filled in, or None when replay is off (no ``shards``).
+
+    Expands local shard specs now (unless a toy set builds them: ``toy_dir``), so a pattern that
+    matches nothing fails before any model is built. Raises ValueError naming the bad key.
+    """
+    if not replay or replay.get("shards") is None:
+        return None
+    unknown = sorted(set(replay) - set(REPLAY_KEYS))
+    if unknown:
+        raise ValueError(f"data.replay has unknown key(s) {unknown}; known: {list(REPLAY_KEYS)}")
+    out = {"num_workers": None, "shuffle_buffer": 1000, "toy_dir": None, "toy_seed": 0, **dict(replay)}
+    out["batch_size"] = replay_batch_size(replay.get("batch_size"), replay.get("ratio"), batch_size)
+    out["urls"] = [] if out["toy_dir"] else expand_shards(out["shards"])
+    return out
 
 
 class SizedLoader:
@@ -72,6 +94,11 @@ class TwinDataModule(L.LightningDataModule):
             ``too_large`` (None: only Pillow's own limit).
         max_consecutive_skips: the training stream stops with ``NoProgressError`` naming the shards
             after this many skipped samples in a row (None: never).
+        replay: general-data replay (:mod:`cultureclip.data.replay`), off while ``shards`` is None:
+            ``shards`` (spec of open_clip-layout image-text shards), ``batch_size`` (replay samples per
+            micro-batch) or ``ratio`` (replay samples per twin pair), ``num_workers`` (None: as the
+            twin stream), ``shuffle_buffer``, ``toy_dir``/``toy_seed`` (build the toy general set
+            of :mod:`cultureclip.data.toy_general` there in :meth:`prepare_data`).
 
     After :meth:`setup`, ``val_concepts`` holds the sorted concept names of the validation split.
     """
@@ -82,7 +109,8 @@ class TwinDataModule(L.LightningDataModule):
                  train_pairs_per_epoch: Optional[int] = None, shuffle_buffer: int = 1000, seed: int = 0,
                  caption_context_length: Optional[int] = None, concept_context_length: Optional[int] = 16,
                  toy_dir: Optional[str] = None, toy_seed: int = 0, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-                 max_consecutive_skips: Optional[int] = DEFAULT_MAX_CONSECUTIVE_SKIPS):
+                 max_consecutive_skips: Optional[int] = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+                 replay: Optional[Mapping[str, Any]] = None):
         super().__init__()
         self.max_pixels, self.max_consecutive_skips = max_pixels, max_consecutive_skips
         self.spec = spec
@@ -94,6 +122,7 @@ class TwinDataModule(L.LightningDataModule):
         self.caption_context_length, self.concept_context_length = caption_context_length, concept_context_length
         self._pairs_arg = train_pairs_per_epoch
         self.train_urls, self.val_urls = check_shard_specs(train_shards, val_shards, toy_dir)
+        self.replay = check_replay(replay, batch_size)
         self.train_pairs_per_epoch: Optional[int] = None
         if not toy_dir:
             self._count_pairs()
@@ -123,12 +152,17 @@ class TwinDataModule(L.LightningDataModule):
         if self.toy_dir:
             from cultureclip.data.toy import ensure_toy_shards  # the generator is only needed here
             ensure_toy_shards(self.toy_dir, seed=self.toy_seed)
+        if self.replay and self.replay["toy_dir"]:
+            from cultureclip.data.toy_general import ensure_general_set
+            ensure_general_set(self.replay["toy_dir"], seed=self.replay["toy_seed"], keep_any=True)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_pairs_per_epoch is None:  # toy set: its shards exist only now
             self.train_urls = expand_shards(self.train_shards)
             self.val_urls = expand_shards(self.val_shards) if self.val_shards else []
             self._count_pairs()
+        if self.replay and not self.replay["urls"]:
+            self.replay["urls"] = expand_shards(self.replay["shards"])
         if self.val_urls and not self.val_concepts:
             self.val_concepts = read_concept_names(self.val_urls)
 
@@ -150,7 +184,20 @@ class TwinDataModule(L.LightningDataModule):
         loader = make_loader(pipeline, num_workers=self.num_workers, epoch_length_batches=self.batches_per_epoch(),
                              pin_memory=torch.cuda.is_available(), generator=torch.Generator())
         # the length is the whole epoch: Lightning counts a resumed epoch from its restored batch progress
+        if self.replay:  # both streams restart per epoch and drop the same batches on resume
+            return SizedLoader(ReplayMixer(loader, self._replay_loader(epoch, loader.num_batches), skip),
+                               loader.num_batches)
         return SizedLoader(SkipFirstBatches(loader, skip), loader.num_batches)
+
+    def _replay_loader(self, epoch: int, num_batches: int):
+        r = self.replay
+        pipeline = build_replay_pipeline(
+            r["urls"], self.spec.preprocess_train, self.spec.tokenizer, r["batch_size"],
+            seed=self.seed + REPLAY_SEED_OFFSET, shuffle_buffer=r["shuffle_buffer"],
+            context_length=self.caption_context_length, max_pixels=self.max_pixels,
+            max_consecutive_skips=self.max_consecutive_skips)
+        workers = self.num_workers if r["num_workers"] is None else r["num_workers"]
+        return replay_loader(pipeline, epoch, num_batches, workers)
 
     def val_dataloader(self):
         if not self.val_urls:

@@ -182,3 +182,18 @@ def retrieval(model: CultureCLIP, captions_file: str, image_root: Optional[str] 
     header = {"task": task, "dataset": str(captions_file), "split": split, "revision": None, "seed": None,
               "n": int(metrics["n_images"])}
     return metrics, header, {"image_root": str(image_root) if image_root else None}
+
+
+def toy_general(model: CultureCLIP, toy_dir: str, toy_seed: int = 0, batch_size: int = 64, num_workers: int = 0,
+                amp: bool = True, task: str = "toy_general_zeroshot") -> TaskOutput:
+    """Zero-shot accuracy on the held-out split of the toy general set (:mod:`cultureclip.data.toy_general`).
+
+    The set is built in ``toy_dir`` first if missing (a complete one is used as built); scoring is
+    :func:`imagenet` on its class folders with its own class names and templates (8 colour names,
+    prompts ensembled over 12 shapes).
+    """
+    from cultureclip.data.toy_general import CLASSNAMES_FILE, TEMPLATES_FILE, ensure_general_set
+    root = ensure_general_set(toy_dir, seed=toy_seed, keep_any=True)
+    return imagenet(model, str(root / "eval"), classnames_path=str(root / CLASSNAMES_FILE),
+                    templates_path=str(root / TEMPLATES_FILE), batch_size=batch_size, num_workers=num_workers,
+                    amp=amp, task=task, split="eval")

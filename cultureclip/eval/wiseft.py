@@ -142,3 +142,94 @@ def plot_tradeoff(rows: Sequence[Mapping[str, float]], x_metric: str, y_metric: 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
+
+
+# a task: model -> (flat metrics, result header, extra), as the functions of cultureclip.eval.tasks
+TaskFn = Callable[[CultureCLIP], tuple]
+
+
+def task_metrics(model: CultureCLIP, task_fns: Mapping[str, TaskFn]) -> dict[str, float]:
+    """Run every task on ``model``; its numeric metrics as ``{"<task key>/<metric>": value}``."""
+    out = {}
+    for key, fn in task_fns.items():
+        metrics = fn(model)[0]
+        out.update({f"{key}/{name}": float(v) for name, v in metrics.items() if isinstance(v, (int, float))})
+    return out
+
+
+def headline_columns(rows: Sequence[Mapping[str, float]]) -> list[str]:
+    """The metrics a summary table shows: each task's own top-level ones (no per-group breakdowns
+    such as ``twin_acc/country=Japan``, no counts such as ``n`` or ``n_skipped``)."""
+    keys = [k for k in rows[0] if k != "alpha"] if rows else []
+    return [k for k in keys if "/" not in k.split("/", 1)[1] and not k.split("/", 1)[1].startswith("n")]
+
+
+def write_tradeoff(rows: Sequence[Mapping[str, float]], out_dir: Union[str, os.PathLike],
+                   columns: Optional[Sequence[str]] = None, meta: Optional[Mapping] = None) -> dict[str, Path]:
+    """Write the sweep as ``wiseft.csv`` (all metrics), ``wiseft.md`` (``columns``) and ``wiseft.json``.
+
+    Args:
+        rows: output of :func:`sweep` (one dict per alpha, same keys in every row).
+        out_dir: folder (created).
+        columns: metric keys of the markdown table; default :func:`headline_columns`.
+        meta: recorded in the JSON next to the rows (models, tasks, alphas).
+
+    Returns:
+        ``{"csv": path, "md": path, "json": path}``.
+    """
+    import csv
+    import json
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = ["alpha"] + sorted({k for r in rows for k in r if k != "alpha"})
+    with open(out / "wiseft.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    cols = list(columns) if columns else headline_columns(rows)
+    missing = sorted({c for c in cols for r in rows if c not in r})
+    if missing:
+        raise KeyError(f"eval.wiseft.columns names metrics the tasks did not return: {missing}; "
+                       f"available: {keys[1:]}")
+    lines = ["| alpha | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {r['alpha']:g} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |" for r in rows]
+    (out / "wiseft.md").write_text("\n".join(lines) + "\n")
+    (out / "wiseft.json").write_text(json.dumps({**dict(meta or {}), "rows": list(rows)}, indent=2, default=str))
+    return {"csv": out / "wiseft.csv", "md": out / "wiseft.md", "json": out / "wiseft.json"}
+
+
+def run_wiseft(base: CultureCLIP, finetuned: CultureCLIP, task_fns: Mapping[str, TaskFn], alphas: Sequence[float],
+               out_dir: Union[str, os.PathLike], x_metric: str = "alpha", y_metric: Optional[str] = None,
+               columns: Optional[Sequence[str]] = None, meta: Optional[Mapping] = None,
+               only: Optional[Sequence[str]] = None) -> dict[str, Path]:
+    """The WiSE-FT command's work: sweep ``alphas``, run every task at each, write table and plot.
+
+    Args:
+        base, finetuned: as for :func:`interpolate` (LoRA adapters of ``finetuned`` are merged here).
+        task_fns: ``{key: model -> (metrics, header, extra)}`` (the ``eval.tasks`` of the config).
+        alphas: mixing weights, evaluated in this order.
+        out_dir: receives ``wiseft.csv``/``.md``/``.json`` and ``wiseft.png``.
+        x_metric, y_metric: plot axes, ``"alpha"`` or ``"<task key>/<metric>"``; default y: the
+            first headline metric.
+        columns, meta: as for :func:`write_tradeoff`.
+        only: run only these keys of ``task_fns`` (None: all).
+
+    Returns:
+        The paths written (``csv``, ``md``, ``json``, ``plot``), each printed.
+    """
+    if only is not None:
+        unknown = sorted(set(only) - set(task_fns))
+        if unknown:
+            raise KeyError(f"eval.wiseft.tasks names {unknown}, which eval.tasks does not hold ({sorted(task_fns)})")
+        task_fns = {k: task_fns[k] for k in only}
+    if not task_fns:
+        raise ValueError("no evaluation tasks for the WiSE-FT sweep: add some, e.g. eval=[wiseft,toy_general]")
+    if finetuned.has_lora:
+        finetuned.merge_lora()
+    rows = sweep(base, finetuned, alphas, lambda model: task_metrics(model.eval(), task_fns))
+    paths = write_tradeoff(rows, out_dir, columns, meta)
+    y_metric = y_metric or (list(columns) if columns else headline_columns(rows))[0]
+    paths["plot"] = plot_tradeoff(rows, x_metric, y_metric, Path(out_dir) / "wiseft.png")
+    for kind, path in paths.items():
+        print(f"wiseft {kind}: {path}")
+    return paths

@@ -1,11 +1,12 @@
-"""Run CLIP_benchmark's own command line, with one compatibility fix: ``python -m cultureclip.interop.benchmark_cli``.
+#!/usr/bin/env python
+"""Run CLIP_benchmark's own command line, with one compatibility fix: ``python tools/clip_benchmark_cli.py``.
 
 Usage is exactly ``clip_benchmark``'s (``eval``/``build`` and all their options); a model saved by
 ``CultureCLIP.save_pretrained`` is given as ``--model local-dir:DIR`` (open_clip's local-folder schema,
 which CLIP_benchmark's ``open_clip`` model type passes straight to ``create_model_and_transforms`` and
 ``get_tokenizer``)::
 
-    python -m cultureclip.interop.benchmark_cli eval --model local-dir:runs/toy/model --pretrained "" \\
+    python tools/clip_benchmark_cli.py eval --model local-dir:runs/toy/model --pretrained "" \\
         --dataset imagenet1k-unverified --dataset_root DATA --custom_classname_file classes.json \\
         --custom_template_file templates.json --task zeroshot_classification --output result.json
 
@@ -13,7 +14,8 @@ The fix: CLIP_benchmark 1.6.2 computes top-k accuracy as ``float(array of shape 
 2.4 turned from a deprecation into a ``TypeError``, so its zero-shot classification stops after the
 whole dataset has been encoded. Where (and only where) the installed ``accuracy`` fails that way, it is
 replaced by the same arithmetic with a 0-d conversion; everything else is CLIP_benchmark's code. With an
-older NumPy or a fixed CLIP_benchmark this is the plain ``clip_benchmark`` command.
+older NumPy or a fixed CLIP_benchmark this is the plain ``clip_benchmark`` command. It lives in
+``tools/`` on purpose: no module of the ``cultureclip`` package patches another library.
 """
 from __future__ import annotations
 

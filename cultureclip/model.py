@@ -31,6 +31,7 @@ from cultureclip import lora as lora_lib
 from cultureclip.checkpoint_io import (CONFIG_NAME, TRAINING_CKPT_KEY, WEIGHTS_NAME,  # noqa: F401 (public names)
                                        CheckpointMismatchError, UnsafeCheckpointError)
 from cultureclip.data.spec import DataSpec
+from cultureclip.interop import HF_PREFIX  # light: the hf extra is imported only when used
 from cultureclip.text_length import encode_prefix, trim_plan, trimmed_length, unique_texts
 
 io.register_shipped_configs()  # e.g. "cultureclip-tiny"
@@ -66,7 +67,9 @@ class CultureCLIP(nn.Module):
 
         Args:
             name_or_path: an open_clip architecture (``"ViT-B-32-quickgelu"``), an ``hf-hub:org/repo``
-                id, a directory written by :meth:`save_pretrained` (or ``local-dir:DIR``).
+                id, a directory written by :meth:`save_pretrained` (or ``local-dir:DIR``), or
+                ``hf-transformers:<model id or dir>`` for a ``transformers`` CLIPModel (converted exactly,
+                see :mod:`cultureclip.interop`; ``adapter=<PEFT LoRA dir>`` merges an adapter into it).
             pretrained: with an architecture name: an open_clip pretrained tag (``"openai"``) or a
                 checkpoint file (``.safetensors``/``.pt``, read without unpickling); ``None`` builds
                 random weights.
@@ -74,6 +77,12 @@ class CultureCLIP(nn.Module):
             **kwargs: open_clip overrides (``force_quick_gelu``, ``force_context_length``, ...).
         """
         name = str(name_or_path)
+        if name.startswith(HF_PREFIX):
+            if pretrained is not None:
+                raise ValueError(f"{HF_PREFIX} models carry their weights; pretrained must be None")
+            from cultureclip.interop.hf_io import from_transformers
+            return from_transformers(cls, name[len(HF_PREFIX):], device=device, precision=precision,
+                                     cache_dir=cache_dir, **kwargs)
         if name.startswith("local-dir:"):
             name = name[len("local-dir:"):]
         if os.path.isdir(name):
@@ -270,19 +279,27 @@ class CultureCLIP(nn.Module):
             self.model.lock_text_tower(unlocked_layers=unlocked_groups, freeze_layer_norm=True)
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
+    def save_pretrained(self, directory: Union[str, os.PathLike], format: str = "open_clip") -> Path:
         """Write open_clip's hub layout (``open_clip_config.json`` + ``open_clip_model.safetensors``).
+
+        ``format="transformers"`` writes a ``transformers`` CLIPModel directory instead (config, weights,
+        tokenizer and image processor; see :func:`cultureclip.interop.hf_io.save_transformers`).
 
         Adapters are merged into a copy first, so the files load into plain open_clip
         (``create_model_and_transforms("local-dir:" + directory)``) and this model keeps training.
         Files are written to temporary names and renamed, so an interrupted save never leaves a
         half-written model that looks complete.
         """
+        if format not in ("open_clip", "transformers"):
+            raise ValueError(f"format must be 'open_clip' or 'transformers', got {format!r}")
         model = self.model
         if self.has_lora:
             model = deepcopy(self.model)
             lora_lib.merge_lora(model)
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if format == "transformers":
+            from cultureclip.interop.hf_io import save_transformers
+            return save_transformers(self, state, directory)
         config = {"model_cfg": self.model_cfg, "preprocess_cfg": self.checkpoint_metadata()["preprocess_cfg"],
                   "name": self.name}
         return io.write_saved_dir(Path(directory), state, self.model_cfg, config)

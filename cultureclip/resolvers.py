@@ -28,7 +28,16 @@ def model_slug(name: str, pretrained: Optional[str] = None) -> str:
     return slug(name, pretrained)
 
 
-RESOLVERS = {"cc_bf16_or_fp32": bf16_or_fp32, "cc_workers": workers, "cc_model_slug": model_slug}
+def data_file(name: str) -> str:
+    """The path of a file shipped in ``cultureclip/data_files`` (e.g. the curation demo's caption pairs)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_files", name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no packaged data file {name!r} ({path})")
+    return path
+
+
+RESOLVERS = {"cc_bf16_or_fp32": bf16_or_fp32, "cc_workers": workers, "cc_model_slug": model_slug,
+             "cc_data_file": data_file}
 
 
 def register() -> None:

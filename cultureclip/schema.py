@@ -6,7 +6,9 @@ same batch::
     pair0000042.pos.jpg   positive image (jpg, png or webp)
     pair0000042.neg.jpg   twin (negative) image
     pair0000042.json      {"pos_caption", "neg_caption", "pos_concept", "neg_concept",
-                           optional "pos_country", "neg_country", "category", "pair_id"}
+                           optional "pos_country", "neg_country", "category", "pair_id",
+                           "pos_context", "neg_context" (strings), "pos_features", "neg_features"
+                           (lists of strings)}
 
 No other module spells these strings; import them from here.
 """
@@ -31,8 +33,12 @@ POS_COUNTRY = "pos_country"
 NEG_COUNTRY = "neg_country"
 CATEGORY = "category"
 PAIR_ID = "pair_id"
+POS_CONTEXT = "pos_context"  # a short description of the concept (where, when, what it is)
+NEG_CONTEXT = "neg_context"
+POS_FEATURES = "pos_features"  # key visual features, a list of strings
+NEG_FEATURES = "neg_features"
 REQUIRED_TEXT_FIELDS = (POS_CAPTION, NEG_CAPTION, POS_CONCEPT, NEG_CONCEPT)
-OPTIONAL_FIELDS = (POS_COUNTRY, NEG_COUNTRY, CATEGORY, PAIR_ID)
+OPTIONAL_FIELDS = (POS_COUNTRY, NEG_COUNTRY, CATEGORY, PAIR_ID, POS_CONTEXT, NEG_CONTEXT, POS_FEATURES, NEG_FEATURES)
 
 # ---- the authors' JSON/JSONL rows (CultureCLIP reference code) ----
 POS_IMAGE_PATH = "pos_image_path"
@@ -82,10 +88,6 @@ CONTEXT = "context"
 FEATURES = "features"  # key visual features, a list of strings
 CAPTION = "caption"
 CAPTIONS = "captions"  # a list of captions of one concept
-POS_CONTEXT = "pos_context"
-NEG_CONTEXT = "neg_context"
-POS_FEATURES = "pos_features"
-NEG_FEATURES = "neg_features"
 POS_CAPTIONS = "pos_captions"
 NEG_CAPTIONS = "neg_captions"
 TWIN_ID = "twin_id"  # key of a twin pair (category, both concepts and countries)
@@ -112,6 +114,8 @@ SCORES = (SCORE_AUTHENTICITY, SCORE_CONSISTENCY, SCORE_FIDELITY)
 TWIN_CHOICE = "twin_choice"  # the concept name the judge picked when shown both names
 PICKS_OWN = "picks_own"  # whether that is the image's own concept
 REASON = "reason"
+TWIN_CONCEPT = "twin_concept"  # judge records: the other concept of the twin pair ...
+TWIN_COUNTRY = "twin_country"  # ... and its country
 
 # ---- the reference pipeline's files (CulTwin JSON/JSONL), read by the curation importer ----
 REF_SAMPLE_ID = "sample_id"

@@ -5,8 +5,12 @@ Two row formats are accepted, detected per row:
 * authors': ``pos_image_path, pos_caption, pos_concept, neg_image_path, neg_caption, neg_concept``;
 * generic: the same texts with ``pos_image`` / ``neg_image`` as the image paths.
 
-Both may carry ``pos_country, neg_country, category, pair_id``; other columns are dropped. Relative
-image paths are resolved against ``image_root``, or against the input file's folder when it is None.
+Both may carry ``pos_country, neg_country, category, pair_id, pos_context, neg_context, pos_features,
+neg_features``; other columns are dropped. As in the reference pipeline's rows, ``category`` and the
+features may sit under ``metadata``, and features may be one string (stored as a one-element list);
+this mapping is the curation importer's (:func:`cultureclip.curate.importer.pair_meta_extras`), so
+converted data keeps its categories for per-category evaluation. Relative image paths are resolved
+against ``image_root``, or against the input file's folder when it is None.
 
 A bad record (missing column, blank caption, missing or undecodable image, an image over the pixel
 cap ``max_pixels``) either raises a :class:`RecordError` naming ``file:line`` and the field, or, with
@@ -233,6 +237,17 @@ def convert_to_shards(inputs: Sequence[PathLike], out_dir: PathLike, image_root:
     return report
 
 
+def _pair_meta(row: dict, where: str) -> dict:
+    """The json part of one pair: the required texts, then the optional fields as the importer reads them."""
+    from cultureclip.curate.importer import pair_meta_extras  # imported here: the importer reads rows with this module
+    meta = validate_pair_meta(row, where)
+    extras = pair_meta_extras(row, where)
+    for name in (schema.CATEGORY, schema.POS_CONTEXT, schema.NEG_CONTEXT, schema.POS_FEATURES, schema.NEG_FEATURES):
+        meta.pop(name, None)  # raw copies (a string of features, a blank context) give way to the checked values
+    meta.update(extras)
+    return meta
+
+
 def _convert(inputs, writer, image_root, resize, on_error, key_prefix, report, max_pixels) -> None:
     seen: dict[str, str] = {}  # key -> where it was first used, to name both rows of a duplicate
     counter = SkipCounter(logger=log)
@@ -244,7 +259,7 @@ def _convert(inputs, writer, image_root, resize, on_error, key_prefix, report, m
             try:
                 row = _checked_row(where, row)
                 images = _image_paths(row, where)
-                meta = validate_pair_meta(row, where)
+                meta = _pair_meta(row, where)
                 key = _pair_key(row, n, key_prefix, where)
                 if key in seen:
                     raise RecordError(f"{where}: duplicate {schema.PAIR_ID} / key {key!r}, "

@@ -1,0 +1,193 @@
+"""The dataset card of a curation run: ``card.md`` + ``card.json`` (+ plots and thumbnails in ``card/``).
+
+Built from what is on disk only: every stage folder of the run (any folder holding a ``stage.json``,
+so stages added later appear without changes here) gives its record, error and pending counts; the
+pairs, render and judge records give the per-country and per-category tables, the score histograms
+and the gallery of rejected images; each stage module may add a section (``card_section(out_dir)``).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from cultureclip import schema
+from cultureclip.curate import registry
+from cultureclip.curate.records import STAGE_FILE, StageStore, write_atomic
+
+log = logging.getLogger(__name__)
+CARD_MD, CARD_JSON, CARD_ASSETS = "card.md", "card.json", "card"
+UNKNOWN = "(none)"  # the group of records without a country or category
+SCORE_VALUES = range(1, 6)
+
+
+def stage_summary(root: Path) -> dict:
+    """Counts of one stage folder: records, errors by reason, jobs of the whole stage and pending."""
+    store = StageStore(root, root.name)
+    done, errors, reports = len(store.done_keys()), store.errors(), store.reports()
+    jobs_total = max((r.get("jobs_total", 0) for r in reports), default=0)
+    return {"records": done, "errors": len(errors),
+            "errors_by_reason": dict(sorted(Counter(e[schema.REC_ERROR] for e in errors.values()).items())),
+            "jobs_total": jobs_total, "pending": max(0, jobs_total - done - len(errors)),
+            "success_rate": round(done / (done + len(errors)), 4) if done + len(errors) else None,
+            "job_ranges_reported": len(reports)}
+
+
+def stage_folders(out_dir: Path, skip: Sequence[str] = ()) -> list[Path]:
+    """The run's stage folders, in pipeline order, then any others by name."""
+    order = {name: i for i, name in enumerate(("pairs",) + registry.ORDER)}
+    found = [p for p in Path(out_dir).iterdir() if p.is_dir() and not p.name.startswith(".")
+             and (p / STAGE_FILE).is_file() and p.name not in skip]
+    return sorted(found, key=lambda p: (order.get(p.name, len(order)), p.name))
+
+
+def module_sections(out_dir: Path, names: Sequence[str]) -> list[dict]:
+    """``card_section(out_dir)`` of the importer and of every stage module named, where defined."""
+    sections = []
+    for name in names:
+        module_name = "cultureclip.curate.importer" if name == "pairs" else registry.STAGES.get(name)
+        if module_name is None:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:  # a package the module needs is missing: that is an error
+                raise
+            continue  # a folder of a stage whose module this install lacks
+        section = module.card_section(out_dir) if hasattr(module, "card_section") else None
+        if section:
+            sections.append({"stage": name, **section})
+    return sections
+
+
+def rate(passed: int, total: int) -> Optional[float]:
+    """``passed / total`` rounded to 4 digits; None when nothing was counted."""
+    return round(passed / total, 4) if total else None
+
+
+def group_tables(pairs: Sequence[Mapping], renders: Mapping[str, Mapping], judged: Sequence[Mapping],
+                 passes: Callable[[Mapping], bool], exported: Sequence[Mapping]) -> dict:
+    """Per-category and per-country counts: twin pairs, images rendered, judged, passed, pairs exported.
+
+    A twin pair counts under both of its countries; an image under its own side's country.
+    """
+    by_twin = {p[schema.TWIN_ID]: p for p in pairs}
+    tables: dict[str, dict] = {schema.CATEGORY: defaultdict(Counter), schema.COUNTRY: defaultdict(Counter)}
+    for p in pairs:
+        tables[schema.CATEGORY][p[schema.CATEGORY] or UNKNOWN]["twin_pairs"] += 1
+        for c in {p[schema.POS_COUNTRY] or UNKNOWN, p[schema.NEG_COUNTRY] or UNKNOWN}:
+            tables[schema.COUNTRY][c]["twin_pairs"] += 1
+    for r in renders.values():
+        tables[schema.CATEGORY][r.get(schema.CATEGORY) or UNKNOWN]["images_rendered"] += 1
+        tables[schema.COUNTRY][r.get(schema.COUNTRY) or UNKNOWN]["images_rendered"] += 1
+    for j in judged:
+        pair = by_twin[j[schema.TWIN_ID]]
+        country = pair[f"{j[schema.SIDE]}_{schema.COUNTRY}"] or UNKNOWN
+        for table, value in ((schema.CATEGORY, pair[schema.CATEGORY] or UNKNOWN), (schema.COUNTRY, country)):
+            tables[table][value]["images_judged"] += 1
+            tables[table][value]["images_passed"] += int(passes(j))
+    for e in exported:
+        tables[schema.CATEGORY][e[schema.CATEGORY] or UNKNOWN]["pairs_exported"] += 1
+        for c in {e[schema.POS_COUNTRY] or UNKNOWN, e[schema.NEG_COUNTRY] or UNKNOWN}:
+            tables[schema.COUNTRY][c]["pairs_exported"] += 1
+    out = {}
+    for table, groups in tables.items():
+        out[table] = {}
+        for value in sorted(groups):
+            row = {k: groups[value][k] for k in ("twin_pairs", "images_rendered", "images_judged", "images_passed",
+                                                 "pairs_exported")}
+            row["pass_rate"] = rate(row["images_passed"], row["images_judged"])
+            out[table][value] = row
+    return out
+
+
+def score_histograms(judged: Sequence[Mapping]) -> dict:
+    """``{score: {1: n, ..., 5: n}}`` for the three scores, plus the twin check ``{own, twin}``."""
+    hist = {s: {v: 0 for v in SCORE_VALUES} for s in schema.SCORES}
+    for j in judged:
+        for s in schema.SCORES:
+            hist[s][j[s]] += 1
+    hist[schema.PICKS_OWN] = {"own": sum(bool(j[schema.PICKS_OWN]) for j in judged),
+                              "twin": sum(not j[schema.PICKS_OWN] for j in judged)}
+    return hist
+
+
+def plot_histograms(hist: Mapping, path: Path) -> None:
+    """One bar chart per score and one for the twin check, in one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(hist), figsize=(3.2 * len(hist), 2.8))
+    for ax, (name, counts) in zip(axes, hist.items()):
+        ax.bar(range(len(counts)), list(counts.values()), color="#4c72b0")
+        ax.set_xticks(range(len(counts)), [str(k) for k in counts])
+        ax.set_title(name, fontsize=10)
+        ax.set_ylabel("images")
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.1, top=0.88, wspace=0.35)  # tight_layout costs seconds
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def thumbnail(src: Path, dest: Path, size: int) -> None:
+    """A JPEG thumbnail (longer side ``size``) of a rendered image."""
+    from PIL import Image
+
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        im.thumbnail((size, size))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        im.save(dest, format="JPEG", quality=85)
+
+
+def _table_md(title: str, rows: Mapping[str, Mapping], first: str) -> list[str]:
+    if not rows:
+        return []
+    cols = list(next(iter(rows.values())))
+    lines = [f"### {title}", "", "| " + " | ".join([first, *cols]) + " |", "|" + "---|" * (len(cols) + 1)]
+    lines += ["| " + " | ".join([str(k), *("" if v is None else str(v) for v in row.values())]) + " |"
+              for k, row in rows.items()]
+    return lines + [""]
+
+
+def render_markdown(card: Mapping[str, Any]) -> str:
+    """``card.md`` from the card's JSON."""
+    ex = card["export"]
+    lines = ["# Twin-pair dataset card", "",
+             f"{ex['train_pairs']} training pairs and {ex['val_pairs']} validation pairs from "
+             f"{ex['twins_exported']} of {ex['twin_pairs']} twin pairs (split by twin pair, seed {ex['seed']}). "
+             f"Pass rule: {card['rule']}.", "", "## Stages", "",
+             "| stage | records | errors | pending | success rate | errors by reason |", "|---|---|---|---|---|---|"]
+    for name, s in card["stages"].items():
+        lines.append(f"| {name} | {s['records']} | {s['errors']} | {s['pending']} | {s['success_rate']} | "
+                     f"{', '.join(f'{k}: {v}' for k, v in s['errors_by_reason'].items())} |")
+    j = card["judge"]
+    lines += ["", f"Judge: {j['images_passed']} of {j['images_judged']} judged images pass "
+              f"(pass rate {j['pass_rate']}); twin check picks the image's own concept for "
+              f"{j['histograms'][schema.PICKS_OWN]['own']} of them.", ""]
+    lines += _table_md("Per category", card["groups"][schema.CATEGORY], schema.CATEGORY)
+    lines += _table_md("Per country", card["groups"][schema.COUNTRY], schema.COUNTRY)
+    if card.get("histogram_png"):
+        lines += ["## Judge scores", "", f"![score histograms]({card['histogram_png']})", ""]
+    if card["gallery"]:
+        lines += [f"## Rejected images ({len(card['gallery'])} of {j['images_judged'] - j['images_passed']})", "",
+                  "| image | concept | twin | scores (A/C/F) | twin choice | rejected because | judge's reason |",
+                  "|---|---|---|---|---|---|---|"]
+        for g in card["gallery"]:
+            scores = "/".join(str(g[s]) for s in schema.SCORES)
+            lines.append(f"| ![]({g['thumbnail']}) | {g[schema.CONCEPT]} | {g[schema.TWIN_CONCEPT]} | {scores} | "
+                         f"{g[schema.TWIN_CHOICE]} | {'; '.join(g['failures'])} | {g[schema.REASON]} |")
+        lines.append("")
+    for section in card["sections"]:
+        lines += [f"## {section['title']}", "", section["markdown"], ""]
+    return "\n".join(lines)
+
+
+def write_card(dest: Path, card: Mapping[str, Any]) -> None:
+    """Write ``card.json`` and ``card.md`` into ``dest``."""
+    write_atomic(dest / CARD_JSON, json.dumps(card, indent=1, ensure_ascii=False))
+    write_atomic(dest / CARD_MD, render_markdown(card))

@@ -1,0 +1,370 @@
+"""A small client for OpenAI-compatible chat servers (vLLM, SGLang, Ollama, hosted APIs) with
+JSON-schema structured output, bounded retries and bounded concurrency.
+
+Every answer is validated against a pydantic model. A request that keeps failing (HTTP 429/5xx,
+timeouts, connection errors, malformed JSON, answers that violate the schema) is retried up to
+``max_attempts`` times in all, then returned as a :class:`ChatAnswer` with a short ``error`` reason
+and the message: never a default value. The SDK's own hidden retries are switched off
+(``max_retries=0``) so that the attempt count in every answer is the true one.
+
+Concurrency uses threads, not asyncio: the stages' ``process`` functions are plain generators driven
+by :meth:`cultureclip.curate.records.StageStore.run`, the time goes to waiting on the network (the
+GIL is released), and a pool of ``concurrency`` threads bounds the requests in flight by
+construction. ``rate_limit`` (requests/s, retries included) is a token bucket shared by the threads.
+
+The API key is read from the environment variable named by ``api_key_env`` when the client is made;
+it is never stored in the config, logged, or put in an answer (messages are scrubbed of it).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Hashable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDER_KEY = "EMPTY"  # what local servers (vLLM, SGLang, Ollama) accept when no key is set
+RETRYABLE_STATUS = {408, 409, 425, 429}  # plus every 5xx
+MAX_RETRY_AFTER_S = 120.0
+
+
+def _require_curate() -> None:
+    try:
+        import openai  # noqa: F401
+        import pydantic  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - the extra is installed in dev
+        raise ImportError(f"the chat client needs openai and pydantic ({exc}); "
+                          f"pip install 'cultureclip[curate]'") from exc
+
+
+@dataclass
+class ChatConfig:
+    """Where and how to ask. Holds no secret: the key comes from the variable ``api_key_env``.
+
+    Attributes:
+        base_url: the server's OpenAI-compatible root, e.g. ``http://localhost:8000/v1``.
+        model: the model id the server serves.
+        api_key_env: the environment variable holding the API key; local servers need none (the
+            placeholder ``"EMPTY"`` is sent when it is unset).
+        concurrency: requests in flight at most (:meth:`ChatClient.ask_many`).
+        rate_limit: requests per second at most (retries included); ``None`` for no limit.
+        timeout_s: seconds per HTTP request.
+        max_attempts: tries per request in all (the first included).
+        temperature, max_tokens: sampling settings.
+        extra_body: extra JSON fields for the server (e.g. vLLM's ``top_k``).
+        backoff_s, max_backoff_s: exponential backoff between tries (with jitter) when the server
+            sends no ``Retry-After``.
+    """
+
+    base_url: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    rate_limit: Optional[float] = None
+    timeout_s: float = 60.0
+    max_attempts: int = 4
+    temperature: float = 0.0
+    max_tokens: int = 512
+    extra_body: Optional[dict] = None
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if int(self.concurrency) < 1:
+            raise ValueError(f"chat concurrency must be >= 1, got {self.concurrency}")
+        if int(self.max_attempts) < 1:
+            raise ValueError(f"chat max_attempts must be >= 1, got {self.max_attempts}")
+        if self.rate_limit is not None and not float(self.rate_limit) > 0:
+            raise ValueError(f"chat rate_limit must be > 0 requests/s or null, got {self.rate_limit}")
+        if not self.base_url or not self.model:
+            raise ValueError("chat base_url and model must be set")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> "ChatConfig":
+        """Build from a mapping (a config group), refusing unknown keys by name."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown chat settings {unknown}; known: {sorted(known)}")
+        data = dict(cfg)
+        if data.get("extra_body") is not None:
+            data["extra_body"] = dict(data["extra_body"])
+        return cls(**data)
+
+
+@dataclass
+class ChatAnswer:
+    """One request's result: a validated ``value``, or an ``error`` reason with its ``message``."""
+
+    value: Any  # a pydantic model instance, or None on error
+    error: Optional[str]
+    message: str
+    attempts: int
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def image_part(path_or_bytes: Union[str, os.PathLike, bytes], mime: Optional[str] = None) -> dict:
+    """A chat content part holding an image as a base64 data URL.
+
+    Args:
+        path_or_bytes: an image file, or its bytes.
+        mime: the media type; guessed from the magic bytes (PNG, JPEG, WebP, GIF) when omitted.
+    """
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    if mime is None:
+        if data[:8] == b"\x89PNG\r\n\x1a\n":
+            mime = "image/png"
+        elif data[:3] == b"\xff\xd8\xff":
+            mime = "image/jpeg"
+        elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            mime = "image/webp"
+        elif data[:6] in (b"GIF87a", b"GIF89a"):
+            mime = "image/gif"
+        else:
+            where = "" if isinstance(path_or_bytes, bytes) else f" {path_or_bytes}"
+            raise ValueError(f"image{where}: unknown image format (not PNG/JPEG/WebP/GIF); pass mime=")
+    return {"type": "image_url",
+            "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"}}
+
+
+def strict_json_schema(model: type) -> dict:
+    """The JSON schema of a pydantic model in the strict form structured output wants: every object
+    closed (``additionalProperties: false``) and every property required."""
+    schema = model.model_json_schema()
+
+    def close(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node:
+                node["additionalProperties"] = False
+                node["required"] = list(node["properties"])
+            for value in node.values():
+                close(value)
+        elif isinstance(node, list):
+            for value in node:
+                close(value)
+
+    close(schema)
+    return schema
+
+
+class TokenBucket:
+    """At most ``rate`` acquisitions per second, shared by threads; burst of one (even spacing)."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / float(rate)
+        self._next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:  # reserve a slot, then sleep outside the lock
+            now = time.monotonic()
+            slot = max(now, self._next)
+            self._next = slot + self.interval
+        if slot > now:
+            time.sleep(slot - now)
+
+
+class _Retry(Exception):
+    def __init__(self, reason: str, message: str, retry_after: Optional[float] = None,
+                 retryable: bool = True) -> None:
+        super().__init__(message)
+        self.reason, self.message, self.retry_after, self.retryable = reason, message, retry_after, retryable
+
+
+def _retry_after(headers: Any) -> Optional[float]:
+    """Seconds from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date), or None."""
+    if headers is None:
+        return None
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            import email.utils
+            parsed = email.utils.parsedate_tz(value)
+            if parsed is None:
+                continue
+            seconds = email.utils.mktime_tz(parsed) - time.time()
+        if math.isfinite(seconds):
+            return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+    return None
+
+
+class ChatClient:
+    """Ask an OpenAI-compatible server for structured answers.
+
+    Args:
+        cfg: a :class:`ChatConfig` (or a mapping of its fields).
+    """
+
+    def __init__(self, cfg: Union[ChatConfig, Mapping[str, Any]]) -> None:
+        _require_curate()
+        import openai
+        self.cfg = cfg if isinstance(cfg, ChatConfig) else ChatConfig.from_mapping(cfg)
+        key = os.environ.get(self.cfg.api_key_env) or ""
+        if not key:
+            log.info("chat: %s is not set; sending the placeholder key (fine for local servers)",
+                     self.cfg.api_key_env)
+        self._secret = key  # only to scrub messages; never logged or returned
+        self._client = openai.OpenAI(api_key=key or PLACEHOLDER_KEY, base_url=self.cfg.base_url,
+                                     timeout=float(self.cfg.timeout_s), max_retries=0)
+        self._bucket = TokenBucket(self.cfg.rate_limit) if self.cfg.rate_limit else None
+        self._schemas: dict[type, dict] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ChatClient(base_url={self.cfg.base_url!r}, model={self.cfg.model!r})"
+
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self._client.close()
+
+    def __enter__(self) -> "ChatClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ one request
+    def _response_format(self, schema: type, name: Optional[str]) -> dict:
+        with self._lock:
+            body = self._schemas.get(schema)
+            if body is None:
+                body = self._schemas[schema] = strict_json_schema(schema)
+        return {"type": "json_schema",
+                "json_schema": {"name": name or schema.__name__, "schema": body, "strict": True}}
+
+    def _scrub(self, text: str) -> str:
+        text = str(text)
+        return text.replace(self._secret, "***") if self._secret else text
+
+    def _once(self, messages: Sequence[Mapping], schema: type, response_format: dict) -> Any:
+        import openai
+        import pydantic
+        from openai.types.chat import ChatCompletion
+        if self._bucket is not None:
+            self._bucket.acquire()
+        body = {"model": self.cfg.model, "messages": list(messages), "response_format": response_format,
+                "temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens,
+                **(self.cfg.extra_body or {})}
+        try:
+            # The SDK's documented raw-request path (auth, timeouts, status errors, response parsing as
+            # in chat.completions.create) with the body serialised once by us: create() walks every
+            # message through its type transforms, which costs more CPU than the request itself for
+            # image messages of a few hundred kB.
+            completion = self._client.post("/chat/completions", cast_to=ChatCompletion,
+                                           content=json.dumps(body).encode("ascii"),
+                                           options={"headers": {"Content-Type": "application/json"}})
+        except openai.APITimeoutError as exc:
+            raise _Retry("timeout", f"no answer within {self.cfg.timeout_s} s ({exc})") from None
+        except openai.APIConnectionError as exc:
+            raise _Retry("connection", f"connection error: {exc}") from None
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+            retryable = status in RETRYABLE_STATUS or status >= 500
+            raise _Retry(f"http_{status}", f"HTTP {status}: {exc.message}",
+                         _retry_after(exc.response.headers), retryable) from None
+        except openai.OpenAIError as exc:  # anything else the SDK raises: an error answer, not a crash
+            raise _Retry("api_error", f"{type(exc).__name__}: {exc}") from None
+        except ValueError as exc:  # a 200 whose body is not JSON at all
+            raise _Retry("bad_response", f"unreadable response: {exc}") from None
+        if not isinstance(completion, ChatCompletion) or not isinstance(completion.choices, list):
+            raise _Retry("bad_response", f"not a chat completion: {str(completion)[:200]!r}")
+        if not completion.choices:
+            raise _Retry("empty_answer", "the server returned no choices")
+        choice = completion.choices[0]
+        content = choice.message.content
+        if not content:
+            refusal = getattr(choice.message, "refusal", None)
+            raise _Retry("empty_answer", f"empty message (finish_reason={choice.finish_reason}"
+                                         f"{', refusal: ' + refusal if refusal else ''})")
+        try:
+            data = json.loads(content)
+        except ValueError as exc:
+            reason = "truncated" if choice.finish_reason == "length" else "malformed_json"
+            raise _Retry(reason, f"{exc}; answer starts {content[:200]!r}") from None
+        try:
+            return schema.model_validate(data)
+        except pydantic.ValidationError as exc:
+            raise _Retry("schema_violation", f"{exc.error_count()} errors: {exc.errors()[0]['loc']}: "
+                                             f"{exc.errors()[0]['msg']}; answer {content[:200]!r}") from None
+
+    def ask(self, messages: Sequence[Mapping], schema: type, name: Optional[str] = None) -> ChatAnswer:
+        """Ask once (with bounded retries) for an answer that validates against ``schema``.
+
+        Args:
+            messages: chat messages in the OpenAI format (content parts may hold :func:`image_part`).
+            schema: a pydantic model class; its strict JSON schema is sent as the response format.
+            name: the schema name sent to the server (default: the class name).
+
+        Returns:
+            A :class:`ChatAnswer`: the validated value, or the last error's reason and message.
+        """
+        response_format = self._response_format(schema, name)
+        last: Optional[_Retry] = None
+        for attempt in range(1, int(self.cfg.max_attempts) + 1):
+            try:
+                value = self._once(messages, schema, response_format)
+                return ChatAnswer(value=value, error=None, message="", attempts=attempt)
+            except _Retry as exc:
+                last = exc
+                log.debug("chat attempt %d/%d: %s", attempt, self.cfg.max_attempts, exc.reason)
+                if not exc.retryable or attempt == self.cfg.max_attempts:
+                    return ChatAnswer(value=None, error=exc.reason, message=self._scrub(exc.message),
+                                      attempts=attempt)
+                if exc.retry_after is not None:
+                    delay = exc.retry_after  # the server said when: honour it exactly
+                else:
+                    delay = min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2 ** (attempt - 1))
+                    delay *= 0.5 + random.random()  # jitter: retries of many threads do not collide
+                time.sleep(delay)
+        raise AssertionError(f"unreachable: {last}")  # pragma: no cover
+
+    # ------------------------------------------------------------------ many requests
+    def ask_many(self, requests: Iterable[tuple]) -> Iterator[tuple[Hashable, ChatAnswer]]:
+        """Ask many questions with at most ``concurrency`` in flight; yields ``(key, answer)`` as they
+        finish (unordered).
+
+        Args:
+            requests: ``(key, messages, schema)`` or ``(key, messages, schema, name)`` tuples; read
+                lazily, so a long iterator is never held in memory.
+        """
+        import queue
+        limit = int(self.cfg.concurrency)
+        pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="chat")
+        done: "queue.SimpleQueue[tuple[Hashable, Future]]" = queue.SimpleQueue()
+        source = iter(requests)
+        running = 0
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and running < limit:  # at most `limit` submitted, so in flight
+                    try:
+                        key, messages, schema, *rest = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    future = pool.submit(self.ask, messages, schema, *rest)
+                    future.add_done_callback(lambda f, k=key: done.put((k, f)))
+                    running += 1
+                if not running:
+                    return
+                key, future = done.get()
+                running -= 1
+                yield key, future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)

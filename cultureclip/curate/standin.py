@@ -1,0 +1,309 @@
+"""A stand-in OpenAI-compatible chat server: a real HTTP server on localhost with deterministic answers.
+
+It serves ``POST /v1/chat/completions`` and ``GET /v1/models`` in the OpenAI wire format (and its
+counters at ``GET /v1/standin/stats``), so the
+curation stages talk to it through the same SDK and code path as to vLLM or a hosted API. It is not a
+model: each request is dispatched on the name of its ``response_format`` JSON schema to a *responder*
+(a function of the request body returning the answer object), which the stage modules provide
+(``standin_responders()``). Answers are derived from the request content only, so reruns agree.
+
+For tests and benchmarks it can add a fixed latency to every answer and script failures per request
+(:class:`Fault`): HTTP 429 with ``Retry-After``, 5xx, an answer slower than the client's timeout,
+malformed JSON, an answer that violates the schema. It counts requests, the most ever in flight, and
+keeps the request bodies (``keep_bodies``) so tests can check exactly what was asked.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+STAGE_MODULES = ("cultureclip.curate.judge",)  # stage modules whose standin_responders() the CLI serves
+
+FAULT_KINDS = ("429", "500", "503", "slow", "malformed", "schema", "garbage")
+SCHEMA_VIOLATION = {"not_in_schema": True}  # every closed schema with a required field rejects it
+
+
+@dataclass
+class Fault:
+    """A scripted failure of one request.
+
+    Attributes:
+        kind: ``"429"`` / ``"500"`` / ``"503"`` (that status), ``"slow"`` (answer after ``delay_s``,
+            meant to exceed the client's timeout), ``"malformed"`` (content that is not JSON),
+            ``"schema"`` (JSON that violates the requested schema), ``"garbage"`` (HTTP 200 whose body
+            is not a chat completion at all).
+        retry_after: for 429/503, the ``Retry-After`` header in seconds (omitted when None).
+        delay_s: for ``slow``, the delay before answering.
+    """
+
+    kind: str
+    retry_after: Optional[float] = None
+    delay_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; kinds: {FAULT_KINDS}")
+
+
+FaultSpec = Union[None, str, Fault]
+Faults = Union[None, Sequence[FaultSpec], Callable[[int, dict], FaultSpec]]
+
+
+def schema_name(body: Mapping) -> Optional[str]:
+    """The JSON schema name of a chat request's ``response_format``, or None."""
+    fmt = body.get("response_format") or {}
+    return (fmt.get("json_schema") or {}).get("name")
+
+
+def request_text(body: Mapping) -> str:
+    """All text parts of a chat request's messages, joined by newlines (for responders)."""
+    out = []
+    for msg in body.get("messages", []):
+        content = msg.get("content")
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            out.extend(p.get("text", "") for p in content if p.get("type") == "text")
+    return "\n".join(out)
+
+
+def request_images(body: Mapping) -> list[str]:
+    """The image URLs (data URLs included) of a chat request's messages, in order."""
+    return [p["image_url"]["url"] for msg in body.get("messages", []) if isinstance(msg.get("content"), list)
+            for p in msg["content"] if p.get("type") == "image_url"]
+
+
+class StandinServer:
+    """An OpenAI-compatible chat server on ``host`` (a free port), in a daemon thread.
+
+    Use as a context manager (or :meth:`start` / :meth:`stop`); ``.url`` is the ``base_url`` to give
+    the client, e.g. ``http://127.0.0.1:43125/v1``.
+
+    Args:
+        responders: schema name -> function(request body) -> answer object (JSON-able).
+        latency_s: seconds added to every chat answer (to measure client throughput).
+        faults: failures to script: a sequence indexed by the chat request's arrival number (0-based;
+            ``None`` or past the end = answer normally), or a function ``(index, body) -> fault``.
+            A fault is a :class:`Fault` or its kind as a string.
+        host: the interface to bind (keep the default: localhost only).
+        model: the id listed by ``/v1/models``.
+        api_key: when set, requests must carry ``Authorization: Bearer <api_key>`` (else 401).
+        keep_bodies: keep every chat request body in :attr:`bodies`.
+        port: the port to bind; 0 (default) for a free one.
+    """
+
+    def __init__(self, responders: Mapping[str, Callable[[dict], Any]], latency_s: float = 0.0,
+                 faults: Faults = None, host: str = "127.0.0.1", model: str = "standin",
+                 api_key: Optional[str] = None, keep_bodies: bool = True, port: int = 0) -> None:
+        self.responders = dict(responders)
+        self.latency_s, self.faults, self.host, self.model = float(latency_s), faults, host, model
+        self._api_key, self.keep_bodies, self.port = api_key, keep_bodies, int(port)
+        self.lock = threading.Lock()
+        self.requests = 0  # chat requests received
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.by_schema: Counter = Counter()
+        self.statuses: Counter = Counter()
+        self.arrivals: list[float] = []  # time.monotonic() of each chat request
+        self.bodies: list[dict] = []
+        self._httpd: Optional[ThreadingHTTPServer] = None
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def url(self) -> str:
+        if self._httpd is None:
+            raise RuntimeError("the stand-in server is not started")
+        return f"http://{self.host}:{self._httpd.server_address[1]}/v1"
+
+    def start(self) -> "StandinServer":
+        handler = type("Handler", (_Handler,), {"standin": self})
+        self._httpd = ThreadingHTTPServer((self.host, self.port), handler)
+        self._httpd.daemon_threads = True  # a slow answer never blocks shutdown
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="standin-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._thread.join(timeout=5)
+            self._httpd = None
+
+    def __enter__(self) -> "StandinServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ answering
+    def _fault_for(self, index: int, body: dict) -> Optional[Fault]:
+        if self.faults is None:
+            return None
+        if callable(self.faults):
+            spec = self.faults(index, body)
+        else:
+            spec = self.faults[index] if index < len(self.faults) else None
+        return Fault(spec) if isinstance(spec, str) else spec
+
+    def answer(self, body: dict) -> tuple[int, dict, dict]:
+        """(status, headers, JSON payload) for one chat request; counts it."""
+        with self.lock:
+            index = self.requests
+            self.requests += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.arrivals.append(time.monotonic())
+            if self.keep_bodies:
+                self.bodies.append(body)
+        try:
+            status, headers, payload = self._answer(index, body)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+        with self.lock:
+            self.statuses[status] += 1
+        return status, headers, payload
+
+    def _answer(self, index: int, body: dict) -> tuple[int, dict, dict]:
+        name = schema_name(body)
+        with self.lock:
+            self.by_schema[name] += 1
+        fault = self._fault_for(index, body)
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        if fault is not None and fault.kind in ("429", "500", "503"):
+            headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
+            return int(fault.kind), headers, _error(f"stand-in fault {fault.kind}", "server_error")
+        if fault is not None and fault.kind == "garbage":
+            return 200, {}, {"unexpected": "not a chat completion"}
+        if fault is not None and fault.kind == "slow":
+            time.sleep(fault.delay_s)
+        if name is None:
+            return 400, {}, _error("the stand-in answers only response_format json_schema requests",
+                                   "invalid_request_error")
+        responder = self.responders.get(name)
+        if responder is None:
+            return 400, {}, _error(f"no stand-in responder for schema {name!r}; known: "
+                                   f"{sorted(self.responders)}", "invalid_request_error")
+        try:
+            answer = responder(body)
+        except Exception as exc:  # a responder bug must be visible to the client, not hang it
+            return 500, {}, _error(f"stand-in responder {name!r} failed: {type(exc).__name__}: {exc}",
+                                   "server_error")
+        if fault is not None and fault.kind == "schema":
+            content = json.dumps(SCHEMA_VIOLATION)
+        elif fault is not None and fault.kind == "malformed":
+            content = json.dumps(answer)[:-1] + " trailing"  # cut and garbled: not JSON
+        else:
+            content = json.dumps(answer, ensure_ascii=False)
+        prompt_tokens = len(request_text(body)) // 4 + 256 * len(request_images(body))
+        return 200, {}, {
+            "id": f"chatcmpl-standin-{index}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model", self.model),
+            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                         "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(content) // 4,
+                      "total_tokens": prompt_tokens + len(content) // 4},
+        }
+
+
+def _error(message: str, kind: str) -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: the client reuses connections, as with vLLM
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
+    standin: StandinServer
+
+    def log_message(self, *args: Any) -> None:  # quiet: tests and benchmarks make thousands
+        pass
+
+    def _send(self, status: int, payload: dict, headers: Optional[Mapping[str, str]] = None) -> None:
+        data = json.dumps(payload).encode("utf-8")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): nothing to do
+            self.close_connection = True
+
+    def _authorised(self) -> bool:
+        key = self.standin._api_key
+        if key is None or self.headers.get("Authorization") == f"Bearer {key}":
+            return True
+        self._send(401, _error("invalid API key", "invalid_request_error"))
+        return False
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if not self._authorised():
+            return
+        if self.path.rstrip("/") == "/v1/standin/stats":  # counters, for clients in another process
+            with self.standin.lock:
+                stats = {"requests": self.standin.requests, "max_in_flight": self.standin.max_in_flight,
+                         "by_schema": dict(self.standin.by_schema),
+                         "statuses": {str(k): v for k, v in self.standin.statuses.items()}}
+            self._send(200, stats)
+        elif self.path.rstrip("/") == "/v1/models":
+            self._send(200, {"object": "list", "data": [
+                {"id": self.standin.model, "object": "model", "created": 0, "owned_by": "cultureclip-standin"}]})
+        else:
+            self._send(404, _error(f"no route {self.path}", "invalid_request_error"))
+
+    def do_POST(self) -> None:  # noqa: N802
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        if not self._authorised():
+            return
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            self._send(404, _error(f"no route {self.path}", "invalid_request_error"))
+            return
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            self._send(400, _error(f"request body is not JSON: {exc}", "invalid_request_error"))
+            return
+        status, headers, payload = self.standin.answer(body)
+        self._send(status, payload, headers)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m cultureclip.curate.standin``: serve the stand-in in this process until interrupted.
+
+    Prints the base URL on the first line of stdout (for scripts and benchmarks that need the server
+    in another process than the client).
+    """
+    import argparse
+    import importlib
+    p = argparse.ArgumentParser(description="A stand-in OpenAI-compatible chat server (deterministic answers).")
+    p.add_argument("--modules", default=",".join(STAGE_MODULES),
+                   help="comma-separated modules whose standin_responders() to serve")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds added to every answer")
+    p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one)")
+    args = p.parse_args(argv)
+    responders: dict = {}
+    for name in filter(None, args.modules.split(",")):
+        responders.update(importlib.import_module(name).standin_responders())
+    with StandinServer(responders, latency_s=args.latency, port=args.port, keep_bodies=False) as server:
+        print(server.url, flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -60,10 +60,13 @@ def settings(cfg: Mapping) -> dict:
         raise ValueError(f"render config: unknown keys {unknown}; known: {sorted(DEFAULTS)}")
     s = {**DEFAULTS, **{k: cfg[k] for k in cfg}}
     for k in ("width", "height", "steps", "images_per_caption", "batch_size", "part_size"):
-        if not isinstance(s[k], int) or s[k] < 1:
+        if not isinstance(s[k], int) or isinstance(s[k], bool) or s[k] < 1:
             raise ValueError(f"render config: {k} must be a positive integer, got {s[k]!r}")
     if s["width"] % 8 or s["height"] % 8:
         raise ValueError(f"render config: width and height must be multiples of 8, got {s['width']}x{s['height']}")
+    if isinstance(s["guidance"], bool) or not isinstance(s["guidance"], (int, float)):
+        raise ValueError(f"render config: guidance must be a number, got {s['guidance']!r}")
+    s["guidance"] = float(s["guidance"])  # `guidance: 0` and `guidance: 0.0` must give the same keys
     t2i.torch_dtype(s["dtype"])  # validates
     try:
         s["prompt_template"].format(caption="", concept="", country="", category="")

@@ -256,6 +256,7 @@ def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context, pipeline: Any = Non
     report = store.run(jobs, process, shard_index=ctx.shard_index, num_shards=ctx.num_shards,
                        retry_errors=ctx.retry_errors, part_size=s["part_size"])
     report.extra.update({k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()})
+    store.save_report(report)  # with the stage's own figures
     log.info("render %s: %d rendered, %d errors %s, %d done before, %.1f s (%.1f s in the pipeline)",
              report.job, report.ok, report.errors, report.errors_by_reason, report.done_before,
              report.seconds, stats["backend_seconds"])

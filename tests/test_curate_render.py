@@ -78,6 +78,7 @@ def test_jobs_dedup_and_keys():
     assert not {j[schema.REC_KEY] for j in jobs} & {j[schema.REC_KEY] for j in render.render_jobs(PAIRS, CFG, seed=1)}
     tmpl = render.render_jobs(PAIRS, {**CFG, "prompt_template": "{concept} ({country}): {caption}"}, seed=0)
     assert "onigiri (Japan): onigiri on a plate" in {j[schema.PROMPT] for j in tmpl}
+    assert render.render_jobs(PAIRS, {**CFG, "guidance": 0}, seed=0) == jobs  # 0 and 0.0 are one setting
     with pytest.raises(ValueError, match="neg_captions"):
         render.render_jobs([{**PAIRS[0], schema.NEG_CAPTIONS: ["ok", ""]}], CFG)
     with pytest.raises(ValueError, match="unknown keys"):

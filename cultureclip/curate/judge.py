@@ -298,6 +298,7 @@ def run(cfg: Mapping, ctx: Any, pairs: Optional[Sequence[Mapping]] = None) -> St
         report = store.run(jobs, make_process(client), shard_index=ctx.shard_index, num_shards=ctx.num_shards,
                            retry_errors=ctx.retry_errors, part_size=int(cfg.get("part_size", 256)))
     report.extra.update(counts)
+    store.save_report(report)  # with the stage's own figures
     log.info("judge %s: %d judged, %d errors %s, %d done before", report.job, report.ok, report.errors,
              report.errors_by_reason or "", report.done_before)
     return report

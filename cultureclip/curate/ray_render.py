@@ -124,6 +124,7 @@ def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context) -> StageReport:
     report = store.run(jobs, make_process(s, render_dir, opts, stats), shard_index=ctx.shard_index,
                        num_shards=ctx.num_shards, retry_errors=ctx.retry_errors, part_size=s["part_size"])
     report.extra.update({"ray_actors": opts["concurrency"], "ray_gpus_per_actor": opts["num_gpus"], **stats})
+    store.save_report(report)  # with the stage's own figures
     log.info("render (ray, %d actors) %s: %d rendered, %d errors, %d done before, %.1f s", opts["concurrency"],
              report.job, report.ok, report.errors, report.done_before, report.seconds)
     return report

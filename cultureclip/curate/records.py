@@ -115,6 +115,11 @@ def write_atomic(path: PathLike, data: Union[bytes, str]) -> None:
         os.close(dir_fd)
 
 
+def _json_files(folder: Path) -> list[Path]:
+    """The ``*.json`` files of ``folder``, sorted, without the temporary files of :func:`write_atomic`."""
+    return sorted(p for p in folder.glob("*.json") if not p.name.startswith(".")) if folder.is_dir() else []
+
+
 class StageMismatchError(ValueError):
     """A stage folder was made with other settings than the current ones."""
 
@@ -226,12 +231,12 @@ class StageStore:
     def reports(self) -> list[dict]:
         """The last report of every job range."""
         folder = self.root / REPORTS
-        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+        return [json.loads(p.read_text()) for p in _json_files(folder)]
 
     def verify(self) -> None:
         """Check every part against the manifests (record count and sha256); raise ValueError naming it."""
         listed: dict[str, dict] = {}
-        for path in sorted((self.root / MANIFESTS).glob("*.json")):
+        for path in _json_files(self.root / MANIFESTS):
             listed.update(json.loads(path.read_text())["parts"])
         for path in self._part_files(PARTS) + self._part_files(ERRORS):
             rel = f"{path.parent.name}/{path.name}"
@@ -244,6 +249,10 @@ class StageStore:
                 raise ValueError(f"{path} does not match its manifest (changed or truncated since written)")
 
     # ------------------------------------------------------------------ writing
+    def save_report(self, report: StageReport) -> None:
+        """Write ``reports/<job>.json``; stages call it again after adding to ``report.extra``."""
+        write_atomic(self.root / REPORTS / f"{report.job}.json", json.dumps(asdict(report), indent=1))
+
     def _next_part(self, kind: str, job: str) -> Path:
         existing = [p for p in self._part_files(kind) if p.name.startswith(f"part-{job}-")]
         n = 1 + max((int(p.stem.rsplit("-", 1)[1]) for p in existing), default=-1)
@@ -351,6 +360,6 @@ class StageStore:
             report.errors = sum(reasons.values())
             report.errors_by_reason = dict(sorted(reasons.items()))
             report.seconds = round(time.monotonic() - start, 3)
-            write_atomic(self.root / REPORTS / f"{job}.json", json.dumps(asdict(report), indent=1))
+            self.save_report(report)
         if pending:
             raise RuntimeError(f"stage {self.stage}: no outcome for {len(pending)} jobs, e.g. {sorted(pending)[0]}")

@@ -60,10 +60,13 @@ def settings(cfg: Mapping) -> dict:
         raise ValueError(f"render config: unknown keys {unknown}; known: {sorted(DEFAULTS)}")
     s = {**DEFAULTS, **{k: cfg[k] for k in cfg}}
     for k in ("width", "height", "steps", "images_per_caption", "batch_size", "part_size"):
-        if not isinstance(s[k], int) or s[k] < 1:
+        if not isinstance(s[k], int) or isinstance(s[k], bool) or s[k] < 1:
             raise ValueError(f"render config: {k} must be a positive integer, got {s[k]!r}")
     if s["width"] % 8 or s["height"] % 8:
         raise ValueError(f"render config: width and height must be multiples of 8, got {s['width']}x{s['height']}")
+    if isinstance(s["guidance"], bool) or not isinstance(s["guidance"], (int, float)):
+        raise ValueError(f"render config: guidance must be a number, got {s['guidance']!r}")
+    s["guidance"] = float(s["guidance"])  # `guidance: 0` and `guidance: 0.0` must give the same keys
     t2i.torch_dtype(s["dtype"])  # validates
     try:
         s["prompt_template"].format(caption="", concept="", country="", category="")
@@ -253,6 +256,7 @@ def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context, pipeline: Any = Non
     report = store.run(jobs, process, shard_index=ctx.shard_index, num_shards=ctx.num_shards,
                        retry_errors=ctx.retry_errors, part_size=s["part_size"])
     report.extra.update({k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()})
+    store.save_report(report)  # with the stage's own figures
     log.info("render %s: %d rendered, %d errors %s, %d done before, %.1f s (%.1f s in the pipeline)",
              report.job, report.ok, report.errors, report.errors_by_reason, report.done_before,
              report.seconds, stats["backend_seconds"])

@@ -18,8 +18,9 @@ $(STAMP): setup.cfg pyproject.toml
 demo: install
 	$(PY) -m cultureclip.train
 
+# the fast tests run on 2 processes (pytest-xdist), a test file per process so module fixtures are built once
 test: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

@@ -166,6 +166,7 @@ def gloo_results(tmp_path_factory):
     return world, out
 
 
+@pytest.mark.slow  # two spawned processes: ~12 s of start-up
 @pytest.mark.parametrize("variant", GLOO_VARIANTS)
 def test_gather_across_two_gloo_ranks_matches_single_process(variant, gloo_results):
     world, result_dir = gloo_results

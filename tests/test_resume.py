@@ -114,7 +114,8 @@ def make_cfg(overrides, run_dir, data_dir):
     return cfg
 
 
-@pytest.mark.parametrize("resume_at,workers", [(4, 0), pytest.param(3, 2, marks=pytest.mark.slow)])
+@pytest.mark.slow  # two trainings (~15 s); the fast suite keeps the pipeline-level resume tests
+@pytest.mark.parametrize("resume_at,workers", [(4, 0), (3, 2)])
 def test_resume_from_a_mid_run_checkpoint_is_exact(toy_root, tmp_path, resume_at, workers):
     # in-process: a full run's checkpoint of step `resume_at` stands for the last.ckpt of a killed run,
     # and its whole log for that run's log (which went on past the checkpoint)

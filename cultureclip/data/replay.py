@@ -38,9 +38,9 @@ from cultureclip import schema
 from cultureclip.data.pipeline import (DEFAULT_MAX_CONSECUTIVE_SKIPS, TwinPipeline, expand_shards, listed_sizes,
                                        make_loader)
 from cultureclip.data.resumable import IsolatedRNG, set_stream_epoch
-from cultureclip.data.stages import (MISSING_MEMBER, AttachSkipCount, ProgressGuard, SeededShuffle, SkipCounter,
-                                     TarSamples, _list_members, _Skip, skip_where)
-from cultureclip.images import BAD_IMAGE, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from cultureclip.data.stages import (MISSING_MEMBER, AttachSkipCount, DecodeTwin, ProgressGuard, SeededShuffle,
+                                     SkipCounter, TarSamples, _list_members, _Skip)
+from cultureclip.images import DEFAULT_MAX_PIXELS
 
 BAD_TEXT = "bad_text"  # the caption member is not UTF-8 text or is blank
 # mixed into the data seed, so the replay stream's shuffle and augmentations differ from the twin stream's
@@ -86,41 +86,18 @@ def split_image_text(raw: Mapping) -> tuple[tuple[str, bytes], str]:
     return image, text
 
 
-class DecodeImageText:
+class DecodeImageText(DecodeTwin):
     """Stage: raw samples -> ``{KEY, REPLAY_IMAGE: [3, H, W], REPLAY_TEXT: str}``.
 
     A missing member, a bad caption, an undecodable or too large image, or a failing preprocess is
-    counted with its key, shard and reason and dropped (as :class:`~cultureclip.data.stages.DecodeTwin`).
+    counted with its key, shard and reason and dropped, exactly as in :class:`~cultureclip.data.stages.DecodeTwin`
+    (whose constructor, image decoding and skip loop it shares).
     """
-
-    def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor], counter: SkipCounter,
-                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, guard: Optional[ProgressGuard] = None) -> None:
-        self.preprocess, self.counter, self.max_pixels = preprocess, counter, max_pixels
-        self.guard = guard or ProgressGuard()
 
     def decode(self, raw: dict) -> dict:
         (member, data), text = split_image_text(raw)
-        try:
-            image = decode_image(data, f"{raw.get(schema.URL)} sample {raw.get(schema.KEY)} member {member}",
-                                 self.max_pixels)
-        except ImageDecodeError as exn:
-            raise _Skip(exn.reason, f"{member}: {exn.detail}") from exn
-        try:
-            pixels = self.preprocess(image)  # [3, H, W]
-        except Exception as exn:  # data-dependent transform failures, e.g. a degenerate size
-            raise _Skip(BAD_IMAGE, f"{member}: preprocess failed: {exn!r}") from exn
-        return {schema.KEY: raw.get(schema.KEY), schema.REPLAY_IMAGE: pixels, schema.REPLAY_TEXT: text}
-
-    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
-        for raw in samples:
-            try:
-                sample = self.decode(raw)
-            except _Skip as skip:
-                self.counter.add(skip.args[0], skip_where(raw), skip.args[1])
-                self.guard.bad(raw.get(schema.URL), self.counter)
-                continue
-            self.guard.good()
-            yield sample
+        return {schema.KEY: raw.get(schema.KEY), schema.REPLAY_IMAGE: self.pixels(raw, member, data),
+                schema.REPLAY_TEXT: text}
 
 
 class ImageTextCollate:

@@ -162,19 +162,22 @@ class DecodeTwin:
         self.max_pixels = max_pixels
         self.guard = guard or ProgressGuard()
 
+    def pixels(self, raw: dict, member: str, data: bytes) -> torch.Tensor:
+        """Decode one image member and preprocess it: ``[3, H, W]``; raises ``_Skip`` with the reason."""
+        try:
+            image = decode_image(data, f"{raw.get(schema.URL)} sample {raw.get(schema.KEY)} member {member}",
+                                 self.max_pixels)
+        except ImageDecodeError as exn:
+            raise _Skip(exn.reason, f"{member}: {exn.detail}") from exn
+        try:
+            return self.preprocess(image)  # [3, H, W]
+        except Exception as exn:  # data-dependent transform failures, e.g. a degenerate size
+            raise _Skip(BAD_IMAGE, f"{member}: preprocess failed: {exn!r}") from exn
+
     def decode(self, raw: dict) -> dict:
         pos, neg, meta = split_pair(raw)
-        images = {}
-        for key, (member, data) in ((schema.POS_IMAGE, pos), (schema.NEG_IMAGE, neg)):
-            try:
-                image = decode_image(data, f"{raw.get(schema.URL)} sample {raw.get(schema.KEY)} member {member}",
-                                     self.max_pixels)
-            except ImageDecodeError as exn:
-                raise _Skip(exn.reason, f"{member}: {exn.detail}") from exn
-            try:
-                images[key] = self.preprocess(image)  # [3, H, W]
-            except Exception as exn:  # data-dependent transform failures, e.g. a degenerate size
-                raise _Skip(BAD_IMAGE, f"{member}: preprocess failed: {exn!r}") from exn
+        images = {key: self.pixels(raw, member, data)
+                  for key, (member, data) in ((schema.POS_IMAGE, pos), (schema.NEG_IMAGE, neg))}
         return {schema.KEY: raw.get(schema.KEY), **images, **meta}
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:

@@ -155,3 +155,17 @@ def test_missing_input_and_empty_input(tmp_path):
     src = write(tmp_path / "in.jsonl", ["{bad"])
     with pytest.raises(ValueError, match="no usable twin pair"):
         I.import_pairs([src], tmp_path / "run", on_error="skip")
+
+
+def test_load_pairs_reads_only_the_latest_captions_run(tmp_path):
+    from cultureclip.curate import upstream
+    from cultureclip.curate.records import Outcome
+    root = tmp_path / I.CAPTIONS_STAGE
+    store = StageStore(root, I.CAPTIONS_STAGE)
+    old = [{schema.REC_KEY: record_key("t", {"i": i})} for i in range(3)]
+    new = [{schema.REC_KEY: record_key("t", {"i": i})} for i in range(2, 5)]
+    for jobs in (old, new):  # a rerun on other concepts: the first run's records stay on disk
+        store.run(jobs, lambda it: (Outcome(j[schema.REC_KEY], record={"n": 1}) for j in it))
+        upstream.write_current(root, jobs)
+    assert len(store.records()) == 5
+    assert sorted(r[schema.REC_KEY] for r in I.load_pairs(tmp_path)) == sorted(j[schema.REC_KEY] for j in new)

@@ -35,6 +35,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from cultureclip import schema
 from cultureclip.curate.records import Outcome, StageStore, record_key, write_atomic
+from cultureclip.curate.upstream import current_records
 from cultureclip.data.convert import _checked_row, _iter_rows
 from cultureclip.data.shards import RecordError
 from cultureclip.images import check_on_error
@@ -351,7 +352,8 @@ def load_pairs(out_dir: PathLike) -> list[dict]:
     for name in (CAPTIONS_STAGE, STAGE):
         root = Path(out_dir) / name
         if root.is_dir():
-            records = StageStore(root, name).records()
+            # only the latest run's pairs: a captions store rerun on other concepts keeps older records on disk
+            records = current_records(root, name)
             if not records:
                 raise ValueError(f"{root} holds no twin pairs (did its stage finish?)")
             return records

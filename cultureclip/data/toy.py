@@ -554,16 +554,31 @@ def ensure_toy_shards(out_dir: Union[str, os.PathLike], seed: int = 0, force: bo
                   image_size=image_size, maxcount=maxcount)
     if not force and _is_complete(out, params):
         return out
+    return build_in_place(out, lambda tmp: make_toy_shards(tmp, seed, train_variants, val_variants, image_size,
+                                                           maxcount),
+                          lambda: _is_complete(out, params), _OWNED, force, "toy set")
+
+
+def build_in_place(out: Path, build, complete, owned, force: bool, what: str) -> Path:
+    """Build a generated data folder in a temporary sibling and rename it into place.
+
+    An interrupted build never looks complete; an existing folder is replaced only when it holds nothing
+    but the generator's own names ``owned``; when several processes build at once, the first finished
+    set is kept (``complete()`` tells whether ``out`` already holds one).
+
+    Raises:
+        FileExistsError: ``out`` is incomplete and holds files the generator did not write.
+    """
     if out.exists():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in _OWNED)
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in owned)
         if foreign:
-            raise FileExistsError(f"{out} is not a complete toy set and holds other files {foreign[:5]}; "
+            raise FileExistsError(f"{out} is not a complete {what} and holds other files {foreign[:5]}; "
                                   f"refusing to replace it: choose an empty folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        make_toy_shards(tmp, seed, train_variants, val_variants, image_size, maxcount)
-        if not force and _is_complete(out, params):  # another process finished first: keep its set
+        build(tmp)
+        if not force and complete():  # another process finished first: keep its set
             return out
         if out.exists():  # move the old set aside first: a directory rename cannot replace a non-empty one
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
@@ -572,7 +587,7 @@ def ensure_toy_shards(out_dir: Union[str, os.PathLike], seed: int = 0, force: bo
         try:
             os.rename(tmp, out)
         except OSError:
-            if not _is_complete(out, params):  # not another process's finished build: a real error
+            if not complete():  # not another process's finished build: a real error
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Optional, Union
 
@@ -35,7 +34,7 @@ from PIL import Image, ImageDraw
 
 from cultureclip import schema
 from cultureclip.data.shards import SHARD_MTIME
-from cultureclip.data.toy import _noise_bank
+from cultureclip.data.toy import _noise_bank, build_in_place
 from cultureclip.images import image_to_bytes
 
 GENERAL_VERSION = 3  # bump whenever the drawings change, so cached sets are rebuilt
@@ -210,25 +209,8 @@ def ensure_general_set(out_dir: Union[str, os.PathLike], seed: int = 0, force: b
                   image_size=image_size, maxcount=500)
     if not force and _is_complete(out, None if keep_any else params):
         return out
-    if out.exists():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in _OWNED)
-        if foreign:
-            raise FileExistsError(f"{out} is not a complete toy general set and holds other files {foreign[:5]}; "
-                                  f"refusing to replace it: choose an empty folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        make_general_set(tmp, seed, train_per_class, eval_per_class, image_size)
-        if not force and _is_complete(out, params):  # another process finished first
-            return out
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return build_in_place(out, lambda tmp: make_general_set(tmp, seed, train_per_class, eval_per_class, image_size),
+                          lambda: _is_complete(out, params), _OWNED, force, "toy general set")
 
 
 def main(argv: Optional[list[str]] = None) -> Path:

@@ -15,7 +15,6 @@ merged members with the similarity and reason of each merge (the report and the 
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from cultureclip import schema
@@ -129,10 +128,7 @@ def run(cfg: Mapping, ctx: Any):
 
 def load_deduped(out_dir: Any) -> list[dict]:
     """The deduplicated concepts, sorted by concept id."""
-    recs = up.current_records(Path(out_dir) / NAME, NAME)
-    if not recs:
-        raise ValueError(f"{Path(out_dir) / NAME} holds no concepts: run stage=dedup first")
-    return sorted(recs, key=lambda r: r[schema.CONCEPT_ID])
+    return up.load_current(out_dir, NAME, "concepts")
 
 
 def card_section(out_dir: Any) -> dict:

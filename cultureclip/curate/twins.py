@@ -198,10 +198,7 @@ def _record(job, ask, rejected, verdicts, keep, min_sim, model) -> dict:
 
 def load_twins(out_dir: Any) -> list[dict]:
     """The twins records of the latest run, sorted by the pos concept id."""
-    recs = up.current_records(Path(out_dir) / NAME, NAME)
-    if not recs:
-        raise ValueError(f"{Path(out_dir) / NAME} holds no twins records: run stage=twins first")
-    return sorted(recs, key=lambda r: r[schema.CONCEPT_ID])
+    return up.load_current(out_dir, NAME, "twins records")
 
 
 def card_section(out_dir: Any) -> dict:

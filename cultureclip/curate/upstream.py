@@ -229,6 +229,14 @@ def current_records(stage_dir: Path, stage: str) -> list[dict]:
     return records
 
 
+def load_current(out_dir: Any, stage: str, what: str) -> list[dict]:
+    """The latest run's records of ``out_dir/stage``, sorted by concept id; ValueError when there are none."""
+    recs = current_records(Path(out_dir) / stage, stage)
+    if not recs:
+        raise ValueError(f"{Path(out_dir) / stage} holds no {what}: run stage={stage} first")
+    return sorted(recs, key=lambda r: r[schema.CONCEPT_ID])
+
+
 def require_complete(stage_dir: Path, stage: str, consumer: str) -> None:
     """Refuse to read a store whose latest run still has jobs neither done nor failed (another job range
     of ``num_shards`` not finished yet): a stage reading it would silently miss their records.

@@ -3,7 +3,10 @@
 Per twin pair, every passing image of the positive side is paired with every passing image of the
 negative side (both must pass: the pass rule, the twin check included), and ``pairs_per_twin`` of
 these combinations are sampled (seeded by the twin id and the run's seed, so a rerun picks the same).
-Whole twin pairs go to ``val`` (``val_fraction`` of them) or ``train``: no concept pair leaks across.
+Whole twin pairs go to ``val`` or ``train`` (no concept pair leaks across) by a stable rule: a twin pair
+is in val iff a hash of its twin id and the split seed falls below ``val_fraction``
+(:func:`~cultureclip.curate.runner.keys.in_val`), so adding or removing twin pairs never moves another
+pair between the splits. Only the current views of pairs, render and judge are read, each once.
 Pairs are written in ``pair_id`` order by :class:`~cultureclip.data.shards.TwinShardWriter`, each
 image as rendered (or shrunk with ``resize``), with the captions, concepts, countries, category,
 contexts and features in the pair's json.
@@ -30,15 +33,18 @@ from typing import Any, Mapping, Optional, Sequence
 
 from cultureclip import schema
 from cultureclip.curate import card as C
-from cultureclip.curate.importer import load_pairs
+from cultureclip.curate.importer import load_pairs, pairs_store
 from cultureclip.curate.judge_rule import check_rule, passes  # the judge's rule (re-exported by curate.judge)
-from cultureclip.curate.records import (STAGE_FILE, StageReport, StageStore, job_id, record_key, seed_from_key,
-                                        write_atomic)
+from cultureclip.curate.runner import StageReport, Store, digest, in_val, job_id, seed_from_key, write_atomic
+from cultureclip.curate.runner.store import STAGE_FILE
 from cultureclip.data.shards import TwinShardWriter
 
 log = logging.getLogger(__name__)
 NAME, RENDER, JUDGE = "export", "render", "judge"
 TRAIN, VAL = "train", "val"
+SPLIT_RULE = ("a twin pair is in val iff sha256(canonical JSON of [\"split\", {seed}, twin_id]) read as a number in "
+              "[0, 1) is below {f}; it depends on the pair's own id and the seed only, so adding or removing pairs "
+              "never moves another pair between train and val")
 DEFAULTS = {"pairs_per_twin": 10, "val_fraction": 0.1, "maxcount": 1000, "resize": None,
             "rule": {},  # overrides of the judge's pass rule (cultureclip.curate.judge_rule.DEFAULT_RULE)
             "gallery_size": 24, "thumbnail_size": 128, "plots": True}
@@ -81,27 +87,27 @@ def rule_failures(record: Mapping, rule: Mapping) -> list[str]:
     return out
 
 
-def check_complete(out_dir: Path, name: str) -> None:
-    """Refuse to export from a stage that is missing or has jobs neither done nor failed."""
-    root = out_dir / name
-    if not (root / STAGE_FILE).is_file():
-        raise FileNotFoundError(f"{root} not found: run stage={name} first")
-    s = C.stage_summary(root)
-    if s["job_ranges_reported"] == 0 or s["pending"]:
-        raise RuntimeError(f"stage {name} in {root} has {s['pending'] or 'all its'} of {s['jobs_total']} jobs neither "
-                           f"done nor failed (a job range not run yet, or still running); finish it (the same "
-                           f"command for every shard_index) before export")
+class _Images:
+    """The rendered images of a run, each checked against its record's sha256 once (shards and gallery)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.root, self.checked = out_dir / RENDER, set()
+
+    def path(self, render: Mapping) -> Path:
+        path = self.root / render[schema.IMAGE_FILE]
+        if path in self.checked:
+            return path
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} (render record {render[schema.REC_KEY]}) is missing")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != render[schema.IMAGE_SHA256]:
+            raise ValueError(f"{path} does not match the sha256 of render record {render[schema.REC_KEY]} "
+                             f"(changed since it was rendered)")
+        self.checked.add(path)
+        return path
 
 
-def _image(out_dir: Path, render: Mapping) -> Path:
-    """The rendered image of a render record, checked against its sha256."""
-    path = out_dir / RENDER / render[schema.IMAGE_FILE]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} (render record {render[schema.REC_KEY]}) is missing")
-    if hashlib.sha256(path.read_bytes()).hexdigest() != render[schema.IMAGE_SHA256]:
-        raise ValueError(f"{path} does not match the sha256 of render record {render[schema.REC_KEY]} "
-                         f"(changed since it was rendered)")
-    return path
+RENDER_FIELDS = (schema.REC_KEY, schema.CAPTION, schema.CATEGORY, schema.COUNTRY, schema.IMAGE_FILE,
+                 schema.IMAGE_SHA256)
 
 
 def build_pairs(pairs: list[dict], renders: Mapping[str, dict], judged: list[dict], rule: Mapping,
@@ -110,9 +116,9 @@ def build_pairs(pairs: list[dict], renders: Mapping[str, dict], judged: list[dic
     by_twin = {p[schema.TWIN_ID]: p for p in pairs}
     good: dict[str, dict[str, list[str]]] = defaultdict(lambda: {schema.POS_PREFIX: [], schema.NEG_PREFIX: []})
     for j in judged:
-        if j[schema.TWIN_ID] not in by_twin:
+        if j[schema.TWIN_ID] not in by_twin:  # the views were checked to be current: this is damage
             raise ValueError(f"judge record {j[schema.REC_KEY]} is of twin pair {j[schema.TWIN_ID]}, which is not in "
-                             f"the caption pairs (were they changed after judging?)")
+                             f"the current caption pairs")
         if j[schema.RENDER_KEY] not in renders:
             raise ValueError(f"judge record {j[schema.REC_KEY]} names render {j[schema.RENDER_KEY]}, which has no "
                              f"render record")
@@ -126,7 +132,7 @@ def build_pairs(pairs: list[dict], renders: Mapping[str, dict], judged: list[dic
         combos = [(p, n) for p in sorted(set(good[tid][schema.POS_PREFIX]))
                   for n in sorted(set(good[tid][schema.NEG_PREFIX]))]
         if pairs_per_twin is not None and len(combos) > pairs_per_twin:
-            rng = random.Random(seed_from_key(record_key("export-sample", {schema.TWIN_ID: tid}, seed=seed)))
+            rng = random.Random(seed_from_key(digest({"export-sample": tid, "seed": seed})))
             combos = rng.sample(combos, pairs_per_twin)
         twin = by_twin[tid]
         for pos, neg in combos:
@@ -136,28 +142,23 @@ def build_pairs(pairs: list[dict], renders: Mapping[str, dict], judged: list[dic
                          schema.NEG_FEATURES):
                 if twin.get(name):  # absent, null or empty: left out of the json
                     meta[name] = twin[name]
-            pair_id = record_key("pair", {schema.TWIN_ID: tid, "pos": pos, "neg": neg})
+            pair_id = digest({"pair": {schema.TWIN_ID: tid, "pos": pos, "neg": neg}})
             meta[schema.PAIR_ID] = pair_id
             out.append({schema.PAIR_ID: pair_id, schema.TWIN_ID: tid, "pos": pos, "neg": neg, "meta": meta})
     return out
 
 
-def split_twins(twin_ids: list[str], val_fraction: float, seed: int) -> set[str]:
-    """The twin pairs of the validation split: ``round(val_fraction * n)`` of them (at least one when
-    ``val_fraction > 0`` and there are two or more), chosen by a seeded hash of the twin id."""
-    if val_fraction <= 0 or len(twin_ids) < 2:
-        return set()
-    n_val = min(len(twin_ids) - 1, max(1, round(val_fraction * len(twin_ids))))
-    ranked = sorted(twin_ids, key=lambda t: record_key("export-split", {schema.TWIN_ID: t}, seed=seed))
-    return set(ranked[:n_val])
+def split_twins(twin_ids: Sequence[str], val_fraction: float, seed: int) -> set[str]:
+    """The twin pairs of the validation split: those with :func:`~cultureclip.curate.runner.keys.in_val`."""
+    return {t for t in twin_ids if in_val(t, seed, val_fraction)}
 
 
-def _write_split(folder: Path, rows: list[dict], renders: Mapping, out_dir: Path, cfg: Mapping) -> dict:
+def _write_split(folder: Path, rows: list[dict], renders: Mapping, images: _Images, cfg: Mapping) -> dict:
     writer = TwinShardWriter(folder, maxcount=cfg["maxcount"], resize=cfg["resize"])
     try:
         for row in sorted(rows, key=lambda r: r[schema.PAIR_ID]):
-            writer.write(row[schema.PAIR_ID], _image(out_dir, renders[row["pos"]]),
-                         _image(out_dir, renders[row["neg"]]), row["meta"])
+            writer.write(row[schema.PAIR_ID], images.path(renders[row["pos"]]), images.path(renders[row["neg"]]),
+                         row["meta"])
     finally:
         sizes = writer.close()
     for path in folder.glob("shard-*.tar"):  # webdataset opens its first shard eagerly: drop it if empty
@@ -166,7 +167,7 @@ def _write_split(folder: Path, rows: list[dict], renders: Mapping, out_dir: Path
     return sizes
 
 
-def _gallery(judged: list[dict], renders: Mapping, rule: Mapping, out_dir: Path, dest: Path, cfg: Mapping,
+def _gallery(judged: list[dict], renders: Mapping, rule: Mapping, images: _Images, dest: Path, cfg: Mapping,
              by_twin: Mapping) -> list[dict]:
     """The rejected images with the lowest mean score first: thumbnail, scores and why."""
     rejected = [j for j in judged if not passes(j, rule)]
@@ -174,7 +175,7 @@ def _gallery(judged: list[dict], renders: Mapping, rule: Mapping, out_dir: Path,
     out = []
     for j in rejected[:cfg["gallery_size"]]:
         rel = f"{C.CARD_ASSETS}/rejected/{j[schema.REC_KEY]}.jpg"
-        C.thumbnail(_image(out_dir, renders[j[schema.RENDER_KEY]]), dest / rel, cfg["thumbnail_size"])
+        C.thumbnail(images.path(renders[j[schema.RENDER_KEY]]), dest / rel, cfg["thumbnail_size"])
         twin = by_twin[j[schema.TWIN_ID]]
         other = schema.NEG_PREFIX if j[schema.SIDE] == schema.POS_PREFIX else schema.POS_PREFIX
         out.append({schema.REC_KEY: j[schema.REC_KEY], schema.RENDER_KEY: j[schema.RENDER_KEY], "thumbnail": rel,
@@ -207,24 +208,28 @@ def run(cfg: Optional[Mapping], ctx) -> StageReport:
         raise ValueError(f"export runs as one process (num_shards=1, got {ctx.num_shards}); run it once every job "
                          f"range of render and judge has finished")
     out_dir = Path(ctx.out_dir)
-    for name in (RENDER, JUDGE):
-        check_complete(out_dir, name)
-    pairs = load_pairs(out_dir)
+    pairs = load_pairs(out_dir, NAME)
+    source = pairs_store(out_dir)
+    render_store, judge_store = Store(out_dir / RENDER, RENDER), Store(out_dir / JUDGE, JUDGE)
+    render_store.require_complete(NAME, upstream=(source,))
+    judge_store.require_complete(NAME, upstream=(render_store, source))
     by_twin = {p[schema.TWIN_ID]: p for p in pairs}
-    renders = {r[schema.REC_KEY]: r for r in StageStore(out_dir / RENDER, RENDER).records()}
-    judged = StageStore(out_dir / JUDGE, JUDGE).records()
+    # each store read once; of a render record only what export uses is kept (a million records fit)
+    renders = {r[schema.REC_KEY]: {f: r.get(f) for f in RENDER_FIELDS} for r in render_store.records()}
+    judged = sorted(judge_store.records(), key=lambda j: j[schema.REC_KEY])
+    images = _Images(out_dir)
     rule = cfg["rule"]
     rows = build_pairs(pairs, renders, judged, rule, cfg["pairs_per_twin"], ctx.seed)
     twins = sorted({r[schema.TWIN_ID] for r in rows})
     val_twins = split_twins(twins, cfg["val_fraction"], ctx.seed)
-    stages = {p.name: C.stage_summary(p) for p in C.stage_folders(out_dir, skip=(NAME,))}
+    stages = {store.stage: C.stage_summary(store) for store in C.stage_stores(out_dir, skip=(NAME,))}
     final = out_dir / NAME
     tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-partial-", dir=out_dir))
     old = None
     try:
         by_split = {TRAIN: [r for r in rows if r[schema.TWIN_ID] not in val_twins],
                     VAL: [r for r in rows if r[schema.TWIN_ID] in val_twins]}
-        sizes = {split: _write_split(tmp / split, by_split[split], renders, out_dir, cfg) for split in (TRAIN, VAL)}
+        sizes = {split: _write_split(tmp / split, by_split[split], renders, images, cfg) for split in (TRAIN, VAL)}
         n_val = sum(sizes[VAL].values())
         report = StageReport(stage=NAME, job=job_id(0, 1), jobs_total=len(pairs), jobs_in_range=len(pairs),
                              processed=len(pairs), ok=len(twins),
@@ -234,15 +239,13 @@ def run(cfg: Optional[Mapping], ctx) -> StageReport:
         n_pass = sum(passes(j, rule) for j in judged)
         card = {"export": {"twin_pairs": len(pairs), "twins_exported": len(twins), "train_pairs": len(rows) - n_val,
                            "val_pairs": n_val, "pairs_per_twin": cfg["pairs_per_twin"],
-                           "val_fraction": cfg["val_fraction"], "seed": ctx.seed, "sizes": sizes},
-                "rule": rule, "stages": {**stages, NAME: {"records": len(rows), "errors": 0, "errors_by_reason": {},
-                                                          "jobs_total": len(pairs), "pending": 0,
-                                                          "success_rate": C.rate(len(twins), len(pairs)),
-                                                          "job_ranges_reported": 1}},
+                           "val_fraction": cfg["val_fraction"], "seed": ctx.seed, "sizes": sizes,
+                           "split_rule": SPLIT_RULE.format(f=cfg["val_fraction"], seed=ctx.seed)},
+                "rule": rule, "stages": stages,
                 "judge": {"images_judged": len(judged), "images_passed": n_pass,
                           "pass_rate": C.rate(n_pass, len(judged)), "histograms": hist},
                 "groups": C.group_tables(pairs, renders, judged, lambda j: passes(j, rule), [r["meta"] for r in rows]),
-                "gallery": _gallery(judged, renders, rule, out_dir, tmp, cfg, by_twin),
+                "gallery": _gallery(judged, renders, rule, images, tmp, cfg, by_twin),
                 "histogram_png": None,
                 "sections": C.module_sections(out_dir, [name for name in stages if name != NAME])}
         if judged and cfg["plots"]:

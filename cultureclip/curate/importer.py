@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from cultureclip import schema
-from cultureclip.curate.records import Outcome, StageStore, record_key, write_atomic
-from cultureclip.curate.upstream import current_records
+from cultureclip.curate.runner import Job, Outcome, Store, digest, run_stage, write_atomic
 from cultureclip.data.convert import _checked_row, _iter_rows
+from cultureclip.data.pair_fields import SIDE_FIELDS, SIDES, category_field, side_extras, text_field
 from cultureclip.data.shards import RecordError
 from cultureclip.images import check_on_error
 
@@ -44,18 +44,10 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 STAGE = "pairs"
-CAPTIONS_STAGE = "captions"  # issue 9's caption stage writes the same records; it wins when present
+CAPTIONS_STAGE = "captions"  # the captions stage writes the same records
 REPORT_FILE = "import_report.json"
-IMPORTER_VERSION = "1"
+SOURCE_FILE = "pairs_source.json"  # in out_dir: which store holds the current twin caption sets
 FORMAT_OURS, FORMAT_CAPTIONS, FORMAT_RENDER_INPUT = "pairs", "reference_captions", "reference_render_input"
-SIDES = (schema.POS_PREFIX, schema.NEG_PREFIX)
-# per side: (concept, country, context, features, captions) field of our record
-SIDE_FIELDS = {
-    schema.POS_PREFIX: (schema.POS_CONCEPT, schema.POS_COUNTRY, schema.POS_CONTEXT, schema.POS_FEATURES,
-                        schema.POS_CAPTIONS),
-    schema.NEG_PREFIX: (schema.NEG_CONCEPT, schema.NEG_COUNTRY, schema.NEG_CONTEXT, schema.NEG_FEATURES,
-                        schema.NEG_CAPTIONS),
-}
 # per side: (one caption, all captions, caption id) of the reference files
 REF_SIDE_FIELDS = {
     schema.POS_PREFIX: (schema.POS_CAPTION, schema.REF_POS_ALL_CAPTIONS, schema.REF_POS_CAPTION_ID),
@@ -66,73 +58,9 @@ REF_SIDE_FIELDS = {
 def twin_id(category: str, pos_concept: str, pos_country: Optional[str], neg_concept: str,
             neg_country: Optional[str]) -> str:
     """The key of a twin pair: a hash of its category, both concepts and both countries."""
-    return record_key("twin", {schema.CATEGORY: category, schema.POS_CONCEPT: pos_concept,
-                               schema.POS_COUNTRY: pos_country, schema.NEG_CONCEPT: neg_concept,
-                               schema.NEG_COUNTRY: neg_country})
-
-
-# ---------------------------------------------------------------------------------------------- fields
-def text_field(row: Mapping, name: str, where: str, required: bool = True) -> Optional[str]:
-    """A stripped non-empty string, or None for an absent optional field (blank counts as absent)."""
-    value = row.get(name)
-    if value is None or (not required and isinstance(value, str) and not value.strip()):
-        if required:
-            raise RecordError(f"{where}: missing field {name!r}")
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise RecordError(f"{where}: field {name!r} must be a non-empty string, got {value!r}")
-    return value.strip()
-
-
-def features_field(row: Mapping, name: str, where: str) -> list[str]:
-    """Visual features as a list of strings: a list is kept (blank items dropped), a string becomes
-    a one-element list, absent or blank gives ``[]``."""
-    value = row.get(name)
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value.strip()] if value.strip() else []
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return [v.strip() for v in value if v.strip()]
-    raise RecordError(f"{where}: field {name!r} must be a string or a list of strings, got {value!r}")
-
-
-def category_field(row: Mapping, where: str, required: bool = True) -> Optional[str]:
-    """The category, at the top level or under ``metadata`` (both given: they must agree)."""
-    meta = row.get(schema.REF_METADATA)
-    if meta is not None and not isinstance(meta, dict):
-        raise RecordError(f"{where}: field {schema.REF_METADATA!r} must be an object, got {meta!r}")
-    top = text_field(row, schema.CATEGORY, where, required=False)
-    nested = text_field(meta, schema.CATEGORY, f"{where}: {schema.REF_METADATA}", required=False) if meta else None
-    if top is not None and nested is not None and top != nested:
-        raise RecordError(f"{where}: field {schema.CATEGORY!r} is {top!r} but "
-                          f"{schema.REF_METADATA}.{schema.CATEGORY} is {nested!r}")
-    value = top if top is not None else nested
-    if value is None and required:
-        raise RecordError(f"{where}: missing field {schema.CATEGORY!r} (top level or under {schema.REF_METADATA!r})")
-    return value
-
-
-def side_extras(row: Mapping, where: str) -> dict:
-    """Contexts and features of both sides; features may also sit under ``metadata``."""
-    meta = row.get(schema.REF_METADATA) if isinstance(row.get(schema.REF_METADATA), dict) else {}
-    out = {}
-    for side in SIDES:
-        _, _, context, features, _ = SIDE_FIELDS[side]
-        out[context] = text_field(row, context, where, required=False)
-        source = row if row.get(features) is not None else meta
-        out[features] = features_field(source, features, where if source is row else f"{where}: {schema.REF_METADATA}")
-    return out
-
-
-def pair_meta_extras(row: Mapping, where: str) -> dict:
-    """The optional shard-json fields of a reference *final* row (with image paths): category (top
-    level or under ``metadata``), contexts and features. Absent ones are left out."""
-    out = {k: v for k, v in side_extras(row, where).items() if v}
-    category = category_field(row, where, required=False)
-    if category is not None:
-        out[schema.CATEGORY] = category
-    return out
+    return digest({"twin": {schema.CATEGORY: category, schema.POS_CONCEPT: pos_concept,
+                            schema.POS_COUNTRY: pos_country, schema.NEG_CONCEPT: neg_concept,
+                            schema.NEG_COUNTRY: neg_country}})
 
 
 def _captions(value: Any, name: str, where: str) -> list[str]:
@@ -319,11 +247,12 @@ def read_pairs(paths: Sequence[PathLike], on_error: str = "raise") -> tuple[list
 
 
 def import_pairs(paths: Sequence[PathLike], out_dir: PathLike, on_error: str = "raise") -> ImportReport:
-    """Read twin caption sets and write them to the ``pairs`` store ``out_dir/pairs`` (key = twin_id).
+    """Read twin caption sets and make them the current ``pairs`` view of ``out_dir`` (one job per pair).
 
-    The store's settings are the inputs' sha256: importing other files into the same ``out_dir``
-    raises :class:`~cultureclip.curate.records.StageMismatchError` rather than mixing two inputs;
-    importing the same files again changes nothing. ``pairs/import_report.json`` holds the report.
+    An import always wins: its pairs become the view that render, judge and export read (over a
+    ``captions`` store of an earlier upstream run too, see :func:`load_pairs`); records of an earlier
+    import stay on disk as a cache, so importing a file again costs nothing.
+    ``pairs/import_report.json`` holds the report.
 
     Raises:
         RecordError, FileNotFoundError: see :func:`read_pairs`. ValueError: no usable twin pair.
@@ -331,40 +260,56 @@ def import_pairs(paths: Sequence[PathLike], out_dir: PathLike, on_error: str = "
     records, report = read_pairs(paths, on_error)
     if not records:
         raise ValueError(f"no usable twin pair in {[str(p) for p in paths]} ({report.skipped} rows skipped)")
-    settings = {"importer_version": IMPORTER_VERSION, "inputs_sha256": [i["sha256"] for i in report.inputs]}
-    store = StageStore(Path(out_dir) / STAGE, STAGE, settings)
-    by_key = {rec[schema.TWIN_ID]: rec for rec in records}
-    jobs = [{schema.REC_KEY: k} for k in by_key]
-    stage_report = store.run(jobs, lambda todo: (Outcome(j[schema.REC_KEY], record=by_key[j[schema.REC_KEY]])
-                                                 for j in todo))
+    store = Store(Path(out_dir) / STAGE, STAGE)
+    stage_report = run_stage(store, [Job(inputs=rec) for rec in records], _as_records)
     write_atomic(store.root / REPORT_FILE, json.dumps(asdict(report), indent=1, ensure_ascii=False))
+    set_pairs_source(out_dir, STAGE)
     log.info("imported %d twin pairs from %d rows (%d skipped, %d new) into %s", report.pairs, report.rows,
              report.skipped, stage_report.ok, store.root)
     return report
 
 
-def load_pairs(out_dir: PathLike) -> list[dict]:
-    """The twin caption sets of a curation run: the ``captions`` store if it exists, else ``pairs``.
+def _as_records(todo):
+    for job in todo:
+        yield Outcome(job[schema.REC_KEY], record={k: v for k, v in job.items() if k != schema.REC_KEY})
+
+
+def set_pairs_source(out_dir: PathLike, stage: str) -> None:
+    """Record which store holds the current twin caption sets: ``pairs`` (an import) or ``captions``."""
+    write_atomic(Path(out_dir) / SOURCE_FILE, json.dumps({"pairs": stage}))
+
+
+def pairs_store(out_dir: PathLike) -> Store:
+    """The store of the current twin caption sets: the one the latest import or captions run named.
 
     Raises:
-        FileNotFoundError: neither store exists (naming both folders). ValueError: the store is empty.
+        FileNotFoundError: neither an import nor a captions run happened in ``out_dir``.
     """
-    for name in (CAPTIONS_STAGE, STAGE):
-        root = Path(out_dir) / name
-        if root.is_dir():
-            # only the latest run's pairs: a captions store rerun on other concepts keeps older records on disk
-            records = current_records(root, name)
-            if not records:
-                raise ValueError(f"{root} holds no twin pairs (did its stage finish?)")
-            return records
-    raise FileNotFoundError(f"no twin caption sets in {out_dir}: neither {Path(out_dir) / CAPTIONS_STAGE} (stage "
-                            f"{CAPTIONS_STAGE}) nor {Path(out_dir) / STAGE} (imported with input=...) exists")
+    path = Path(out_dir) / SOURCE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no twin caption sets in {out_dir}: import them (input=...) or run stage={CAPTIONS_STAGE}")
+    name = json.loads(path.read_text())["pairs"]
+    return Store(Path(out_dir) / name, name)
+
+
+def load_pairs(out_dir: PathLike, consumer: str = "render") -> list[dict]:
+    """The current twin caption sets of a run, sorted by twin id; refused while that view is incomplete.
+
+    Raises:
+        FileNotFoundError: no caption sets. ValueError: the view has jobs neither done nor rejected, or is empty.
+    """
+    store = pairs_store(out_dir)
+    store.require_complete(consumer)
+    records = sorted(store.records(), key=lambda r: r[schema.TWIN_ID])
+    if not records:
+        raise ValueError(f"{store.root} holds no current twin pairs")
+    return records
 
 
 def card_section(out_dir: PathLike) -> Optional[dict]:
     """The dataset card's section on the imported files (None when nothing was imported)."""
     path = Path(out_dir) / STAGE / REPORT_FILE
-    if not path.is_file():
+    if not path.is_file() or pairs_store(out_dir).stage != STAGE:
         return None
     rep = json.loads(path.read_text())
     lines = [f"{rep['pairs']} twin pairs from {rep['rows']} rows of {len(rep['inputs'])} file(s); "

@@ -22,21 +22,20 @@ import hashlib
 import logging
 from collections import Counter, deque
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Literal, Mapping, Optional, Sequence
 
 from cultureclip import schema
 from cultureclip.curate.chat import ChatAnswer, ChatClient, ChatConfig, image_part
-from cultureclip.curate.records import Outcome, StageReport, StageStore, record_key
 from cultureclip.curate.judge_rule import DEFAULT_RULE, card_section, check_rule, passes  # noqa: F401 (API)
-from cultureclip.curate.standin import request_images
+from cultureclip.curate.judge_standin import SCORES_SCHEMA, TWIN_SCHEMA
+from cultureclip.curate.prompts import load as load_prompt
+from cultureclip.curate.runner import Job, Outcome, StageReport, Store, run_stage, save_report
 
 log = logging.getLogger(__name__)
 
 STAGE = "judge"
 RENDER_STAGE = "render"
-PROMPT_VERSION = "judge-v1"  # bump whenever a prompt or answer schema below changes
-SCORES_SCHEMA = "judge_scores_v1"  # the response_format names (the stand-in dispatches on them)
-TWIN_SCHEMA = "judge_twin_v1"
+PROMPTS = ("judge_scores", "judge_twin")  # prompt files (cultureclip/curate/prompts); their text is in every key
 CONFIG_KEYS = ("chat", "part_size")
 SIDES = {  # side -> (concept, country, context, features, captions) of the pair record, and the other side
     schema.POS_PREFIX: ((schema.POS_CONCEPT, schema.POS_COUNTRY, schema.POS_CONTEXT, schema.POS_FEATURES,
@@ -44,18 +43,6 @@ SIDES = {  # side -> (concept, country, context, features, captions) of the pair
     schema.NEG_PREFIX: ((schema.NEG_CONCEPT, schema.NEG_COUNTRY, schema.NEG_CONTEXT, schema.NEG_FEATURES,
                          schema.NEG_CAPTIONS), schema.POS_PREFIX),
 }
-
-SCORES_PROMPT = """You are an expert on world cultures, judging an AI-generated image.
-The image was generated to show "{concept}", a {category} concept{from_country}.
-{details}Rate the image on each criterion with an integer from 1 (very poor) to 5 (excellent):
-- {a}: does it look like a real, natural photograph, free of generation artefacts?
-- {c}: does it clearly show "{concept}" as described, with its key visual features?
-- {f}: are its cultural details (setting, materials, style, people) accurate{for_country}?
-Then give a one-sentence {r}. Answer with JSON only."""
-
-TWIN_PROMPT = """This image shows one of two {category} concepts, listed in alphabetical order: {options}.
-Which one does it show? Answer with JSON only, giving the name exactly as listed."""
-
 
 # ---------------------------------------------------------------------------------------------- schemas
 @functools.lru_cache(maxsize=1)
@@ -95,62 +82,51 @@ def own_label(job: Mapping) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- jobs
-def judge_key(render_key: str, image_sha256: str, category: str, concept: str, country: Optional[str],
-              twin_concept: str, twin_country: Optional[str], model: str) -> str:
-    """The key of one judge record (also what export uses to find it)."""
-    return record_key(STAGE, {schema.RENDER_KEY: render_key, schema.IMAGE_SHA256: image_sha256,
-                              schema.CATEGORY: category, schema.CONCEPT: concept, schema.COUNTRY: country,
-                              schema.TWIN_CONCEPT: twin_concept, schema.TWIN_COUNTRY: twin_country},
-                      model=model, prompt_version=PROMPT_VERSION)
-
-
-def judge_jobs(pairs: Sequence[Mapping], render_records: Sequence[Mapping], model: str,
-               render_dir: Optional[Path] = None) -> tuple[list[dict], dict]:
-    """The judge jobs: every rendered image of every side of every twin pair, against that pair's twin.
+def judge_jobs(pairs: Sequence[Mapping], render_records: Iterable[Mapping], chat: ChatConfig,
+               render_dir: Optional[Path] = None) -> tuple[list[Job], dict]:
+    """The judge jobs: every current rendered image of every side of every twin pair, against that pair's twin.
 
     Args:
-        pairs: twin caption sets (the ``pairs``/``captions`` records).
-        render_records: the render stage's records.
-        model: the judge model id (part of every key).
+        pairs: twin caption sets (the current ``pairs``/``captions`` records).
+        render_records: the render stage's current records (streamed).
+        chat: the judge's chat settings (the model and temperature are in every key).
         render_dir: the render folder; image paths in the jobs are resolved against it.
 
     Returns:
-        ``(jobs, counts)``: the jobs (unique keys; an image judged against the same twin through two
-        listings of one pair is one job), and counts of ``captions`` looked up, ``captions_without_image``
-        and ``duplicate_jobs`` merged.
+        ``(jobs, counts)``: a job's inputs are the render key and image sha256 and every pair field its
+        prompts carry (concept, country, category, context, features, the twin's concept and country);
+        counts of ``captions`` looked up and ``captions_without_image``.
     """
-    by_caption: dict[tuple, list[Mapping]] = {}
+    wanted: dict[tuple, list] = {}  # caption identity -> [(pair, side)]: only these render records are kept
+    for pair in pairs:
+        for side, (fields, _) in SIDES.items():
+            for caption in dict.fromkeys(pair[fields[4]]):  # unique, in order
+                ident = (pair[fields[0]], pair.get(fields[1]), pair[schema.CATEGORY], caption)
+                wanted.setdefault(ident, []).append((pair, side))
+    found: dict[tuple, list] = {}
     for rec in render_records:
         ident = (rec[schema.CONCEPT], rec.get(schema.COUNTRY), rec[schema.CATEGORY], rec[schema.CAPTION])
-        by_caption.setdefault(ident, []).append(rec)
-    jobs: dict[str, dict] = {}
-    counts = Counter(captions=0, captions_without_image=0, duplicate_jobs=0)
-    for pair in pairs:
-        category = pair[schema.CATEGORY]
-        for side, (fields, other) in SIDES.items():
-            concept_f, country_f, context_f, features_f, captions_f = fields
-            concept, country = pair[concept_f], pair.get(country_f)
-            twin_concept, twin_country = pair[SIDES[other][0][0]], pair.get(SIDES[other][0][1])
-            for caption in dict.fromkeys(pair[captions_f]):  # unique, in order
-                counts["captions"] += 1
-                renders = by_caption.get((concept, country, category, caption), [])
-                counts["captions_without_image"] += not renders
-                for rec in renders:
-                    key = judge_key(rec[schema.REC_KEY], rec[schema.IMAGE_SHA256], category, concept, country,
-                                    twin_concept, twin_country, model)
-                    if key in jobs:
-                        counts["duplicate_jobs"] += 1
-                        continue
-                    image = Path(rec[schema.IMAGE_FILE])
-                    jobs[key] = {
-                        schema.REC_KEY: key, schema.RENDER_KEY: rec[schema.REC_KEY], schema.TWIN_ID: pair[schema.TWIN_ID],
-                        schema.SIDE: side, schema.CATEGORY: category, schema.CONCEPT: concept,
-                        schema.COUNTRY: country, schema.CONTEXT: pair.get(context_f),
-                        schema.FEATURES: list(pair.get(features_f) or []), schema.TWIN_CONCEPT: twin_concept,
-                        schema.TWIN_COUNTRY: twin_country, schema.IMAGE_SHA256: rec[schema.IMAGE_SHA256],
-                        schema.IMAGE_FILE: str(render_dir / image if render_dir is not None else image)}
-                    twin_labels(jobs[key])  # validates now, naming the pair, rather than mid-run
-    return list(jobs.values()), dict(counts)
+        if ident in wanted:
+            found.setdefault(ident, []).append((rec[schema.REC_KEY], rec[schema.IMAGE_SHA256], rec[schema.IMAGE_FILE]))
+    jobs: list[Job] = []
+    counts = Counter(captions=0, captions_without_image=0)
+    for ident, uses in wanted.items():
+        counts["captions"] += len(uses)
+        renders = found.get(ident, [])
+        counts["captions_without_image"] += 0 if renders else len(uses)
+        for pair, side in uses:
+            fields, other = SIDES[side]
+            inputs = {schema.TWIN_ID: pair[schema.TWIN_ID], schema.SIDE: side, schema.CATEGORY: pair[schema.CATEGORY],
+                      schema.CONCEPT: pair[fields[0]], schema.COUNTRY: pair.get(fields[1]),
+                      schema.CONTEXT: pair.get(fields[2]), schema.FEATURES: list(pair.get(fields[3]) or []),
+                      schema.TWIN_CONCEPT: pair[SIDES[other][0][0]], schema.TWIN_COUNTRY: pair.get(SIDES[other][0][1])}
+            twin_labels(inputs)  # validates now, naming the pair, rather than mid-run
+            for render_key, sha, rel in renders:
+                image = str(render_dir / rel if render_dir is not None else Path(rel))
+                jobs.append(Job(inputs={**inputs, schema.RENDER_KEY: render_key, schema.IMAGE_SHA256: sha},
+                                model=chat.model, prompts=PROMPTS, settings={"temperature": chat.temperature},
+                                extra={schema.IMAGE_FILE: image}))
+    return jobs, dict(counts)
 
 
 def scores_messages(job: Mapping, image: dict) -> list[dict]:
@@ -161,7 +137,7 @@ def scores_messages(job: Mapping, image: dict) -> list[dict]:
         details += f"Context: {job[schema.CONTEXT]}\n"
     if job.get(schema.FEATURES):
         details += f"Key visual features: {'; '.join(job[schema.FEATURES])}\n"
-    text = SCORES_PROMPT.format(concept=job[schema.CONCEPT], category=job[schema.CATEGORY], details=details,
+    text = load_prompt("judge_scores").format(concept=job[schema.CONCEPT], category=job[schema.CATEGORY], details=details,
                                 from_country=f" from {country}" if country else "",
                                 for_country=f" for {country}" if country else "",
                                 a=schema.SCORE_AUTHENTICITY, c=schema.SCORE_CONSISTENCY, f=schema.SCORE_FIDELITY,
@@ -172,7 +148,7 @@ def scores_messages(job: Mapping, image: dict) -> list[dict]:
 def twin_messages(job: Mapping, image: dict) -> list[dict]:
     """The blind twin-check request: the image and both names, nothing that tells which is meant."""
     options = " and ".join(f'"{label}"' for label in twin_labels(job))
-    text = TWIN_PROMPT.format(category=job[schema.CATEGORY], options=options)
+    text = load_prompt("judge_twin").format(category=job[schema.CATEGORY], options=options)
     return [{"role": "user", "content": [image, {"type": "text", "text": text}]}]
 
 
@@ -188,7 +164,7 @@ def judge_record(job: Mapping, scores: Any, twin: Any, model: str) -> dict:
             schema.IMAGE_SHA256: job[schema.IMAGE_SHA256],
             **{name: getattr(scores, name) for name in schema.SCORES},
             schema.TWIN_CHOICE: picked, schema.PICKS_OWN: own, schema.REASON: getattr(scores, schema.REASON),
-            schema.MODEL_ID: model, schema.PROMPT_VERSION: PROMPT_VERSION}
+            schema.MODEL_ID: model}
 
 
 def _read_image(job: Mapping) -> bytes:
@@ -267,90 +243,60 @@ def chat_config(cfg: Mapping, ctx: Any) -> ChatConfig:
     return ChatConfig.from_mapping({**_plain(getattr(ctx, "chat", None) or {}), **_plain(cfg.get("chat") or {})})
 
 
-def run(cfg: Mapping, ctx: Any, pairs: Optional[Sequence[Mapping]] = None) -> StageReport:
-    """Judge every rendered image of ``ctx.out_dir`` (see the module docstring).
+def run(cfg: Mapping, ctx: Any) -> StageReport:
+    """Judge every current rendered image of ``ctx.out_dir`` (see the module docstring).
 
     Args:
         cfg: the ``judge`` config group: ``chat`` (overrides of the run's chat settings) and
             ``part_size`` (records per part file: at most that much is redone after a crash).
         ctx: the run's :class:`~cultureclip.curate.registry.Context`.
-        pairs: the twin caption sets; default: :func:`cultureclip.curate.importer.load_pairs`.
+
+    Raises:
+        FileNotFoundError, ValueError: the caption sets or the render view are missing or incomplete.
     """
+    from cultureclip.curate.importer import load_pairs, pairs_store
     cfg = _plain(cfg or {})
     unknown = sorted(set(cfg) - set(CONFIG_KEYS))
     if unknown:
         raise ValueError(f"unknown judge settings {unknown}; known: {list(CONFIG_KEYS)}")
     chat = chat_config(cfg, ctx)
-    if pairs is None:
-        from cultureclip.curate.importer import load_pairs
-        pairs = load_pairs(ctx.out_dir)
-    render_dir = ctx.stage_dir(RENDER_STAGE)
-    if not render_dir.is_dir():
-        raise FileNotFoundError(f"no rendered images to judge: {render_dir} does not exist (run stage=render)")
-    jobs, counts = judge_jobs(pairs, StageStore(render_dir, RENDER_STAGE).records(), chat.model, render_dir)
-    if counts["captions_without_image"]:
-        log.warning("judge: %d of %d captions have no rendered image (render unfinished or failed); judging the "
-                    "%d images there are", counts["captions_without_image"], counts["captions"], len(jobs))
-    store = StageStore(ctx.stage_dir(STAGE), STAGE, {schema.MODEL_ID: chat.model,
-                                                    schema.PROMPT_VERSION: PROMPT_VERSION,
-                                                    "temperature": chat.temperature})
-    with ChatClient(chat) as client:
-        report = store.run(jobs, make_process(client), shard_index=ctx.shard_index, num_shards=ctx.num_shards,
-                           retry_errors=ctx.retry_errors, part_size=int(cfg.get("part_size", 256)))
+    pairs = load_pairs(ctx.out_dir, STAGE)
+    source = pairs_store(ctx.out_dir)
+    render_store = Store(ctx.stage_dir(RENDER_STAGE), RENDER_STAGE)
+    render_store.require_complete(STAGE, upstream=(source,))
+    jobs, counts = judge_jobs(pairs, render_store.records(), chat, render_store.root)
+    store = Store(ctx.stage_dir(STAGE), STAGE)
+    client = _LazyClient(chat)  # built on the first request: a rerun with nothing to do opens no connection
+    try:
+        report = run_stage(store, jobs, make_process(client), shard_index=ctx.shard_index,
+                           num_shards=ctx.num_shards, retry_errors=ctx.retry_errors,
+                           part_size=int(cfg.get("part_size", 256)), upstream=(render_store, source))
+    finally:
+        client.close()
     report.extra.update(counts)
-    store.save_report(report)  # with the stage's own figures
+    save_report(store, report)  # with the stage's own figures
     log.info("judge %s: %d judged, %d errors %s, %d done before", report.job, report.ok, report.errors,
              report.errors_by_reason or "", report.done_before)
     return report
 
 
-# ---------------------------------------------------------------------------------------------- stand-in
-_STANDIN_SCORES = (1, 2, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 5, 4, 3, 5)  # by a hash byte: P(1) = 1/16 per score
+class _LazyClient:
+    """A :class:`ChatClient` made on first use."""
 
+    def __init__(self, chat: ChatConfig) -> None:
+        self.cfg, self._client = chat, None
 
-def _standin_scores(body: dict) -> dict:
-    digest = hashlib.sha256("".join(request_images(body)).encode()).digest()
-    out = {name: _STANDIN_SCORES[digest[i] % 16] for i, name in enumerate(schema.SCORES)}
-    return {**out, schema.REASON: "stand-in judge: scores derived from a hash of the image, not from looking"}
+    def ask_many(self, requests):
+        if self._client is None:
+            self._client = ChatClient(self.cfg)
+        return self._client.ask_many(requests)
 
-
-def _png_text(data_url: str) -> str:
-    """The tEXt chunks of a PNG data URL (e.g. the prompt a renderer stored), lower-cased; "" if none.
-    Read from the chunk headers, without decoding the image (the stand-in must stay cheap)."""
-    import base64
-    import struct
-    try:
-        data = base64.b64decode(data_url.split(",", 1)[1])
-    except ValueError:
-        return ""
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        return ""
-    out, pos = [], 8
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        if kind == b"tEXt":
-            out.append(data[pos + 8:pos + 8 + length].split(b"\0", 1)[-1].decode("latin-1"))
-        elif kind == b"IEND":
-            break
-        pos += 12 + length
-    return " ".join(out).casefold()
-
-
-def _standin_twin(body: dict) -> dict:
-    options = body["response_format"]["json_schema"]["schema"]["properties"][schema.TWIN_CHOICE]["enum"]
-    images = request_images(body)
-    digest = hashlib.sha256(("twin:" + "".join(images)).encode()).digest()
-    text = " ".join(_png_text(url) for url in images)
-    named = [o for o in options if o.split(" (")[0].casefold() in text]
-    if len(named) == 1:  # the image carries its prompt: pick that concept, wrong 1 time in 8
-        return {schema.TWIN_CHOICE: named[0] if digest[0] % 8 else next(o for o in options if o != named[0])}
-    return {schema.TWIN_CHOICE: options[digest[0] % len(options)]}
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
 
 
 def standin_responders() -> dict:
-    """Deterministic answers for the stand-in server (tests, the offline demo). The stand-in does not look
-    at the pixels: scores come from a hash of the image bytes (about 1 image in 5 fails the rule on its
-    scores). The twin check is blind, so the stand-in knows the answer only when the PNG carries its
-    prompt in a text chunk (it then picks that concept 7 times in 8); otherwise it is a coin flip seeded
-    by the image."""
-    return {SCORES_SCHEMA: _standin_scores, TWIN_SCHEMA: _standin_twin}
+    """The stand-in server's answers for the judge's two requests (:mod:`cultureclip.curate.judge_standin`)."""
+    from cultureclip.curate.judge_standin import responders
+    return responders()

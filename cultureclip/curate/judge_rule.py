@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from cultureclip import schema
-from cultureclip.curate.records import StageStore
+from cultureclip.curate.runner import Store
 
 STAGE = "judge"
 DEFAULT_RULE = {"min_score": 2, "min_mean": 3.0, "require_twin_check": True}
@@ -44,12 +44,11 @@ def passes(record: Mapping, rule: Optional[Mapping] = None) -> bool:
 def card_section(out_dir: Any, rule: Optional[Mapping] = None) -> Optional[dict]:
     """The dataset card's judge section: counts, errors by reason, pass rates under ``rule`` (each part
     of it alone and together), score histograms and the twin-check accuracy, per category too."""
-    root = Path(out_dir) / STAGE
-    if not root.is_dir():
+    store = Store(Path(out_dir) / STAGE, STAGE)
+    if not store.has_view():
         return None
     rule = check_rule(rule)
-    store = StageStore(root, STAGE)
-    records, errors = store.records(), store.errors()
+    records, errors = list(store.records()), {e[schema.REC_KEY]: e for e in store.errors()}
     hist = {name: {v: 0 for v in range(1, 6)} for name in schema.SCORES}
     by_category: dict[str, Counter] = {}
     for rec in records:

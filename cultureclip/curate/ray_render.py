@@ -1,7 +1,7 @@
 """The render stage on a Ray cluster (many nodes, one actor per GPU), through Ray Data.
 
 The driver does what the single-process stage does — builds the jobs, opens the same
-:class:`~cultureclip.curate.records.StageStore`, skips finished keys, writes parts — but its
+:class:`~cultureclip.curate.runner.Store`, skips finished keys, writes parts — but its
 ``process`` hands the unfinished jobs to ``ray.data.from_items(...).map_batches(RenderActor, ...)``:
 each actor loads the pipeline once and renders batches with the stage's own code
 (:func:`cultureclip.curate.render.make_process`), writing the PNGs itself, and sends back only the
@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cultureclip.curate import render, t2i
-from cultureclip.curate.records import Outcome, StageReport, StageStore
 from cultureclip.curate.registry import Context
+from cultureclip.curate.runner import Outcome, StageReport, Store, run_stage, save_report
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ class RenderActor:
 
     def __call__(self, batch: Mapping[str, Any]) -> dict:
         jobs = [json.loads(x) for x in batch[_JOB]]
-        outcomes = [json.dumps({"key": o.key, "record": o.record, "error": o.error, "message": o.message,
-                                "attempts": o.attempts}) for o in self.process(iter(jobs))]
+        outcomes = [json.dumps({"key": o.key, "record": o.record, "error": o.error, "rejected": o.rejected,
+                                "message": o.message, "attempts": o.attempts}) for o in self.process(iter(jobs))]
         return {_OUTCOME: outcomes}
 
 
@@ -80,7 +80,7 @@ def ray_options(cfg: Optional[Mapping], ray) -> dict:
 
 
 def make_process(s: Mapping, render_dir: Path, opts: Mapping, stats: dict):
-    """A ``process`` for :meth:`StageStore.run` that renders on Ray actors."""
+    """A ``process`` for :func:`cultureclip.curate.runner.run_stage` that renders on Ray actors."""
     ray = _import_ray()
 
     def process(jobs: Iterator[Mapping]) -> Iterator[Outcome]:
@@ -99,13 +99,13 @@ def make_process(s: Mapping, render_dir: Path, opts: Mapping, stats: dict):
                 stats["duplicates"] = stats.get("duplicates", 0) + 1
                 continue
             seen.add(o["key"])
-            yield Outcome(o["key"], record=o["record"], error=o["error"], message=o["message"],
-                          attempts=o["attempts"])
+            yield Outcome(o["key"], record=o["record"], error=o["error"], rejected=o["rejected"],
+                          message=o["message"], attempts=o["attempts"])
 
     return process
 
 
-def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context) -> StageReport:
+def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context, upstream: tuple = ()) -> StageReport:
     """:func:`cultureclip.curate.render.run_pairs` with the rendering done by Ray actors.
 
     ``cfg`` is the render config; its ``ray`` mapping holds the Ray options (:data:`RAY_DEFAULTS`).
@@ -117,20 +117,14 @@ def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context) -> StageReport:
     if not ray.is_initialized():
         ray.init(address=ray_cfg.get("address") if ray_cfg else None, include_dashboard=False)
     opts = ray_options(ray_cfg, ray)
-    jobs = render.render_jobs(pairs, s, ctx.seed)
     render_dir = ctx.stage_dir(render.NAME)
-    store = StageStore(render_dir, render.NAME, render.store_settings(s))
+    store = Store(render_dir, render.NAME)
     stats: dict = {}
-    report = store.run(jobs, make_process(s, render_dir, opts, stats), shard_index=ctx.shard_index,
-                       num_shards=ctx.num_shards, retry_errors=ctx.retry_errors, part_size=s["part_size"])
+    report = run_stage(store, render.render_jobs(pairs, s, ctx.seed), make_process(s, render_dir, opts, stats),
+                       shard_index=ctx.shard_index, num_shards=ctx.num_shards, retry_errors=ctx.retry_errors,
+                       part_size=s["part_size"], upstream=upstream)
     report.extra.update({"ray_actors": opts["concurrency"], "ray_gpus_per_actor": opts["num_gpus"], **stats})
-    store.save_report(report)  # with the stage's own figures
+    save_report(store, report)  # with the stage's own figures
     log.info("render (ray, %d actors) %s: %d rendered, %d errors, %d done before, %.1f s", opts["concurrency"],
              report.job, report.ok, report.errors, report.done_before, report.seconds)
     return report
-
-
-def run(cfg: Mapping, ctx: Context) -> StageReport:
-    """Render the twin caption sets found in ``ctx.out_dir`` on Ray."""
-    from cultureclip.curate.importer import load_pairs
-    return run_pairs(load_pairs(ctx.out_dir), cfg, ctx)

@@ -31,20 +31,19 @@ from typing import Any, Callable, Optional
 
 from cultureclip import schema
 from cultureclip.curate import t2i
-from cultureclip.curate.records import Outcome, StageReport, StageStore, record_key, seed_from_key, write_atomic
 from cultureclip.curate.registry import Context
+from cultureclip.curate.runner import Job, Outcome, StageReport, Store, run_stage, save_report, seed_from_key, write_atomic
 
 log = logging.getLogger(__name__)
 
 NAME = "render"
-PROMPT_VERSION = "render-v1"  # bump when the way prompts are built from a template changes
 IMAGES_DIR = "images"
 DEFAULTS: dict[str, Any] = {
     "model": t2i.DEFAULT_MODEL, "dtype": "float16", "device": "auto",
     "width": 512, "height": 512, "steps": 4, "guidance": 0.0, "negative_prompt": None,
     "images_per_caption": 1, "batch_size": 4,
     "prompt_template": "{caption}",  # fields: caption, concept, country, category
-    "prompt_version": PROMPT_VERSION, "max_sequence_length": None,  # SD3's T5 length; null: its default
+    "max_sequence_length": None,  # SD3's T5 length; null: its default
     "part_size": 64, "cpu_offload": False, "variant": None, "local_files_only": False,
     "ray": None,  # a mapping: render on a Ray cluster (cultureclip.curate.ray_render)
 }
@@ -76,26 +75,25 @@ def settings(cfg: Mapping) -> dict:
     return s
 
 
-def store_settings(s: Mapping) -> dict:
-    """What the stored records depend on: a rerun into the same folder with other values is refused."""
-    return {k: s[k] for k in ("model", "prompt_version", "prompt_template", "width", "height", "steps",
-                              "guidance", "negative_prompt", "dtype", "max_sequence_length")}
+KEY_SETTINGS = ("width", "height", "steps", "guidance", "negative_prompt", "dtype", "max_sequence_length")
+"""The settings an image depends on (in every key); batch_size, device, part_size, offload are not."""
 
 
-def render_jobs(pairs: list[dict], cfg: Mapping, seed: int = 0) -> list[dict]:
-    """The render jobs of a list of twin caption-set records, each unique job once, sorted by key.
+def render_jobs(pairs: list[dict], cfg: Mapping, seed: int = 0) -> list[Job]:
+    """The render jobs of a list of twin caption-set records (the runner merges the same job seen twice).
 
     Args:
         pairs: records with the ``pos_*``/``neg_*`` concept, country and captions fields and ``category``.
         cfg: the render config (see :data:`DEFAULTS`).
-        seed: the run's base seed; image ``i`` of a caption uses seed ``seed + i`` in its key.
+        seed: the run's base seed; image ``i`` of a caption has seed ``seed + i`` in its key.
 
     Returns:
-        Job dicts with ``key``, concept, country, category, caption, prompt, seed_index and ``seed`` (the
-        generator seed, derived from the key).
+        Jobs whose inputs are the concept, country, category, caption, prompt and seed index; the model,
+        the seed and :data:`KEY_SETTINGS` are in their keys. A job's generator seed derives from its key.
     """
     s = settings(cfg)
-    jobs: dict[str, dict] = {}
+    key_settings = {k: s[k] for k in KEY_SETTINGS}
+    jobs: list[Job] = []
     for n, pair in enumerate(pairs):
         where = f"twin pair {pair.get(schema.TWIN_ID, f'#{n}')}"
         for concept_f, country_f, captions_f in SIDES:
@@ -111,14 +109,9 @@ def render_jobs(pairs: list[dict], cfg: Mapping, seed: int = 0) -> list[dict]:
                         schema.CATEGORY: pair.get(schema.CATEGORY), schema.CAPTION: caption}
                 prompt = s["prompt_template"].format(**base)
                 for i in range(s["images_per_caption"]):
-                    key = record_key(NAME, {**base, schema.PROMPT: prompt, schema.WIDTH: s["width"],
-                                            schema.HEIGHT: s["height"], schema.STEPS: s["steps"],
-                                            schema.GUIDANCE: s["guidance"],
-                                            schema.NEGATIVE_PROMPT: s["negative_prompt"]},
-                                     model=s["model"], prompt_version=s["prompt_version"], seed=seed + i)
-                    jobs[key] = {schema.REC_KEY: key, **base, schema.PROMPT: prompt,
-                                 schema.SEED_INDEX: i, schema.SEED: seed_from_key(key)}
-    return [jobs[k] for k in sorted(jobs)]
+                    jobs.append(Job(inputs={**base, schema.PROMPT: prompt, schema.SEED_INDEX: i}, model=s["model"],
+                                    settings={**key_settings, "seed": seed + i}))
+    return jobs
 
 
 def image_path(render_dir: Path, key: str) -> Path:
@@ -156,8 +149,17 @@ def _error_reason(exc: BaseException) -> str:
     return "oom" if isinstance(exc, torch.OutOfMemoryError) else "backend_error"
 
 
+def _is_device_fault(exc: BaseException) -> bool:
+    """A CUDA/accelerator error other than out-of-memory (it persists: every later job would fail too)."""
+    import torch
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    accel = getattr(torch, "AcceleratorError", ())
+    return (accel and isinstance(exc, accel)) or "CUDA error" in str(exc) or "device-side assert" in str(exc)
+
+
 def make_process(s: Mapping, render_dir: Path, pipeline: Callable[[], Any], stats: dict):
-    """The ``process`` function of :meth:`StageStore.run`: renders jobs in batches, yields Outcomes.
+    """The ``process`` function of :func:`cultureclip.curate.runner.run_stage`: renders jobs in batches, yields Outcomes.
 
     ``pipeline()`` returns the pipeline; it is called only when an image must actually be rendered,
     so a rerun with everything done never loads the model. ``stats`` collects ``backend_seconds``
@@ -170,10 +172,10 @@ def make_process(s: Mapping, render_dir: Path, pipeline: Callable[[], Any], stat
     def record(job: Mapping, data: bytes) -> Outcome:
         key = job[schema.REC_KEY]
         rec = {k: job[k] for k in (schema.CONCEPT, schema.COUNTRY, schema.CATEGORY, schema.CAPTION,
-                                   schema.PROMPT, schema.SEED_INDEX, schema.SEED)}
-        rec.update({schema.IMAGE_FILE: image_path(Path("."), key).as_posix(),
+                                   schema.PROMPT, schema.SEED_INDEX)}
+        rec.update({schema.SEED: seed_from_key(key), schema.IMAGE_FILE: image_path(Path("."), key).as_posix(),
                     schema.IMAGE_SHA256: hashlib.sha256(data).hexdigest(), schema.MODEL_ID: s["model"],
-                    schema.PROMPT_VERSION: s["prompt_version"], schema.WIDTH: s["width"],
+                    schema.WIDTH: s["width"],
                     schema.HEIGHT: s["height"], schema.STEPS: s["steps"], schema.GUIDANCE: s["guidance"],
                     schema.NEGATIVE_PROMPT: s["negative_prompt"]})
         return Outcome(key, record=rec)
@@ -181,8 +183,8 @@ def make_process(s: Mapping, render_dir: Path, pipeline: Callable[[], Any], stat
     def attempt(batch: list[Mapping], pad_to: int) -> list:
         start = time.perf_counter()
         try:
-            return t2i.render_batch(pipeline(), [j[schema.PROMPT] for j in batch], [j[schema.SEED] for j in batch],
-                                s, pad_to)
+            return t2i.render_batch(pipeline(), [j[schema.PROMPT] for j in batch],
+                                    [seed_from_key(j[schema.REC_KEY]) for j in batch], s, pad_to)
         except RuntimeError as exc:  # OOM, CUDA and kernel errors: the job's, not the stage's
             if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -200,17 +202,34 @@ def make_process(s: Mapping, render_dir: Path, pipeline: Callable[[], Any], stat
         results, tries = attempt(batch, s["batch_size"]), 1
         if s["batch_size"] > 1 and all(isinstance(r, Exception) and not isinstance(r, t2i.RenderRejected) for r in results):
             log.warning("render batch of %d failed (%s); retrying image by image", len(batch), results[0])
-            results, tries = [attempt([j], 1)[0] for j in batch], 2
+            # still padded to the full batch shape: an image's pixels never depend on the shape it ran in
+            results, tries = [attempt([j], s["batch_size"])[0] for j in batch], 2
+            persistent = [r for r in results if isinstance(r, RuntimeError) and _is_device_fault(r)]
+            if persistent:
+                raise RuntimeError(f"render: the device keeps failing ({type(persistent[0]).__name__}: "
+                                   f"{persistent[0]}) after a retry; stopping the stage (finished images are "
+                                   f"kept). Check the GPU, then run the same command again") from persistent[0]
         return [(job, res if isinstance(res, Exception) else pool.submit(save, job[schema.REC_KEY], res), tries)
                 for job, res in zip(batch, results)]
 
     def finish(started: list) -> Iterator[Outcome]:
         for job, res, tries in started:
-            if isinstance(res, Exception):
+            if isinstance(res, t2i.RenderRejected):  # the same key always gives the same pixels: permanent
+                yield Outcome(job[schema.REC_KEY], rejected=res.reason, message=str(res)[:2000])
+            elif isinstance(res, Exception):
                 yield Outcome(job[schema.REC_KEY], error=_error_reason(res), attempts=tries,
                               message=f"{type(res).__name__}: {res}"[:2000])
             else:  # the image is on disk (fsynced) before its record exists; a write error stops the stage
                 yield record(job, res.result())
+
+    def start_keeping(batch: list[Mapping], pool, previous: list):
+        """:func:`start`; when it stops the stage, the previous batch's finished images are kept first."""
+        try:
+            return start(batch, pool)
+        except BaseException:
+            yield from finish(previous)
+            raise
+        yield  # a generator, for ``yield from``
 
     def process(jobs: Iterator[Mapping]) -> Iterator[Outcome]:
         # images of batch k are encoded and written (fsync: ~10 ms each) by threads while batch k+1
@@ -226,17 +245,18 @@ def make_process(s: Mapping, render_dir: Path, pipeline: Callable[[], Any], stat
                     continue
                 batch.append(job)
                 if len(batch) == s["batch_size"]:
-                    current = start(batch, pool)
+                    current = yield from start_keeping(batch, pool, previous)
                     yield from finish(previous)
                     previous, batch = current, []
-            current = start(batch, pool) if batch else []
+            current = (yield from start_keeping(batch, pool, previous)) if batch else []
             yield from finish(previous)
             yield from finish(current)
 
     return process
 
 
-def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context, pipeline: Any = None) -> StageReport:
+def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context, pipeline: Any = None,
+              upstream: tuple = ()) -> StageReport:
     """Render the jobs of ``pairs`` into ``ctx.stage_dir("render")`` (this process's job range).
 
     Args:
@@ -244,50 +264,53 @@ def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context, pipeline: Any = Non
         cfg: the render config.
         ctx: the run context (out_dir, shard_index/num_shards, retry_errors, seed).
         pipeline: an already built pipeline to use instead of loading ``cfg.model``.
+        upstream: the store the pairs come from (recorded in the view).
     """
     s = settings(cfg)
-    jobs = render_jobs(pairs, s, ctx.seed)
     render_dir = ctx.stage_dir(NAME)
-    store = StageStore(render_dir, NAME, store_settings(s))
+    store = Store(render_dir, NAME)
     device = t2i.resolve_device(s["device"], ctx.shard_index)
     stats: dict = {}
     process = make_process(s, render_dir, (lambda: pipeline) if pipeline is not None
                            else (lambda: get_pipeline(s, device)), stats)
-    report = store.run(jobs, process, shard_index=ctx.shard_index, num_shards=ctx.num_shards,
-                       retry_errors=ctx.retry_errors, part_size=s["part_size"])
+    report = run_stage(store, render_jobs(pairs, s, ctx.seed), process, shard_index=ctx.shard_index,
+                       num_shards=ctx.num_shards, retry_errors=ctx.retry_errors, part_size=s["part_size"],
+                       upstream=upstream)
     report.extra.update({k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()})
-    store.save_report(report)  # with the stage's own figures
-    log.info("render %s: %d rendered, %d errors %s, %d done before, %.1f s (%.1f s in the pipeline)",
-             report.job, report.ok, report.errors, report.errors_by_reason, report.done_before,
+    save_report(store, report)  # with the stage's own figures
+    log.info("render %s: %d rendered, %d rejected, %d errors %s, %d done before, %.1f s (%.1f s in the pipeline)",
+             report.job, report.ok, report.rejected, report.errors, report.errors_by_reason, report.done_before,
              report.seconds, stats["backend_seconds"])
     return report
 
 
 def run(cfg: Mapping, ctx: Context) -> StageReport:
-    """The stage entry point: render the twin caption sets found in ``ctx.out_dir``."""
-    from cultureclip.curate.importer import load_pairs
-    pairs = load_pairs(ctx.out_dir)
+    """The stage entry point: render the current twin caption sets of ``ctx.out_dir`` (refused while incomplete)."""
+    from cultureclip.curate.importer import load_pairs, pairs_store
+    pairs = load_pairs(ctx.out_dir, NAME)
     if cfg.get("ray"):
         from cultureclip.curate import ray_render
-        return ray_render.run_pairs(pairs, cfg, ctx)
-    return run_pairs(pairs, cfg, ctx)
+        return ray_render.run_pairs(pairs, cfg, ctx, upstream=(pairs_store(ctx.out_dir),))
+    return run_pairs(pairs, cfg, ctx, upstream=(pairs_store(ctx.out_dir),))
+
+
+def store(out_dir: Path) -> Store:
+    """The render store of a run."""
+    return Store(Path(out_dir) / NAME, NAME)
 
 
 def load_records(out_dir: Path) -> list[dict]:
-    """The render records of ``out_dir`` (sorted by key); the image path is relative to ``out_dir/render``."""
-    return StageStore(Path(out_dir) / NAME, NAME).records()
+    """The current render records of ``out_dir`` (sorted by key); image paths are relative to ``out_dir/render``."""
+    return sorted(store(out_dir).records(), key=lambda r: r[schema.REC_KEY])
 
 
 def card_section(out_dir: Path) -> dict:
     """Counts of the render stage for the dataset card."""
-    store = StageStore(Path(out_dir) / NAME, NAME)
-    records, errors = store.records(), store.errors()
-    by_reason: dict[str, int] = {}
-    for e in errors.values():
-        by_reason[e[schema.REC_ERROR]] = by_reason.get(e[schema.REC_ERROR], 0) + 1
-    models = sorted({r[schema.MODEL_ID] for r in records})
-    md = (f"{len(records)} images rendered with {', '.join(models) or 'no model'}; "
-          f"{len(errors)} renders failed" + (f" ({by_reason})" if by_reason else "") + ".")
+    st = store(out_dir).status()
+    models = sorted({r[schema.MODEL_ID] for r in store(out_dir).records()})
+    md = (f"{st['done']} images rendered with {', '.join(models) or 'no model'}; {st['rejected']} rejected"
+          + (f" ({st['rejected_by_reason']})" if st["rejected"] else "") + f"; {st['errors']} renders failed"
+          + (f" ({st['errors_by_reason']})" if st["errors"] else "") + ".")
     return {"title": "Render", "markdown": md,
-            "data": {"images": len(records), "errors": len(errors), "errors_by_reason": by_reason,
-                     "models": models}}
+            "data": {"images": st["done"], "rejected_by_reason": st["rejected_by_reason"], "errors": st["errors"],
+                     "errors_by_reason": st["errors_by_reason"], "models": models}}

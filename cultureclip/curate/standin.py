@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from cultureclip.curate.messages import request_images, request_text, schema_name  # noqa: F401 (re-exported)
+
 STAGE_MODULES = ("cultureclip.curate.judge",)  # stage modules whose standin_responders() the CLI serves
 
 FAULT_KINDS = ("429", "500", "503", "slow", "malformed", "schema", "garbage")
@@ -52,30 +54,6 @@ class Fault:
 
 FaultSpec = Union[None, str, Fault]
 Faults = Union[None, Sequence[FaultSpec], Callable[[int, dict], FaultSpec]]
-
-
-def schema_name(body: Mapping) -> Optional[str]:
-    """The JSON schema name of a chat request's ``response_format``, or None."""
-    fmt = body.get("response_format") or {}
-    return (fmt.get("json_schema") or {}).get("name")
-
-
-def request_text(body: Mapping) -> str:
-    """All text parts of a chat request's messages, joined by newlines (for responders)."""
-    out = []
-    for msg in body.get("messages", []):
-        content = msg.get("content")
-        if isinstance(content, str):
-            out.append(content)
-        elif isinstance(content, list):
-            out.extend(p.get("text", "") for p in content if p.get("type") == "text")
-    return "\n".join(out)
-
-
-def request_images(body: Mapping) -> list[str]:
-    """The image URLs (data URLs included) of a chat request's messages, in order."""
-    return [p["image_url"]["url"] for msg in body.get("messages", []) if isinstance(msg.get("content"), list)
-            for p in msg["content"] if p.get("type") == "image_url"]
 
 
 class StandinServer:

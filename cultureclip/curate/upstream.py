@@ -17,7 +17,7 @@ from itertools import islice
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 from cultureclip import schema
-from cultureclip.curate.records import StageStore, record_key, write_atomic
+from cultureclip.curate.messages import field_block, read_block, request_text, system_user  # noqa: F401 (used as up.*)
 
 
 class Category(str, Enum):
@@ -144,43 +144,6 @@ def chat_client(cfg: Mapping, ctx: Any) -> tuple[Any, str]:
 
 
 # ---------------------------------------------------------------------------- prompt blocks
-def field_block(fields: Mapping[str, Any]) -> str:
-    """``Label: value`` lines for one item (lists joined with '; '), the part of a prompt that is its own."""
-    lines = []
-    for label, value in fields.items():
-        if isinstance(value, (list, tuple)):
-            value = "; ".join(str(v) for v in value)
-        lines.append(f"{label}: {'' if value is None else value}")
-    return "\n".join(lines)
-
-
-def read_block(text: str) -> dict[str, str]:
-    """The ``Label: value`` lines of a text, by label (the first occurrence of each)."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        m = re.match(r"^([A-Z][A-Za-z ]{1,40}): (.*)$", line.strip())
-        if m and m.group(1) not in out:
-            out[m.group(1)] = m.group(2).strip()
-    return out
-
-
-def request_text(request: Mapping) -> str:
-    """All text parts of a chat request's user messages (what a responder answers from)."""
-    parts = []
-    for msg in request.get("messages", []):
-        if msg.get("role") != "user":
-            continue
-        content = msg.get("content")
-        if isinstance(content, str):
-            parts.append(content)
-        else:
-            parts.extend(p.get("text", "") for p in content or [] if p.get("type") == "text")
-    return "\n".join(parts)
-
-
-def system_user(system: str, user: Any) -> list[dict]:
-    """A fresh two-message list (built per item: no shared template is ever mutated)."""
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 # ---------------------------------------------------------------------------- small helpers

@@ -79,16 +79,18 @@ class _Writer:
         self._append(kind, name, data, [k for k, _ in rows], index)
 
 
-def plan(store: Store, jobs: Sequence[Job]) -> tuple[list[dict], int]:
-    """Key the jobs and make them the store's current view; returns the job dicts and duplicates merged."""
+def plan(store: Store, jobs: Sequence[Job], upstream: Sequence[Store] = ()) -> tuple[list[dict], int]:
+    """Key the jobs and make them the store's current view, planned from the current views of ``upstream``;
+    returns the job dicts and the number of duplicates merged."""
     keyed_jobs, dup = keyed(store.stage, jobs)
-    store.write_view(j[schema.REC_KEY] for j in keyed_jobs)
+    store.write_view((j[schema.REC_KEY] for j in keyed_jobs), upstream)
     return keyed_jobs, dup
 
 
 def run_stage(store: Store, jobs: Sequence[Job], process: Process, *, shard_index: int = 0, num_shards: int = 1,
               retry_errors: bool = True, part_size: int = 512, part_seconds: float = 30.0,
-              log_every: float = 30.0, keyed_jobs: Optional[list[dict]] = None) -> StageReport:
+              log_every: float = 30.0, upstream: Sequence[Store] = (),
+              keyed_jobs: Optional[list[dict]] = None) -> StageReport:
     """Plan ``jobs`` (keys, view) and run ``process`` over this range's unfinished ones.
 
     Args:
@@ -99,6 +101,7 @@ def run_stage(store: Store, jobs: Sequence[Job], process: Process, *, shard_inde
         retry_errors: redo jobs that ended in an error in an earlier run (rejections are never redone).
         part_size, part_seconds: a part is written after this many outcomes or seconds, whichever first.
         log_every: seconds between progress lines.
+        upstream: the stores whose current views the jobs were planned from (recorded in the view).
         keyed_jobs: already planned job dicts (:func:`plan`), instead of ``jobs``.
 
     Returns:
@@ -110,7 +113,7 @@ def run_stage(store: Store, jobs: Sequence[Job], process: Process, *, shard_inde
     """
     job = job_id(shard_index, num_shards)
     if keyed_jobs is None:
-        keyed_jobs, dup = plan(store, jobs)
+        keyed_jobs, dup = plan(store, jobs, upstream)
     else:
         dup = 0
     mine = job_range(keyed_jobs, shard_index, num_shards)

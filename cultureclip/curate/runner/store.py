@@ -4,6 +4,7 @@ Layout of a stage folder::
 
     stage.json                      {"stage": name}: marks the folder as a store
     view.keys                       the current view: the keys of the latest plan, one per line, sorted
+    view.json                       its digest, and the digests of the upstream views it was planned from
     parts/part-<job>-<n>.jsonl      done records, one JSON object per line, ``key`` first
     rejected/part-<job>-<n>.jsonl   permanent rejections: key, reason, message
     errors/part-<job>-<n>.jsonl     transient failures: key, reason, message, attempts (retried next run)
@@ -37,7 +38,7 @@ from cultureclip.curate.runner.keys import KEY_CHARS, canonical_json
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
-STAGE_FILE, VIEW_FILE = "stage.json", "view.keys"
+STAGE_FILE, VIEW_FILE, VIEW_META = "stage.json", "view.keys", "view.json"
 PARTS, REJECTED, ERRORS, MANIFESTS, REPORTS = "parts", "rejected", "errors", "manifests", "reports"
 KINDS = (PARTS, REJECTED, ERRORS)
 _KEY_AT = len('{"key":"')  # records are written key first, so a reader can skip a line without parsing it
@@ -136,12 +137,25 @@ class Store:
         if not self.exists():
             write_atomic(self.root / STAGE_FILE, json.dumps({"stage": self.stage}))
 
-    def write_view(self, keys: Iterable[str]) -> int:
-        """Make ``keys`` the current view; returns their number."""
+    def write_view(self, keys: Iterable[str], upstream: Iterable["Store"] = ()) -> int:
+        """Make ``keys`` the current view, planned from the current views of ``upstream``; returns their number."""
         self.ensure()
-        keys = sorted(set(keys))
-        write_atomic(self.root / VIEW_FILE, "".join(k + "\n" for k in keys))
-        return len(keys)
+        data = "".join(k + "\n" for k in sorted(set(keys))).encode("ascii")
+        meta = {"jobs": data.count(b"\n"), "digest": hashlib.sha256(data).hexdigest(),
+                "upstream": {u.stage: u.view_digest() for u in upstream}}
+        write_atomic(self.root / VIEW_FILE, data)
+        write_atomic(self.root / VIEW_META, json.dumps(meta, sort_keys=True))
+        return meta["jobs"]
+
+    def view_meta(self) -> dict:
+        path = self.root / VIEW_META
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.root} has no current view: run stage={self.stage} first")
+        return json.loads(path.read_text())
+
+    def view_digest(self) -> str:
+        """The sha256 of the current view (what downstream views record they were planned from)."""
+        return self.view_meta()["digest"]
 
     def has_view(self) -> bool:
         return (self.root / VIEW_FILE).is_file()
@@ -226,14 +240,21 @@ class Store:
                 "errors_by_reason": dict(sorted(errors.items())), "missing": missing,
                 "not_run": missing - sum(errors.values())}
 
-    def require_complete(self, consumer: str) -> None:
-        """Refuse to read a view that has jobs neither done nor rejected.
+    def require_complete(self, consumer: str, upstream: Iterable["Store"] = ()) -> None:
+        """Refuse to read a view that has jobs neither done nor rejected, or that was planned from other
+        views of ``upstream`` than their current ones (an upstream stage ran again since).
 
         Raises:
             FileNotFoundError: the stage never ran here. ValueError: naming the count of missing current jobs.
         """
-        if not self.exists():
+        if not self.exists() or not self.has_view():
             raise FileNotFoundError(f"{self.root} not found: run stage={self.stage} before stage={consumer}")
+        for up in upstream:
+            planned = self.view_meta()["upstream"].get(up.stage)
+            if planned != up.view_digest():
+                raise ValueError(f"{self.root}: the current {self.stage} jobs were planned from another {up.stage} "
+                                 f"view than the current one in {up.root} (it changed since); run stage={self.stage} "
+                                 f"again before stage={consumer}")
         s = self.status()
         if s["missing"]:
             raise ValueError(

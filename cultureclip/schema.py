@@ -111,7 +111,6 @@ IMAGE_FILE = "image"  # path of a rendered image, relative to the stage folder
 IMAGE_SHA256 = "image_sha256"
 RENDER_KEY = "render_key"
 MODEL_ID = "model"
-PROMPT_VERSION = "prompt_version"
 PROMPT = "prompt"
 # render settings stored with every rendered image
 WIDTH = "width"

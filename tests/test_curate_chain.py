@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("pydantic")
 pytest.importorskip("diffusers")
 
-from cultureclip.curate.records import StageStore  # noqa: E402
+from cultureclip.curate.runner import Store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = [
@@ -48,7 +48,7 @@ def test_seed_list_to_shards_in_one_command_then_train(tmp_path):
     out = tmp_path / "data" / "curate_demo"
     for stage in ("concepts", "dedup", "twins", "captions", "render", "judge", "export"):
         assert f"{stage} [00000of00001]" in proc.stdout
-    pairs = StageStore(out / "captions", "captions").records()
+    pairs = list(Store(out / "captions", "captions").records())
     assert {frozenset((p["pos_concept"], p["neg_concept"])) for p in pairs} == {
         frozenset(("Kimono", "Hanbok")), frozenset(("Ramen", "Phở"))}
     card = json.loads((out / "export" / "card.json").read_text())

@@ -21,14 +21,15 @@ from typing import Any, Iterator, Mapping, Optional
 
 from cultureclip import schema
 from cultureclip.curate import upstream as up
-from cultureclip.curate.captions_prompts import caption_messages, caption_schema, standin_responders
-from cultureclip.curate.records import Outcome, StageStore, record_key
+from cultureclip.curate.captions_prompts import PROMPTS, caption_messages, caption_schema, standin_responders
+from cultureclip.curate.importer import set_pairs_source, twin_id
+from cultureclip.curate.runner import Job, Outcome, Store, canonical_json, plan, run_stage
 from cultureclip.curate.twins import load_twins
 from cultureclip.curate.twins_prompts import TWIN_FIELDS
 
 NAME = "captions"
 SETS = "sets"
-PROMPT_VERSION = "captions-v1"
+SETS_STAGE = "caption_sets"
 STOP = {"with", "and", "the", "of", "on", "in", "a", "an", "at", "for", "to", "its", "from", "by"}
 __all__ = ["run", "card_section", "standin_responders", "check_caption"]
 
@@ -63,9 +64,14 @@ def side_of(c: Mapping) -> dict:
     return {f: c.get(f) for f in TWIN_FIELDS}
 
 
-def set_key(side: Mapping, cfg: Mapping, model: str) -> str:
-    return record_key("caption_set", {**side, "n": int(cfg.get("n", 10)), "max_words": int(cfg.get("max_words", 14)),
-                                      "require_name": bool(cfg.get("require_name", True))}, model, PROMPT_VERSION)
+def set_settings(cfg: Mapping) -> dict:
+    """The settings a caption set depends on (in its key)."""
+    return {"n": int(cfg.get("n", 10)), "max_words": int(cfg.get("max_words", 14)),
+            "require_name": bool(cfg.get("require_name", True)), "max_rounds": int(cfg.get("max_rounds", 3))}
+
+
+def _ident(side: Mapping) -> str:
+    return canonical_json(side)
 
 
 def twin_pairs(twins: list[dict]) -> tuple[list[tuple[str, dict, dict]], int]:
@@ -75,9 +81,8 @@ def twin_pairs(twins: list[dict]) -> tuple[list[tuple[str, dict, dict]], int]:
         pos = side_of(rec)
         for t in rec[schema.TWINS]:
             neg = side_of({**t, schema.CATEGORY: rec[schema.CATEGORY]})
-            tid = record_key("twin", {schema.CATEGORY: rec[schema.CATEGORY], schema.POS_CONCEPT: pos[schema.CONCEPT],
-                                      schema.POS_COUNTRY: pos[schema.COUNTRY], schema.NEG_CONCEPT: neg[schema.CONCEPT],
-                                      schema.NEG_COUNTRY: neg[schema.COUNTRY]})
+            tid = twin_id(rec[schema.CATEGORY], pos[schema.CONCEPT], pos[schema.COUNTRY], neg[schema.CONCEPT],
+                          neg[schema.COUNTRY])
             ident = (rec[schema.CATEGORY], frozenset({(up.normalize_name(s[schema.CONCEPT]), s[schema.COUNTRY])
                                                       for s in (pos, neg)}))
             if ident not in best or tid < best[ident][0]:
@@ -86,18 +91,17 @@ def twin_pairs(twins: list[dict]) -> tuple[list[tuple[str, dict, dict]], int]:
     return pairs, sum(len(r[schema.TWINS]) for r in twins) - len(pairs)
 
 
-def _sets_pass(cfg, ctx, sides, model) -> None:
+def _sets_pass(cfg, ctx, sides, model) -> tuple[Store, dict]:
     client, _ = up.chat_client(cfg, ctx)
-    n, max_words, rounds = int(cfg.get("n", 10)), int(cfg.get("max_words", 14)), int(cfg.get("max_rounds", 3))
-    require = bool(cfg.get("require_name", True))
-    jobs = [{schema.REC_KEY: k, "side": s} for k, s in sorted(sides.items())]
-    settings = {"model": model, "prompt_version": PROMPT_VERSION, "n": n, "max_words": max_words,
-                "require_name": require, "max_rounds": rounds}
-    store = StageStore(ctx.stage_dir(NAME) / SETS, "caption_sets", settings)
-    up.write_current(ctx.stage_dir(NAME) / SETS, jobs)
-    cap_schema = caption_schema()
+    st = set_settings(cfg)
+    n, max_words, rounds, require = st["n"], st["max_words"], st["max_rounds"], st["require_name"]
+    jobs = [Job(inputs={"side": s}, model=model, prompts=PROMPTS, settings=st) for _, s in sorted(sides.items())]
+    store = Store(ctx.stage_dir(NAME) / SETS, SETS_STAGE)
+    upstream = (up.stage_store(ctx.out_dir, "twins"),)
+    planned, _ = plan(store, jobs, upstream)
 
     def process(todo: Iterator[Mapping]) -> Iterator[Outcome]:
+        cap_schema = caption_schema()
         for chunk in up.chunked(todo, int(cfg.get("chunk", 64))):
             state = {j[schema.REC_KEY]: {"side": j["side"], "caps": [], "scenes": [], "rej": Counter(), "rounds": 0}
                      for j in chunk}
@@ -129,91 +133,97 @@ def _sets_pass(cfg, ctx, sides, model) -> None:
                 yield _set_outcome(key, s, n, model)
 
     try:
-        store.run(jobs, process, shard_index=ctx.shard_index, num_shards=ctx.num_shards,
-                  retry_errors=ctx.retry_errors)
+        run_stage(store, jobs, process, shard_index=ctx.shard_index, num_shards=ctx.num_shards,
+                  retry_errors=ctx.retry_errors, upstream=upstream, keyed_jobs=planned)
     finally:
         client.close()
+    return store, {j[schema.REC_KEY]: _ident(j["side"]) for j in planned}
 
 
 def _set_outcome(key: str, s: dict, n: int, model: str) -> Outcome:
     if "error" in s:
         a = s["error"]
         return Outcome(key, error=a.error or "no_answer", message=a.message, attempts=a.attempts)
-    if len(s["caps"]) < n:
-        return Outcome(key, error="incomplete_caption_set", attempts=s["rounds"],
+    if len(s["caps"]) < n:  # every round was answered, validly: the set is rejected, not asked for again
+        return Outcome(key, rejected="incomplete_caption_set", attempts=s["rounds"],
                        message=f"{s['side'][schema.CONCEPT]} ({s['side'][schema.COUNTRY]}): {len(s['caps'])} of {n} "
                                f"valid captions after {s['rounds']} requests; "
                                f"rejected: {dict(sorted(s['rej'].items()))}")
     return Outcome(key, attempts=s["rounds"], record={
         **s["side"], schema.CAPTIONS: s["caps"], schema.SCENES: s["scenes"], schema.ROUNDS: s["rounds"],
-        schema.REJECTED: dict(sorted(s["rej"].items())), schema.MODEL_ID: model, schema.PROMPT_VERSION: PROMPT_VERSION})
+        schema.REJECTED: dict(sorted(s["rej"].items())), schema.MODEL_ID: model})
 
 
 def run(cfg: Mapping, ctx: Any):
-    """Run both passes over the ``twins`` store; return the pairs pass's report."""
+    """Run both passes over the current ``twins`` view; return the pairs pass's report.
+
+    A pair job's inputs are both sides' fields and both caption sets' captions, so a changed set reruns
+    exactly the pairs that use it. The captions store becomes the run's current twin caption sets.
+    """
     cfg = up.plain(cfg)
     model = str(up.chat_settings(cfg, ctx)["model"])
-    up.require_complete(ctx.stage_dir("twins"), "twins", NAME)
-    pairs, mirrored = twin_pairs(load_twins(ctx.out_dir))
+    pairs, mirrored = twin_pairs(load_twins(ctx.out_dir, NAME))
     sides = {}
     for _, pos, neg in pairs:
         for s in (pos, neg):
-            sides[set_key(s, cfg, model)] = s
-    _sets_pass(cfg, ctx, sides, model)
-    set_store = StageStore(ctx.stage_dir(NAME) / SETS, "caption_sets")
-    sets = {r[schema.REC_KEY]: r for r in set_store.records()}
-    failed = set_store.errors()
-    jobs = [{schema.REC_KEY: tid, "pos": pos, "neg": neg} for tid, pos, neg in pairs]
-    store = StageStore(ctx.stage_dir(NAME), NAME, {"model": model, "prompt_version": PROMPT_VERSION,
-                                                   "n": int(cfg.get("n", 10))})
-    up.write_current(ctx.stage_dir(NAME), jobs)
+            sides[_ident(s)] = s
+    set_store, side_of_key = _sets_pass(cfg, ctx, sides, model)
+    index = set_store.index()
+    sets = {side_of_key[r[schema.REC_KEY]]: r for r in set_store.records(side_of_key, index)}
+    rejected = {side_of_key[r[schema.REC_KEY]]: r[schema.REC_MESSAGE] for r in set_store.rejections(side_of_key, index)}
+    jobs = []
+    for tid, pos, neg in pairs:
+        inputs: dict[str, Any] = {schema.TWIN_ID: tid, schema.CATEGORY: pos[schema.CATEGORY]}
+        for prefix, side in ((schema.POS_PREFIX, pos), (schema.NEG_PREFIX, neg)):
+            for f in (schema.CONCEPT, schema.COUNTRY, schema.CONTEXT, schema.FEATURES):
+                inputs[f"{prefix}_{f}"] = side[f]
+            got = sets.get(_ident(side))
+            inputs[f"{prefix}_{schema.CAPTIONS}"] = got[schema.CAPTIONS] if got else None
+            if got is None:
+                inputs.setdefault("_problem", (f"{prefix} side {side[schema.CONCEPT]} ({side[schema.COUNTRY]})",
+                                               rejected.get(_ident(side))))
+        jobs.append(Job(inputs=inputs))
 
     def process(todo: Iterator[Mapping]) -> Iterator[Outcome]:
         for job in todo:
-            rec = {schema.TWIN_ID: job[schema.REC_KEY], schema.CATEGORY: job["pos"][schema.CATEGORY]}
-            problem = None
-            for prefix in (schema.POS_PREFIX, schema.NEG_PREFIX):
-                side = job["pos" if prefix == schema.POS_PREFIX else "neg"]
-                key = set_key(side, cfg, model)
-                if key not in sets:
-                    problem = problem or (("caption_set_failed" if key in failed else "caption_set_pending"),
-                                          f"{prefix} side {side[schema.CONCEPT]} ({side[schema.COUNTRY]}): caption "
-                                          f"set {key} " + (failed[key][schema.REC_MESSAGE] if key in failed
-                                                           else "not written yet (another job range?)"))
-                    continue
-                for f in (schema.CONCEPT, schema.COUNTRY, schema.CONTEXT, schema.FEATURES):
-                    rec[f"{prefix}_{f}"] = side[f]
-                rec[f"{prefix}_{schema.CAPTIONS}"] = sets[key][schema.CAPTIONS]
-            if problem:
-                yield Outcome(job[schema.REC_KEY], error=problem[0], message=problem[1])
+            problem = job.get("_problem")
+            if problem is None:
+                yield Outcome(job[schema.REC_KEY], record={k: v for k, v in job.items() if k != schema.REC_KEY})
+            elif problem[1] is not None:  # the set was rejected: so is the pair, for good
+                yield Outcome(job[schema.REC_KEY], rejected="caption_set_rejected",
+                              message=f"{problem[0]}: {problem[1]}")
             else:
-                yield Outcome(job[schema.REC_KEY], record=rec)
+                yield Outcome(job[schema.REC_KEY], error="caption_set_pending",
+                              message=f"{problem[0]}: caption set not written yet (another job range, or an error "
+                                      f"to retry)")
 
-    report = store.run(jobs, process, shard_index=ctx.shard_index, num_shards=ctx.num_shards,
-                       retry_errors=ctx.retry_errors)
+    report = run_stage(Store(ctx.stage_dir(NAME), NAME), jobs, process, shard_index=ctx.shard_index,
+                       num_shards=ctx.num_shards, retry_errors=ctx.retry_errors, upstream=(set_store,))
+    set_pairs_source(ctx.out_dir, NAME)
     report.extra["mirrored_pairs_dropped"] = mirrored
     return report
 
 
 def card_section(out_dir: Any) -> dict:
-    """Caption sets made and failed, caption rejections by reason, twin pairs by country pair and category."""
+    """Caption sets made and rejected, caption rejections by reason, twin pairs by country pair and category."""
     root = Path(out_dir) / NAME
-    sets = up.current_records(root / SETS, "caption_sets")
-    set_errors = up.error_reasons(StageStore(root / SETS, "caption_sets"))
+    set_store, pair_store = Store(root / SETS, SETS_STAGE), Store(root, NAME)
+    sets, set_status = list(set_store.records()), set_store.status()
     rejected = sum((Counter(r[schema.REJECTED]) for r in sets), Counter())
     rounds = Counter(str(r[schema.ROUNDS]) for r in sets)
-    pairs = up.current_records(root, NAME)
-    pair_errors = up.error_reasons(StageStore(root, NAME))
+    pairs, pair_status = list(pair_store.records()), pair_store.status()
     by_pair = Counter(" / ".join(sorted((p[schema.POS_COUNTRY] or "?", p[schema.NEG_COUNTRY] or "?"))) for p in pairs)
     by_cat = Counter(p[schema.CATEGORY] for p in pairs)
-    data = {"caption_sets": len(sets), "caption_sets_failed": dict(set_errors),
+    set_fail = Counter({**set_status["rejected_by_reason"], **set_status["errors_by_reason"]})
+    pair_fail = Counter({**pair_status["rejected_by_reason"], **pair_status["errors_by_reason"]})
+    data = {"caption_sets": len(sets), "caption_sets_failed": dict(set_fail),
             "captions_rejected_by_reason": dict(rejected), "requests_per_set": dict(rounds),
-            "twin_pairs": len(pairs), "twin_pairs_failed": dict(pair_errors),
+            "twin_pairs": len(pairs), "twin_pairs_failed": dict(pair_fail),
             "by_country_pair": dict(by_pair), "by_category": dict(by_cat)}
-    md = (f"{len(sets)} caption sets complete, {sum(set_errors.values())} failed; {len(pairs)} twin pairs with "
-          f"captions, {sum(pair_errors.values())} failed.\n\n**Rejected captions**\n\n" + up.counter_md(rejected)
-          + "\n**Failed caption sets**\n\n" + up.counter_md(set_errors) + "\n**Requests per caption set**\n\n"
-          + up.counter_md(rounds, ("requests", "sets")) + "\n**Twin pairs by country pair**\n\n"
-          + up.counter_md(by_pair, ("countries", "pairs")) + "\n**Twin pairs by category**\n\n"
-          + up.counter_md(by_cat, ("category", "pairs")))
+    md = (f"{len(sets)} caption sets complete, {sum(set_fail.values())} rejected or failed; {len(pairs)} twin pairs "
+          f"with captions, {sum(pair_fail.values())} rejected or failed.\n\n**Rejected captions**\n\n"
+          + up.counter_md(rejected) + "\n**Rejected or failed caption sets**\n\n" + up.counter_md(set_fail)
+          + "\n**Requests per caption set**\n\n" + up.counter_md(rounds, ("requests", "sets"))
+          + "\n**Twin pairs by country pair**\n\n" + up.counter_md(by_pair, ("countries", "pairs"))
+          + "\n**Twin pairs by category**\n\n" + up.counter_md(by_cat, ("category", "pairs")))
     return {"title": "Captions", "markdown": md, "data": data}

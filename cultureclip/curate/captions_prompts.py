@@ -9,9 +9,9 @@ from typing import Mapping, Sequence
 
 from cultureclip import schema
 from cultureclip.curate import upstream as up
+from cultureclip.curate.prompts import load as load_prompt
 
-SYSTEM = ("You write short, concrete image captions for a text-to-image model. You reply in the requested JSON "
-          "format.")
+PROMPTS = ("captions_system", "captions")  # prompt files; their text is in the keys
 
 
 def caption_schema() -> type:
@@ -30,16 +30,13 @@ def caption_schema() -> type:
 
 def caption_messages(concept: Mapping, count: int, have: Sequence[str], scenes: Sequence[str]) -> list[dict]:
     """Ask for ``count`` more captions of one concept, none repeating ``have`` or a scene in ``scenes``."""
-    user = (f"Write {count} image captions of the concept below. Each caption: fewer than 15 words; names the concept "
-            "and at least one of its key visual features; shows it in a different everyday scene (a place, event or "
-            "moment), given separately in a few words as scene. No two captions or scenes alike, and none like "
-            "those already written.\n\n"
+    user = (load_prompt("captions").format(count=count) + "\n\n"
             + up.field_block({"Concept": concept[schema.CONCEPT], "Native name": concept.get(schema.NATIVE_NAME) or "",
                               "Country": concept.get(schema.COUNTRY) or "", "Category": concept[schema.CATEGORY],
                               "Context": concept.get(schema.CONTEXT) or "",
                               "Features": concept.get(schema.FEATURES) or [], "Count": count,
                               "Used scenes": list(scenes), "Already written": list(have)}))
-    return up.system_user(SYSTEM, user)
+    return up.system_user(load_prompt("captions_system"), user)
 
 
 def standin_responders() -> dict:

@@ -8,7 +8,7 @@ and the message: never a default value. The SDK's own hidden retries are switche
 (``max_retries=0``) so that the attempt count in every answer is the true one.
 
 Concurrency uses threads, not asyncio: the stages' ``process`` functions are plain generators driven
-by :meth:`cultureclip.curate.records.StageStore.run`, the time goes to waiting on the network (the
+by :func:`cultureclip.curate.runner.run_stage`, the time goes to waiting on the network (the
 GIL is released), and a pool of ``concurrency`` threads bounds the requests in flight by
 construction. ``rate_limit`` (requests/s, retries included) is a token bucket shared by the threads.
 
@@ -368,3 +368,20 @@ class ChatClient:
                 yield key, future.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+class LazyChatClient:
+    """A :class:`ChatClient` made on the first request: a rerun with nothing to do opens no connection."""
+
+    def __init__(self, cfg: Union[ChatConfig, Mapping[str, Any]]) -> None:
+        self.cfg = cfg if isinstance(cfg, ChatConfig) else ChatConfig.from_mapping(cfg)
+        self._client: Optional[ChatClient] = None
+
+    def ask_many(self, requests: Iterable[tuple]) -> Iterator[tuple[Hashable, ChatAnswer]]:
+        if self._client is None:
+            self._client = ChatClient(self.cfg)
+        return self._client.ask_many(requests)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()

@@ -14,20 +14,20 @@ another one: the concept is rejected and the reason counted.
 """
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from cultureclip import schema
 from cultureclip.curate import upstream as up
-from cultureclip.curate.concepts_io import read_seed, read_wit, wiki_request, wiki_responder
-from cultureclip.curate.records import Outcome, StageStore, record_key
+from cultureclip.curate.concepts_io import WIKI_PROMPTS, read_seed, read_wit, wiki_request, wiki_responder
+from cultureclip.curate.prompts import load as load_prompt
+from cultureclip.curate.runner import Job, Outcome, digest, run_stage
 
 NAME = "concepts"
-PROMPT_VERSION = "concepts-v1"
 SOURCES = ("top_down", "wiki", "seed")
-SYSTEM = ("You are an expert on the cultures of the world. You answer only with facts you are sure of "
-          "and reply in the requested JSON format.")
+TOP_DOWN_PROMPTS = ("concepts_system", "concepts_top_down")  # prompt files; their text is in the keys
 
 
 def _schemas():
@@ -49,12 +49,9 @@ def _schemas():
 def top_down_messages(country: str, category: str, n: int) -> list[dict]:
     """The request for one (country, category) cell, built from that cell alone."""
     cats = ", ".join(c.value for c in up.Category)
-    user = (f"List {n} distinct, well-known cultural concepts of the category below from the country below, each "
-            f"easy to recognise in a picture. For each give: concept (its common English name), native_name (its "
-            f"name in the local language and script), category (exactly one of: {cats}), context (one sentence "
-            f"on what it is and where it comes from) and features (3 to 5 key visual features, short noun "
-            f"phrases).\n\n" + up.field_block({"Country": country, "Category": category, "Count": n}))
-    return up.system_user(SYSTEM, user)
+    user = (load_prompt("concepts_top_down").format(n=n, categories=cats) + "\n\n"
+            + up.field_block({"Country": country, "Category": category, "Count": n}))
+    return up.system_user(load_prompt("concepts_system"), user)
 
 
 def concept_entry(item: Mapping, country: str, category: up.Category, source: str) -> dict:
@@ -101,44 +98,57 @@ def _cell_record(job: Mapping, answer: Any, allowed: tuple, model: str) -> dict:
         seen.add(up.normalize_name(entry[schema.CONCEPT]))
         accepted.append(entry)
     return {schema.SOURCE: "top_down", schema.COUNTRY: job[schema.COUNTRY], schema.CATEGORY: job[schema.CATEGORY],
-            schema.CONCEPTS: accepted, schema.REJECTED: rejected, schema.MODEL_ID: model,
-            schema.PROMPT_VERSION: PROMPT_VERSION}
+            schema.CONCEPTS: accepted, schema.REJECTED: rejected, schema.MODEL_ID: model}
 
 
-def build_jobs(cfg: Mapping, model: str, wiki_model: str = "") -> list[dict]:
-    """Every job of the configured sources (each with its ``key``)."""
+def build_jobs(cfg: Mapping, model: str, wiki_model: str = "", countries: Sequence[str] = ()) -> list[Job]:
+    """Every job of the configured sources. The enabled categories are in every key (they decide what is
+    accepted), and the country list in the wiki keys (it decides ``unknown_country``)."""
     sources = list(cfg.get("sources") or ["top_down"])
     bad = [s for s in sources if s not in SOURCES]
     if bad:
         raise ValueError(f"concepts.sources: unknown {bad}; the sources are {list(SOURCES)}")
-    jobs: list[dict] = []
+    jobs: list[Job] = []
     allowed = up.categories_from(cfg.get("categories"))
+    settings = {"categories": [c.value for c in allowed]}
     if "top_down" in sources:
         td = cfg.get("top_down") or {}
-        countries = td.get("countries") or up.load_countries(td.get("countries_file"))
         n = int(td.get("n_per_cell", 1))
-        for country in countries:
+        for country in td.get("countries") or up.load_countries(td.get("countries_file")):
             for cat in allowed:
-                inputs = {schema.SOURCE: "top_down", schema.COUNTRY: country, schema.CATEGORY: cat.value, "n": n}
-                jobs.append({**inputs, schema.REC_KEY: record_key(NAME, inputs, model, PROMPT_VERSION)})
+                jobs.append(Job(inputs={schema.SOURCE: "top_down", schema.COUNTRY: country, schema.CATEGORY: cat.value,
+                                        "n": n}, model=model, prompts=TOP_DOWN_PROMPTS, settings=settings))
     if "wiki" in sources:
+        wiki_settings = {**settings, "countries": digest(sorted(countries))}
         for row in read_wit(cfg.get("wiki") or {}):
-            inputs = {schema.SOURCE: "wiki", **{k: v for k, v in row.items() if k != schema.REC_WHERE}}
-            jobs.append({**row, schema.SOURCE: "wiki",
-                         schema.REC_KEY: record_key(NAME, inputs, wiki_model, PROMPT_VERSION)})
+            inputs = {schema.SOURCE: "wiki", **{k: v for k, v in row.items() if k != schema.REC_WHERE},
+                      "image_sha256": _file_sha256(row.get(schema.WIT_IMAGE_PATH))}  # the VLM reads the image
+            jobs.append(Job(inputs=inputs,
+                            model=wiki_model, prompts=WIKI_PROMPTS, settings=wiki_settings,
+                            extra={schema.REC_WHERE: row[schema.REC_WHERE]}))
     if "seed" in sources:
         for item in read_seed((cfg.get("seed") or {}).get("file")):
-            inputs = {schema.SOURCE: "seed", **{k: v for k, v in item.items() if k != schema.REC_WHERE}}
-            jobs.append({**item, schema.SOURCE: "seed", schema.REC_KEY: record_key(NAME, inputs)})
+            jobs.append(Job(inputs={schema.SOURCE: "seed", **{k: v for k, v in item.items() if k != schema.REC_WHERE}},
+                            settings=settings, extra={schema.REC_WHERE: item[schema.REC_WHERE]}))
     return jobs
+
+
+def _file_sha256(path: Optional[str]) -> Optional[str]:
+    """The sha256 of a local file, or None (no path, or unreadable: the job says why when it runs)."""
+    if not path:
+        return None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _seed_outcome(job: Mapping, allowed: tuple) -> Outcome:
     cat, reason = check_concept(job, allowed)
     if reason is None and not str(job.get(schema.COUNTRY) or "").strip():
         reason = "no_country"
-    if reason is not None:
-        return Outcome(job[schema.REC_KEY], error=reason.split(":")[0],
+    if reason is not None:  # a rule on the item itself: the same item is always rejected, never asked again
+        return Outcome(job[schema.REC_KEY], rejected=reason.split(":")[0],
                        message=f"{job[schema.REC_WHERE]}: {reason}")
     entry = concept_entry(job, str(job[schema.COUNTRY]).strip(), cat, "seed")
     return Outcome(job[schema.REC_KEY], record={schema.SOURCE: "seed", schema.REC_WHERE: job[schema.REC_WHERE],
@@ -149,20 +159,16 @@ def run(cfg: Mapping, ctx: Any):
     """Run the stage (see the module docstring) and return its report."""
     cfg = up.plain(cfg)
     allowed = up.categories_from(cfg.get("categories"))
-    countries = set(up.load_countries((cfg.get("top_down") or {}).get("countries_file")))
+    countries = up.load_countries((cfg.get("top_down") or {}).get("countries_file"))
     sources = list(cfg.get("sources") or ["top_down"])
     client, model = up.chat_client(cfg, ctx) if "top_down" in sources else (None, "")
     wiki_chat = {**(cfg.get("chat") or {}), **((cfg.get("wiki") or {}).get("chat") or {})}
     wiki_client, wiki_model = up.chat_client({"chat": wiki_chat}, ctx) if "wiki" in sources else (None, "")
-    jobs = build_jobs(cfg, model, wiki_model)
-    # the models of both sources whether used now or not, so that adding a source later to the same folder works
-    chat = {**up.plain(getattr(ctx, "chat", None) or {}), **(cfg.get("chat") or {})}
-    settings = {"model": chat.get("model"), "wiki_model": {**chat, **wiki_chat}.get("model"),
-                "prompt_version": PROMPT_VERSION, "categories": [c.value for c in allowed]}
-    store = StageStore(ctx.stage_dir(NAME), NAME, settings)
-    schema_cls = _schemas() if client is not None else None
+    jobs = build_jobs(cfg, model, wiki_model, countries)
+    known = set(countries)
 
     def process(todo: Iterator[Mapping]) -> Iterator[Outcome]:
+        schema_cls = _schemas() if client is not None else None
         for chunk in up.chunked(todo, int(cfg.get("chunk", 256))):
             cells, pages, by_key = [], [], {}
             for job in chunk:
@@ -180,11 +186,11 @@ def run(cfg: Mapping, ctx: Any):
                         pages.append(req)
             for cl, reqs, mdl in ((client, cells, model), (wiki_client, pages, wiki_model)):
                 for key, ans in (cl.ask_many(reqs) if reqs else ()):
-                    yield _answer_outcome(by_key[key], ans, allowed, countries, mdl)
+                    yield _answer_outcome(by_key[key], ans, allowed, known, mdl)
 
     try:
-        return store.run(jobs, process, shard_index=ctx.shard_index, num_shards=ctx.num_shards,
-                         retry_errors=ctx.retry_errors)
+        return run_stage(up.stage_store(ctx.out_dir, NAME), jobs, process, shard_index=ctx.shard_index,
+                         num_shards=ctx.num_shards, retry_errors=ctx.retry_errors)
     finally:
         for cl in (client, wiki_client):
             if cl is not None:
@@ -198,14 +204,16 @@ def _answer_outcome(job: Mapping, ans: Any, allowed: tuple, countries: set, mode
     if job[schema.SOURCE] == "top_down":
         return Outcome(key, record=_cell_record(job, ans.value, allowed, model), attempts=ans.attempts)
     from cultureclip.curate.concepts_io import wiki_outcome
-    return wiki_outcome(job, ans, allowed, countries, model, PROMPT_VERSION)
+    return wiki_outcome(job, ans, allowed, countries, model)
 
 
-def load_concepts(out_dir: Any) -> list[dict]:
-    """The accepted concepts of the ``concepts`` store, sorted by concept id, each id once."""
-    store = StageStore(Path(out_dir) / NAME, NAME)
+def load_concepts(out_dir: Any, consumer: str = "dedup") -> list[dict]:
+    """The accepted concepts of the current ``concepts`` view, sorted by concept id, each id once (of two
+    current jobs giving the same concept, the one with the smaller key); refused while the view is incomplete."""
+    store = up.stage_store(out_dir, NAME)
+    store.require_complete(consumer)
     by_id: dict[str, dict] = {}
-    for rec in store.records():
+    for rec in sorted(store.records(), key=lambda r: r[schema.REC_KEY]):
         for entry in rec[schema.CONCEPTS]:
             by_id.setdefault(entry[schema.CONCEPT_ID], entry)
     return [by_id[k] for k in sorted(by_id)]
@@ -213,15 +221,22 @@ def load_concepts(out_dir: Any) -> list[dict]:
 
 def card_section(out_dir: Any) -> dict:
     """Counts for the dataset card: jobs, accepted concepts, rejections and errors by reason."""
-    store = StageStore(Path(out_dir) / NAME, NAME)
-    records = store.records()
+    store = up.stage_store(out_dir, NAME)
+    status = store.status()
+    records = list(store.records())
     rejected = Counter(r[schema.REASON].split(":")[0] for rec in records for r in rec[schema.REJECTED])
-    errors = up.error_reasons(store)
-    concepts = load_concepts(out_dir)
+    rejected.update(status["rejected_by_reason"])  # whole items rejected by a rule (seed rows, wiki pages)
+    errors = Counter(status["errors_by_reason"])
+    by_id: dict[str, dict] = {}
+    for rec in sorted(records, key=lambda r: r[schema.REC_KEY]):
+        for entry in rec[schema.CONCEPTS]:
+            by_id.setdefault(entry[schema.CONCEPT_ID], entry)
+    concepts = list(by_id.values())
     by_cat = Counter(c[schema.CATEGORY] for c in concepts)
     by_source = Counter(c[schema.SOURCE] for c in concepts)
-    proposed = sum(len(rec[schema.CONCEPTS]) + len(rec[schema.REJECTED]) for rec in records) + sum(errors.values())
-    data = {"jobs_done": len(records), "jobs_failed": sum(errors.values()), "proposed": proposed,
+    proposed = (sum(len(rec[schema.CONCEPTS]) + len(rec[schema.REJECTED]) for rec in records)
+                + status["rejected"] + status["errors"])
+    data = {"jobs_done": len(records), "jobs_failed": status["errors"], "proposed": proposed,
             "accepted": len(concepts), "rejected_by_reason": dict(rejected), "errors_by_reason": dict(errors),
             "by_category": dict(by_cat), "by_source": dict(by_source),
             "countries": len({c[schema.COUNTRY] for c in concepts})}

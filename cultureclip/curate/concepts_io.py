@@ -14,14 +14,14 @@ from typing import Any, Iterator, Mapping, Optional
 
 from cultureclip import schema
 from cultureclip.curate import upstream as up
-from cultureclip.curate.records import Outcome
+from cultureclip.curate.prompts import load as load_prompt
+from cultureclip.curate.runner import Outcome
 
 WIT_FIELDS = (schema.WIT_PAGE_URL, schema.WIT_PAGE_TITLE, schema.WIT_SECTION_TITLE,
               schema.WIT_REFERENCE_DESCRIPTION, schema.WIT_PAGE_DESCRIPTION, schema.WIT_SECTION_DESCRIPTION,
               schema.WIT_IMAGE_URL, schema.WIT_IMAGE_PATH)
 SEED_FIELDS = (schema.CONCEPT, schema.NATIVE_NAME, schema.COUNTRY, schema.CATEGORY, schema.CONTEXT, schema.FEATURES)
-SYSTEM = ("You are an expert on the cultures of the world. You look at a Wikipedia page's title, descriptions and "
-          "image, and reply in the requested JSON format.")
+WIKI_PROMPTS = ("concepts_wiki_system", "concepts_wiki")  # prompt files; their text is in the keys
 PACKAGE = "package:"  # seed.file prefix: a file of cultureclip/data_files
 DESCRIPTION_CHARS = 1500  # a page description is cut here: the lead paragraph says what the item is
 
@@ -136,15 +136,11 @@ def wiki_messages(job: Mapping, image: dict) -> list[dict]:
     """The request for one page: its own title, descriptions and image."""
     cats = ", ".join(c.value for c in up.Category)
     desc = (job.get(schema.WIT_PAGE_DESCRIPTION) or "")[:DESCRIPTION_CHARS]
-    text = ("Is this Wikipedia page about a specific cultural item (a dish, garment, art form, building, symbol, "
-            "festival, ...) of one country or territory? Set cultural accordingly and give a short reason. If it "
-            "is, give: concept (its common English name), native_name (local language and script), country (the "
-            f"English short name), category (exactly one of: {cats}), context (one sentence) and features (3 to 5 "
-            "key visual features seen in such items, short noun phrases).\n\n" + up.field_block({
+    text = (load_prompt("concepts_wiki").format(categories=cats) + "\n\n" + up.field_block({
                 "Title": job.get(schema.WIT_PAGE_TITLE), "Section": job.get(schema.WIT_SECTION_TITLE) or "",
                 "Image description": job.get(schema.WIT_REFERENCE_DESCRIPTION) or "",
                 "Section description": job.get(schema.WIT_SECTION_DESCRIPTION) or "", "Page description": desc}))
-    return up.system_user(SYSTEM, [{"type": "text", "text": text}, image])
+    return up.system_user(load_prompt("concepts_wiki_system"), [{"type": "text", "text": text}, image])
 
 
 def wiki_request(job: Mapping) -> tuple[Optional[tuple], Optional[Outcome]]:
@@ -158,25 +154,24 @@ def wiki_request(job: Mapping) -> tuple[Optional[tuple], Optional[Outcome]]:
             with Image.open(io.BytesIO(data)) as im:
                 im.verify()
                 mime = Image.MIME.get(im.format)
-        except Exception as exc:  # an unreadable image is this page's error record, never a silent drop
-            return None, Outcome(key, error="unreadable_image",
+        except Exception as exc:  # this page's rejection, never a silent drop; the file's hash is in the key,
+            return None, Outcome(key, rejected="unreadable_image",  # so a repaired file is a new job
                                  message=f"{job[schema.REC_WHERE]}: image {path}: {type(exc).__name__}: {exc}")
         image = image_part(data, mime)
     elif url:
         image = {"type": "image_url", "image_url": {"url": url}}  # the server fetches it
     else:
-        return None, Outcome(key, error="no_image", message=f"{job[schema.REC_WHERE]}: neither "
+        return None, Outcome(key, rejected="no_image", message=f"{job[schema.REC_WHERE]}: neither "
                                                             f"{schema.WIT_IMAGE_PATH} nor {schema.WIT_IMAGE_URL}")
     return (key, wiki_messages(job, image), _schema()), None
 
 
-def wiki_outcome(job: Mapping, ans: Any, allowed: tuple, countries: set, model: str, prompt_version: str) -> Outcome:
+def wiki_outcome(job: Mapping, ans: Any, allowed: tuple, countries: set, model: str) -> Outcome:
     """The record (or error) of one page from the VLM's answer."""
     from cultureclip.curate.concepts import check_concept, concept_entry
     key, value = job[schema.REC_KEY], ans.value.model_dump()
     base = {schema.SOURCE: "wiki", schema.REC_WHERE: job[schema.REC_WHERE],
-            schema.WIT_PAGE_TITLE: job[schema.WIT_PAGE_TITLE], schema.MODEL_ID: model,
-            schema.PROMPT_VERSION: prompt_version}
+            schema.WIT_PAGE_TITLE: job[schema.WIT_PAGE_TITLE], schema.MODEL_ID: model}
     if not value["cultural"]:
         return Outcome(key, record={**base, schema.CONCEPTS: [], schema.REJECTED: [
             {schema.CONCEPT: job[schema.WIT_PAGE_TITLE], schema.REASON: f"not_cultural: {value[schema.REASON]}"}]},
@@ -185,8 +180,8 @@ def wiki_outcome(job: Mapping, ans: Any, allowed: tuple, countries: set, model: 
     country = value[schema.COUNTRY].strip()
     if reason is None and country not in countries:
         reason = f"unknown_country: {country!r} is not in the country list"
-    if reason is not None:
-        return Outcome(key, error=reason.split(":")[0], attempts=ans.attempts,
+    if reason is not None:  # a valid answer that fails a check: permanent, not asked again
+        return Outcome(key, rejected=reason.split(":")[0], attempts=ans.attempts,
                        message=f"{job[schema.REC_WHERE]} ({job[schema.WIT_PAGE_TITLE]}): {reason}")
     return Outcome(key, record={**base, schema.CONCEPTS: [concept_entry(value, country, cat, "wiki")],
                                 schema.REJECTED: []}, attempts=ans.attempts)

@@ -21,7 +21,7 @@ from cultureclip import schema
 from cultureclip.curate import embeddings as emb
 from cultureclip.curate import upstream as up
 from cultureclip.curate.concepts import load_concepts
-from cultureclip.curate.records import Outcome, StageStore, record_key
+from cultureclip.curate.runner import Job, Outcome, run_stage
 
 NAME = "dedup"
 THRESHOLD = 0.92  # default cosine for merging (conf/dedup/default.yaml; see docs/curation_upstream.md)
@@ -36,8 +36,8 @@ def embed_text(concept: Mapping, mode: str) -> str:
     raise ValueError(f"dedup.text must be 'name' or 'name_context', got {mode!r}")
 
 
-def find_merges(concepts: list[dict], cfg: Mapping) -> tuple[list[list[int]], list[dict]]:
-    """Clusters of concept indices (each sorted, clusters by first index) and the merge edges."""
+def find_merges(concepts: list[dict], cfg: Mapping) -> tuple[list[list[int]], list[list[dict]]]:
+    """Clusters of concept indices (each sorted, clusters by first index) and each cluster's merge edges."""
     parent = list(range(len(concepts)))
 
     def find(i: int) -> int:
@@ -77,11 +77,16 @@ def find_merges(concepts: list[dict], cfg: Mapping) -> tuple[list[list[int]], li
     clusters: dict[int, list[int]] = {}
     for i in range(len(concepts)):
         clusters.setdefault(find(i), []).append(i)
-    return [clusters[r] for r in sorted(clusters)], edges
+    by_root: dict[int, list[dict]] = {}  # each edge to its cluster once: O(edges), not O(clusters x edges)
+    index = {c[schema.CONCEPT_ID]: i for i, c in enumerate(concepts)}
+    for e in edges:
+        by_root.setdefault(find(index[e["_ids"][0]]), []).append({k: v for k, v in e.items() if k != "_ids"})
+    roots = sorted(clusters)
+    return [clusters[r] for r in roots], [by_root.get(r, []) for r in roots]
 
 
 def merged_record(members: list[dict], edges: list[dict]) -> dict:
-    """The concept a cluster becomes (see the module docstring)."""
+    """The concept a cluster becomes (see the module docstring); ``edges`` are the cluster's own merges."""
     keep = sorted(members, key=lambda c: (-len(c[schema.FEATURES]), c[schema.CONCEPT_ID]))[0]
     features, seen = [], set()
     for c in [keep] + [m for m in members if m is not keep]:
@@ -89,51 +94,48 @@ def merged_record(members: list[dict], edges: list[dict]) -> dict:
             if up.normalize_name(f) not in seen:
                 seen.add(up.normalize_name(f))
                 features.append(f)
-    ids = {c[schema.CONCEPT_ID] for c in members}
-    merged = [{k: v for k, v in e.items() if k != "_ids"} for e in edges if set(e["_ids"]) <= ids]
-    return {**keep, schema.FEATURES: features, schema.MERGED: merged}
+    return {**keep, schema.FEATURES: features, schema.MERGED: list(edges)}
 
 
 def run(cfg: Mapping, ctx: Any):
-    """Run the stage over the ``concepts`` store; return its report (``extra.merged`` lists the merges)."""
+    """Run the stage over the current ``concepts`` view; return its report (``extra.merged`` lists the merges).
+
+    One job per cluster; its inputs are the members' full entries and the cluster's merges, so an edit of
+    any member (its features, say) reruns exactly that cluster's job.
+    """
     cfg = up.plain(cfg)
     if ctx.num_shards > 1:
         raise ValueError(f"dedup compares every concept with every other: run stage=dedup once, with num_shards=1 "
                          f"(got num_shards={ctx.num_shards}), after every job range of stage=concepts")
-    up.require_complete(ctx.stage_dir("concepts"), "concepts", NAME)
-    concepts = load_concepts(ctx.out_dir)
+    concepts = load_concepts(ctx.out_dir, NAME)
     if not concepts:
         raise ValueError(f"{ctx.stage_dir('concepts')} holds no accepted concepts: run stage=concepts first")
     clusters, edges = find_merges(concepts, cfg)
     settings = {"embedding": emb.embedding_id(cfg.get("embedding") or {}),
                 "threshold": float(cfg.get("threshold", THRESHOLD)),
                 "neighbours": int(cfg.get("neighbours", 10)), "text": cfg.get("text", "name")}
-    jobs = []
-    for members in clusters:
-        ids = [concepts[i][schema.CONCEPT_ID] for i in members]
-        jobs.append({schema.REC_KEY: record_key(NAME, {"members": ids}, settings["embedding"],
-                                                f"thr={settings['threshold']}"), "members": members})
-    store = StageStore(ctx.stage_dir(NAME), NAME, settings)
-    up.write_current(ctx.stage_dir(NAME), jobs)
+    jobs = [Job(inputs={"members": [concepts[i] for i in members], "edges": cluster_edges}, settings=settings)
+            for members, cluster_edges in zip(clusters, edges)]
 
     def process(todo: Iterator[Mapping]) -> Iterator[Outcome]:
         for job in todo:
-            yield Outcome(job[schema.REC_KEY], record=merged_record([concepts[i] for i in job["members"]], edges))
+            yield Outcome(job[schema.REC_KEY], record=merged_record(job["members"], job["edges"]))
 
-    report = store.run(jobs, process, shard_index=ctx.shard_index, num_shards=ctx.num_shards,
-                       retry_errors=ctx.retry_errors)
-    report.extra[schema.MERGED] = [{k: v for k, v in e.items() if k != "_ids"} for e in edges]
+    report = run_stage(up.stage_store(ctx.out_dir, NAME), jobs, process, shard_index=ctx.shard_index,
+                       num_shards=ctx.num_shards, retry_errors=ctx.retry_errors,
+                       upstream=(up.stage_store(ctx.out_dir, "concepts"),))
+    report.extra[schema.MERGED] = [e for cluster_edges in edges for e in cluster_edges]
     return report
 
 
-def load_deduped(out_dir: Any) -> list[dict]:
-    """The deduplicated concepts, sorted by concept id."""
-    return up.load_current(out_dir, NAME, "concepts")
+def load_deduped(out_dir: Any, consumer: str = "twins") -> list[dict]:
+    """The deduplicated concepts of the current view, sorted by concept id (refused while incomplete or out of date)."""
+    return up.load_current(out_dir, NAME, consumer, upstream=("concepts",))
 
 
 def card_section(out_dir: Any) -> dict:
     """The merges for the dataset card."""
-    recs = load_deduped(out_dir)
+    recs = sorted(up.stage_store(out_dir, NAME).records(), key=lambda r: r[schema.CONCEPT_ID])
     merges = [m for r in recs for m in r[schema.MERGED]]
     by_reason = Counter(m[schema.REASON] for m in merges)
     lines = [f"| {r[schema.CONCEPT]} | {m[schema.CONCEPT]} ~ {m[schema.MERGED_WITH]} | "

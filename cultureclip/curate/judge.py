@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping, Optional, Sequence
 
 from cultureclip import schema
-from cultureclip.curate.chat import ChatAnswer, ChatClient, ChatConfig, image_part
+from cultureclip.curate.chat import ChatAnswer, ChatClient, ChatConfig, LazyChatClient, image_part
 from cultureclip.curate.judge_rule import DEFAULT_RULE, card_section, check_rule, passes  # noqa: F401 (API)
 from cultureclip.curate.judge_standin import SCORES_SCHEMA, TWIN_SCHEMA
 from cultureclip.curate.prompts import load as load_prompt
@@ -266,7 +266,7 @@ def run(cfg: Mapping, ctx: Any) -> StageReport:
     render_store.require_complete(STAGE, upstream=(source,))
     jobs, counts = judge_jobs(pairs, render_store.records(), chat, render_store.root)
     store = Store(ctx.stage_dir(STAGE), STAGE)
-    client = _LazyClient(chat)  # built on the first request: a rerun with nothing to do opens no connection
+    client = LazyChatClient(chat)
     try:
         report = run_stage(store, jobs, make_process(client), shard_index=ctx.shard_index,
                            num_shards=ctx.num_shards, retry_errors=ctx.retry_errors,
@@ -278,22 +278,6 @@ def run(cfg: Mapping, ctx: Any) -> StageReport:
     log.info("judge %s: %d judged, %d errors %s, %d done before", report.job, report.ok, report.errors,
              report.errors_by_reason or "", report.done_before)
     return report
-
-
-class _LazyClient:
-    """A :class:`ChatClient` made on first use."""
-
-    def __init__(self, chat: ChatConfig) -> None:
-        self.cfg, self._client = chat, None
-
-    def ask_many(self, requests):
-        if self._client is None:
-            self._client = ChatClient(self.cfg)
-        return self._client.ask_many(requests)
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
 
 
 def standin_responders() -> dict:

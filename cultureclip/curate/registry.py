@@ -33,7 +33,7 @@ class Context:
 
     Attributes:
         out_dir: the run's folder; stage ``s`` writes ``out_dir / s``.
-        shard_index, num_shards: this process's job range (:func:`cultureclip.curate.records.job_range`).
+        shard_index, num_shards: this process's job range (:func:`cultureclip.curate.runner.job_range`).
         retry_errors: redo jobs that failed in an earlier run.
         seed: the run's base seed (render seeds and export sampling derive from it and the record keys).
         chat: the default OpenAI-compatible backend settings (``base_url``, ``model``, ``api_key_env``, ...),

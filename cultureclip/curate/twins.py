@@ -26,12 +26,11 @@ from cultureclip import schema
 from cultureclip.curate import embeddings as emb
 from cultureclip.curate import upstream as up
 from cultureclip.curate.dedup import load_deduped
-from cultureclip.curate.records import Outcome, StageStore, record_key
-from cultureclip.curate.twins_prompts import (TWIN_FIELDS, candidate_messages, schemas, standin_responders,
+from cultureclip.curate.runner import Job, Outcome, run_stage
+from cultureclip.curate.twins_prompts import (PROMPTS, TWIN_FIELDS, candidate_messages, schemas, standin_responders,
                                               verdict_messages)
 
 NAME = "twins"
-PROMPT_VERSION = "twins-v1"
 __all__ = ["run", "mine", "load_twins", "card_section", "standin_responders"]
 
 
@@ -69,19 +68,20 @@ def _side(c: Mapping) -> dict:
     return {f: c.get(f) for f in TWIN_FIELDS}
 
 
-def build_jobs(pool: list[dict], cfg: Mapping, model: str) -> list[dict]:
-    """One job per concept, with its mined candidates (pool indices are resolved to concepts here)."""
+def build_jobs(pool: list[dict], cfg: Mapping, model: str) -> list[Job]:
+    """One job per concept, with its mined candidates (pool indices are resolved to concepts here): a job's
+    inputs are the concept's fields and its candidates' fields, so an edit reruns the jobs that read it."""
     k_mined = int(cfg.get("mined_candidates", 3))
     mined: dict[int, list[tuple[int, float]]] = {i: [] for i in range(len(pool))}
     if k_mined > 0 and len(pool) > 1:
         feats = emb.embed([mine_text(c) for c in pool], cfg.get("embedding") or {})
         mined = mine(pool, feats, k_mined)
+    settings = {"keep": int(cfg.get("keep", 2)), "min_similarity": int(cfg.get("min_similarity", 3))}
     jobs = []
     for i, c in enumerate(pool):
         cands = [{**_side(pool[j]), schema.SOURCE: "mined", schema.SIMILARITY: round(s, 4)} for j, s in mined[i]]
-        inputs = {"pos": _side(c), "mined": cands, "k": int(cfg.get("llm_candidates", 3))}
-        jobs.append({**inputs, "pos_id": c[schema.CONCEPT_ID],
-                     schema.REC_KEY: record_key(NAME, inputs, model, PROMPT_VERSION)})
+        jobs.append(Job(inputs={"pos": _side(c), "mined": cands, "k": int(cfg.get("llm_candidates", 3)),
+                                "pos_id": c[schema.CONCEPT_ID]}, model=model, prompts=PROMPTS, settings=settings))
     return jobs
 
 
@@ -139,18 +139,13 @@ def _verdict_reason(v: Mapping, min_similarity: int) -> Optional[str]:
 def run(cfg: Mapping, ctx: Any):
     """Run the stage over the ``dedup`` store; return its report."""
     cfg = up.plain(cfg)
-    pool = load_deduped(ctx.out_dir)
+    pool = load_deduped(ctx.out_dir, NAME)
     client, model = up.chat_client(cfg, ctx)
     jobs = build_jobs(pool, cfg, model)
     keep, min_sim = int(cfg.get("keep", 2)), int(cfg.get("min_similarity", 3))
-    settings = {"model": model, "prompt_version": PROMPT_VERSION, "keep": keep, "min_similarity": min_sim,
-                "embedding": emb.embedding_id(cfg.get("embedding") or {}),
-                "mined_candidates": int(cfg.get("mined_candidates", 3))}
-    store = StageStore(ctx.stage_dir(NAME), NAME, settings)
-    up.write_current(ctx.stage_dir(NAME), jobs)
-    cand_schema, verdict_schema = schemas()
 
     def process(todo: Iterator[Mapping]) -> Iterator[Outcome]:
+        cand_schema, verdict_schema = schemas()
         for chunk in up.chunked(todo, int(cfg.get("chunk", 64))):
             by_key = {j[schema.REC_KEY]: j for j in chunk}
             asks = [(k, candidate_messages(j["pos"], j["k"]), cand_schema) for k, j in by_key.items() if j["k"] > 0]
@@ -174,8 +169,9 @@ def run(cfg: Mapping, ctx: Any):
                 yield Outcome(key, record=_record(by_key[key], ask, rejected, verdicts, keep, min_sim, model))
 
     try:
-        return store.run(jobs, process, shard_index=ctx.shard_index, num_shards=ctx.num_shards,
-                         retry_errors=ctx.retry_errors)
+        return run_stage(up.stage_store(ctx.out_dir, NAME), jobs, process, shard_index=ctx.shard_index,
+                         num_shards=ctx.num_shards, retry_errors=ctx.retry_errors,
+                         upstream=(up.stage_store(ctx.out_dir, "dedup"),))
     finally:
         client.close()
 
@@ -193,18 +189,19 @@ def _record(job, ask, rejected, verdicts, keep, min_sim, model) -> dict:
                                up.normalize_name(c[schema.CONCEPT]), c[schema.COUNTRY]))
     rejected += [{**_brief(c), schema.REASON: "not_in_best_m"} for c in passed[keep:]]
     return {**job["pos"], schema.CONCEPT_ID: job["pos_id"], schema.TWINS: passed[:keep], schema.REJECTED: rejected,
-            schema.VERIFIED: len(passed), schema.MODEL_ID: model, schema.PROMPT_VERSION: PROMPT_VERSION}
+            schema.VERIFIED: len(passed), schema.MODEL_ID: model}
 
 
-def load_twins(out_dir: Any) -> list[dict]:
-    """The twins records of the latest run, sorted by the pos concept id."""
-    return up.load_current(out_dir, NAME, "twins records")
+def load_twins(out_dir: Any, consumer: str = "captions") -> list[dict]:
+    """The twins records of the current view, sorted by the pos concept id (refused while incomplete)."""
+    return up.load_current(out_dir, NAME, consumer, upstream=("dedup",))
 
 
 def card_section(out_dir: Any) -> dict:
     """Candidates proposed, rejected (by reason) and verified; kept twins by country pair and category."""
-    recs = load_twins(out_dir)
-    errors = up.error_reasons(StageStore(Path(out_dir) / NAME, NAME))
+    store = up.stage_store(out_dir, NAME)
+    recs = sorted(store.records(), key=lambda r: r[schema.CONCEPT_ID])
+    errors = Counter(store.status()["errors_by_reason"])
     rejected = Counter(r[schema.REASON] for rec in recs for r in rec[schema.REJECTED])
     sources = Counter(t[schema.SOURCE] for rec in recs for t in rec[schema.TWINS])
     kept = [(rec, t) for rec in recs for t in rec[schema.TWINS]]

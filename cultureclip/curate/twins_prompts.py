@@ -11,10 +11,10 @@ from typing import Mapping
 
 from cultureclip import schema
 from cultureclip.curate import upstream as up
+from cultureclip.curate.prompts import load as load_prompt
 
 TWIN_FIELDS = (schema.CONCEPT, schema.NATIVE_NAME, schema.COUNTRY, schema.CATEGORY, schema.CONTEXT, schema.FEATURES)
-SYSTEM = ("You are an expert on the cultures of the world and on how things look. You answer only with facts you are "
-          "sure of and reply in the requested JSON format.")
+PROMPTS = ("twins_system", "twins_candidates", "twins_verdict")  # prompt files; their text is in the keys
 
 
 def schemas() -> tuple[type, type]:
@@ -49,27 +49,16 @@ def _block(c: Mapping, suffix: str = "") -> dict:
 
 def candidate_messages(pos: Mapping, k: int) -> list[dict]:
     """Ask for ``k`` twins of one concept."""
-    user = (f"Name {k} concepts of the same category from other countries that look very similar to the concept "
-            "below in a picture, yet belong to a different culture: each must be a real, established item of its "
-            "own country, not a variant, fusion or renaming of this one. For each give: concept (common English "
-            "name), native_name, country (English short name), context (one sentence) and features (3 to 5 key "
-            "visual features, short noun phrases).\n\n"
+    user = (load_prompt("twins_candidates").format(k=k) + "\n\n"
             + up.field_block({**_block(pos), "Category": pos[schema.CATEGORY], "Count": k}))
-    return up.system_user(SYSTEM, user)
+    return up.system_user(load_prompt("twins_system"), user)
 
 
 def verdict_messages(pos: Mapping, cand: Mapping) -> list[dict]:
     """Ask the three verifier questions about one (concept, candidate) pair."""
-    user = ("Concept A and concept B below are of the same category. Answer:\n"
-            "- visually_similar: could a photo of one easily be mistaken for a photo of the other by someone who "
-            "knows neither culture?\n"
-            "- culturally_distinct: do they belong to different cultures, rather than being one item under two "
-            "names, a regional variant or an import?\n"
-            "- exists: is concept B a real, established item of country B (not invented, not a novelty)?\n"
-            "- similarity: how alike they look, 1 (not at all) to 5 (nearly identical);\n"
-            "- reason: one sentence.\n\n"
+    user = (load_prompt("twins_verdict") + "\n\n"
             + up.field_block({"Category": pos[schema.CATEGORY], **_block(pos, " A"), **_block(cand, " B")}))
-    return up.system_user(SYSTEM, user)
+    return up.system_user(load_prompt("twins_system"), user)
 
 
 # ---------------------------------------------------------------------------- stand-in answers

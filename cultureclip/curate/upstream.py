@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 from cultureclip import schema
 from cultureclip.curate.messages import field_block, read_block, request_text, system_user  # noqa: F401 (used as up.*)
+from cultureclip.curate.runner import Store, digest
 
 
 class Category(str, Enum):
@@ -84,7 +85,7 @@ def normalize_name(text: str) -> str:
 
 def concept_id(concept: str, country: Optional[str], category: str) -> str:
     """The key of a concept: its name, country and category."""
-    return record_key("concept", {schema.CONCEPT: concept, schema.COUNTRY: country, schema.CATEGORY: category})
+    return digest({"concept": {schema.CONCEPT: concept, schema.COUNTRY: country, schema.CATEGORY: category}})
 
 
 def plain(cfg: Any) -> Any:
@@ -137,10 +138,10 @@ def chat_settings(cfg: Mapping, ctx: Any) -> dict:
 
 
 def chat_client(cfg: Mapping, ctx: Any) -> tuple[Any, str]:
-    """A ChatClient for a stage (see :func:`chat_settings`) and its model id."""
-    from cultureclip.curate.chat import ChatClient  # needs the curate extra
+    """A chat client for a stage (see :func:`chat_settings`), made on its first request, and its model id."""
+    from cultureclip.curate.chat import LazyChatClient  # needs the curate extra
     settings = chat_settings(cfg, ctx)
-    return ChatClient(settings), str(settings["model"])
+    return LazyChatClient(settings), str(settings["model"])
 
 
 # ---------------------------------------------------------------------------- prompt blocks
@@ -168,52 +169,21 @@ def counter_md(counts: Mapping[str, int], head: tuple[str, str] = ("reason", "co
     return "\n".join(lines) + "\n"
 
 
-def error_reasons(store: Any) -> Counter:
-    """Counts of the current errors of a stage store, by reason."""
-    return Counter(e[schema.REC_ERROR] for e in store.errors().values())
+def stage_store(out_dir: Any, stage: str) -> Store:
+    """The store of ``stage`` in a run folder."""
+    return Store(Path(out_dir) / stage, stage)
 
 
-CURRENT = "current.json"  # a stage folder's list of its latest run's job keys
-
-
-def write_current(stage_dir: Path, jobs: Sequence[Mapping]) -> None:
-    """Record which keys the latest run's jobs have: records of an earlier input stay on disk (they are
-    never deleted), and :func:`current_records` leaves them out."""
-    write_atomic(Path(stage_dir) / CURRENT, json.dumps(sorted(j[schema.REC_KEY] for j in jobs)))
-
-
-def current_records(stage_dir: Path, stage: str) -> list[dict]:
-    """The records of a store that belong to its latest run's jobs (all of them if it never listed them)."""
-    stage_dir = Path(stage_dir)
-    records = StageStore(stage_dir, stage).records()
-    if (stage_dir / CURRENT).is_file():
-        keys = set(json.loads((stage_dir / CURRENT).read_text()))
-        records = [r for r in records if r[schema.REC_KEY] in keys]
-    return records
-
-
-def load_current(out_dir: Any, stage: str, what: str) -> list[dict]:
-    """The latest run's records of ``out_dir/stage``, sorted by concept id; ValueError when there are none."""
-    recs = current_records(Path(out_dir) / stage, stage)
-    if not recs:
-        raise ValueError(f"{Path(out_dir) / stage} holds no {what}: run stage={stage} first")
-    return sorted(recs, key=lambda r: r[schema.CONCEPT_ID])
-
-
-def require_complete(stage_dir: Path, stage: str, consumer: str) -> None:
-    """Refuse to read a store whose latest run still has jobs neither done nor failed (another job range
-    of ``num_shards`` not finished yet): a stage reading it would silently miss their records.
+def load_current(out_dir: Any, stage: str, consumer: str, upstream: Sequence[str] = ()) -> list[dict]:
+    """The current records of ``out_dir/stage``, sorted by concept id; refused while that view is incomplete
+    or was planned from other views of ``upstream`` than their current ones.
 
     Raises:
-        ValueError: naming the store and the counts.
+        FileNotFoundError: the stage never ran. ValueError: incomplete, out of date, or empty.
     """
-    store = StageStore(stage_dir, stage)
-    reports = store.reports()
-    if not reports:
-        return  # written by another tool (or an older run): nothing to compare with
-    total = max(r["jobs_total"] for r in reports)
-    finished = len(store.done_keys() | set(store.errors()))
-    if finished < total:
-        raise ValueError(f"{stage_dir}: {total - finished} of {total} {stage} jobs are not finished (another "
-                         f"job range still running, or not run yet); run every shard_index of stage={stage} "
-                         f"before stage={consumer}")
+    store = stage_store(out_dir, stage)
+    store.require_complete(consumer, upstream=[stage_store(out_dir, u) for u in upstream])
+    recs = sorted(store.records(), key=lambda r: (r[schema.CONCEPT_ID], r[schema.REC_KEY]))
+    if not recs:
+        raise ValueError(f"{store.root} holds no current records: nothing for stage={consumer} to do")
+    return recs

@@ -136,8 +136,8 @@ def run_dir(tmp_path):
 
 def test_export_all_pairs_split_shards_and_meta(run_dir):
     out, made = run_dir
-    report = E.run({"pairs_per_twin": None, "val_fraction": 0.3, "maxcount": 3, "plots": False},
-                   Context(out_dir=out, seed=5))
+    report = E.run({"pairs_per_twin": None, "val_fraction": 0.3, "split_seed": 5, "maxcount": 3, "plots": False},
+                   Context(out_dir=out))
     want = expected_pairs(made)
     assert len(want) == 2 + 1 + 0 + 4  # bibimbap 2x1, hanbok 1x1, pagoda none, songkran 2x2 (see FAILS)
     train, val = read_shards(out / "export" / "train"), read_shards(out / "export" / "val")

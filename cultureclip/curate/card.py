@@ -158,7 +158,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     ex = card["export"]
     lines = ["# Twin-pair dataset card", "",
              f"{ex['train_pairs']} training pairs and {ex['val_pairs']} validation pairs from "
-             f"{ex['twins_exported']} of {ex['twin_pairs']} twin pairs (split by twin pair, seed {ex['seed']}). "
+             f"{ex['twins_exported']} of {ex['twin_pairs']} twin pairs (split by twin pair). "
              f"Pass rule: {card['rule']}.",
              f"Split: {ex['split_rule']}.", "", "## Stages", "",
              "| stage | current jobs | done | rejected | errors | missing | rejected by reason | errors by reason |",

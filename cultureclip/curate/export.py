@@ -45,7 +45,7 @@ TRAIN, VAL = "train", "val"
 SPLIT_RULE = ("a twin pair is in val iff sha256(canonical JSON of [\"split\", {seed}, twin_id]) read as a number in "
               "[0, 1) is below {f}; it depends on the pair's own id and the seed only, so adding or removing pairs "
               "never moves another pair between train and val")
-DEFAULTS = {"pairs_per_twin": 10, "val_fraction": 0.1, "maxcount": 1000, "resize": None,
+DEFAULTS = {"pairs_per_twin": 10, "val_fraction": 0.1, "split_seed": 0, "maxcount": 1000, "resize": None,
             "rule": {},  # overrides of the judge's pass rule (cultureclip.curate.judge_rule.DEFAULT_RULE)
             "gallery_size": 24, "thumbnail_size": 128, "plots": True}
 
@@ -192,7 +192,7 @@ def run(cfg: Optional[Mapping], ctx) -> StageReport:
 
     Args:
         cfg: the ``export`` settings (see ``DEFAULTS``): ``pairs_per_twin`` (null: all combinations),
-            ``val_fraction``, ``maxcount`` (pairs per shard), ``resize`` (shorter side, JPEG; null
+            ``val_fraction``, ``split_seed`` (of the split rule), ``maxcount`` (pairs per shard), ``resize`` (shorter side, JPEG; null
             keeps the rendered PNG), ``rule`` (``min_score``, ``min_mean``, ``require_twin_check``),
             ``gallery_size``, ``thumbnail_size``, ``plots`` (the score histogram PNG; its numbers are
             in ``card.json`` either way).
@@ -221,7 +221,7 @@ def run(cfg: Optional[Mapping], ctx) -> StageReport:
     rule = cfg["rule"]
     rows = build_pairs(pairs, renders, judged, rule, cfg["pairs_per_twin"], ctx.seed)
     twins = sorted({r[schema.TWIN_ID] for r in rows})
-    val_twins = split_twins(twins, cfg["val_fraction"], ctx.seed)
+    val_twins = split_twins(twins, cfg["val_fraction"], cfg["split_seed"])
     stages = {store.stage: C.stage_summary(store) for store in C.stage_stores(out_dir, skip=(NAME,))}
     final = out_dir / NAME
     tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-partial-", dir=out_dir))
@@ -239,8 +239,9 @@ def run(cfg: Optional[Mapping], ctx) -> StageReport:
         n_pass = sum(passes(j, rule) for j in judged)
         card = {"export": {"twin_pairs": len(pairs), "twins_exported": len(twins), "train_pairs": len(rows) - n_val,
                            "val_pairs": n_val, "pairs_per_twin": cfg["pairs_per_twin"],
-                           "val_fraction": cfg["val_fraction"], "seed": ctx.seed, "sizes": sizes,
-                           "split_rule": SPLIT_RULE.format(f=cfg["val_fraction"], seed=ctx.seed)},
+                           "val_fraction": cfg["val_fraction"], "seed": ctx.seed, "split_seed": cfg["split_seed"],
+                           "sizes": sizes, "split_rule": SPLIT_RULE.format(f=cfg["val_fraction"],
+                                                                           seed=cfg["split_seed"])},
                 "rule": rule, "stages": stages,
                 "judge": {"images_judged": len(judged), "images_passed": n_pass,
                           "pass_rate": C.rate(n_pass, len(judged)), "histograms": hist},

@@ -99,7 +99,7 @@ def test_jobs_dedup_and_keys():
     assert "onigiri (Japan): onigiri on a plate" in {j[schema.PROMPT] for j in tmpl}
     assert planned(PAIRS, {**CFG, "guidance": 0}) == jobs  # 0 and 0.0 are one setting
     with pytest.raises(ValueError, match="neg_captions"):
-        render.render_jobs([{**PAIRS[0], schema.NEG_CAPTIONS: ["ok", ""]}], CFG)
+        list(render.render_jobs([{**PAIRS[0], schema.NEG_CAPTIONS: ["ok", ""]}], CFG))
     with pytest.raises(ValueError, match="unknown keys"):
         render.settings({"steps": 2, "stepz": 3})
     with pytest.raises(ValueError, match="multiples of 8"):

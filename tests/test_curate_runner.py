@@ -32,6 +32,10 @@ def _square(fail=(), reject=(), seen=None):
 
 def test_job_key_hashes_exactly_what_it_names(tmp_path):
     a = job_key("render", {"caption": "x", "w": 512}, model="m", prompts={"p": "text"}, settings={"seed": 3})
+    # a Job's key hashes its prompt files' text through their sha256
+    job = Job(inputs={"x": 1}, prompts=("judge_twin",))
+    text_hash = hashlib.sha256(prompts.load("judge_twin").encode()).hexdigest()
+    assert job.key("judge") == job_key("judge", {"x": 1}, prompts={"judge_twin": text_hash})
     assert a == job_key("render", {"w": 512, "caption": "x"}, model="m", prompts={"p": "text"}, settings={"seed": 3})
     payload = json.dumps({"stage": "render", "inputs": {"caption": "x", "w": 512}, "model": "m",
                           "prompts": {"p": "text"}, "settings": {"seed": 3}, "reads": []},

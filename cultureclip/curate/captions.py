@@ -216,10 +216,10 @@ def card_section(out_dir: Any) -> dict:
     by_cat = Counter(p[schema.CATEGORY] for p in pairs)
     set_fail = Counter({**set_status["rejected_by_reason"], **set_status["errors_by_reason"]})
     pair_fail = Counter({**pair_status["rejected_by_reason"], **pair_status["errors_by_reason"]})
-    data = {"caption_sets": len(sets), "caption_sets_failed": dict(set_fail),
-            "captions_rejected_by_reason": dict(rejected), "requests_per_set": dict(rounds),
-            "twin_pairs": len(pairs), "twin_pairs_failed": dict(pair_fail),
-            "by_country_pair": dict(by_pair), "by_category": dict(by_cat)}
+    data = {"caption_sets": len(sets), "caption_sets_failed": up.counts(set_fail),
+            "captions_rejected_by_reason": up.counts(rejected), "requests_per_set": up.counts(rounds),
+            "twin_pairs": len(pairs), "twin_pairs_failed": up.counts(pair_fail),
+            "by_country_pair": up.counts(by_pair), "by_category": up.counts(by_cat)}
     md = (f"{len(sets)} caption sets complete, {sum(set_fail.values())} rejected or failed; {len(pairs)} twin pairs "
           f"with captions, {sum(pair_fail.values())} rejected or failed.\n\n**Rejected captions**\n\n"
           + up.counter_md(rejected) + "\n**Rejected or failed caption sets**\n\n" + up.counter_md(set_fail)

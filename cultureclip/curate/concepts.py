@@ -237,8 +237,8 @@ def card_section(out_dir: Any) -> dict:
     proposed = (sum(len(rec[schema.CONCEPTS]) + len(rec[schema.REJECTED]) for rec in records)
                 + status["rejected"] + status["errors"])
     data = {"jobs_done": len(records), "jobs_failed": status["errors"], "proposed": proposed,
-            "accepted": len(concepts), "rejected_by_reason": dict(rejected), "errors_by_reason": dict(errors),
-            "by_category": dict(by_cat), "by_source": dict(by_source),
+            "accepted": len(concepts), "rejected_by_reason": up.counts(rejected), "errors_by_reason": up.counts(errors),
+            "by_category": up.counts(by_cat), "by_source": up.counts(by_source),
             "countries": len({c[schema.COUNTRY] for c in concepts})}
     md = (f"{len(concepts)} concepts accepted from {proposed} proposed ({data['countries']} countries); "
           f"{len(records)} jobs done, {data['jobs_failed']} failed.\n\n**Rejected concepts**\n\n"

@@ -146,7 +146,7 @@ def card_section(out_dir: Any) -> dict:
           + ("\n| kept | merged pair | country | category | reason | similarity |\n|---|---|---|---|---|---:|\n"
              + "\n".join(lines) + "\n" if lines else ""))
     return {"title": "Deduplication", "markdown": md,
-            "data": {"concepts": len(recs), "merges": merges, "merges_by_reason": dict(by_reason)}}
+            "data": {"concepts": len(recs), "merges": merges, "merges_by_reason": up.counts(by_reason)}}
 
 
 def standin_responders() -> dict:

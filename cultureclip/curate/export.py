@@ -125,7 +125,7 @@ def build_pairs(pairs: list[dict], renders: Mapping[str, dict], judged: list[dic
         if j[schema.IMAGE_SHA256] != renders[j[schema.RENDER_KEY]][schema.IMAGE_SHA256]:
             raise ValueError(f"judge record {j[schema.REC_KEY]} judged another image than render record "
                              f"{j[schema.RENDER_KEY]} now holds (sha256 differs): judge again")
-        if passes(j, rule):
+        if passes(j, rule, checked=True):
             good[j[schema.TWIN_ID]][j[schema.SIDE]].append(j[schema.RENDER_KEY])
     out = []
     for tid in sorted(good):

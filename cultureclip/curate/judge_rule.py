@@ -30,11 +30,12 @@ def check_rule(rule: Optional[Mapping] = None) -> dict:
     return out
 
 
-def passes(record: Mapping, rule: Optional[Mapping] = None) -> bool:
+def passes(record: Mapping, rule: Optional[Mapping] = None, checked: bool = False) -> bool:
     """Whether one judged image passes: every score >= ``min_score`` (default 2: no score of 1), the
     mean strictly above ``min_mean`` (default 3.0) and, with ``require_twin_check``, the judge picked
-    the image's own concept over its twin. (A twin *pair* is kept when both its images pass: export.)"""
-    rule = check_rule(rule)
+    the image's own concept over its twin. (A twin *pair* is kept when both its images pass: export.)
+    ``checked``: ``rule`` is already the output of :func:`check_rule` (export checks it once, not per image)."""
+    rule = rule if checked else check_rule(rule)
     scores = [int(record[name]) for name in schema.SCORES]
     if min(scores) < int(rule["min_score"]) or not sum(scores) / len(scores) > float(rule["min_mean"]):
         return False

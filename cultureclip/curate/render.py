@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from cultureclip import schema
 from cultureclip.curate import t2i
@@ -79,7 +79,7 @@ KEY_SETTINGS = ("width", "height", "steps", "guidance", "negative_prompt", "dtyp
 """The settings an image depends on (in every key); batch_size, device, part_size, offload are not."""
 
 
-def render_jobs(pairs: list[dict], cfg: Mapping, seed: int = 0) -> list[Job]:
+def render_jobs(pairs: Iterable[dict], cfg: Mapping, seed: int = 0) -> Iterator[Job]:
     """The render jobs of a list of twin caption-set records (the runner merges the same job seen twice).
 
     Args:
@@ -87,13 +87,16 @@ def render_jobs(pairs: list[dict], cfg: Mapping, seed: int = 0) -> list[Job]:
         cfg: the render config (see :data:`DEFAULTS`).
         seed: the run's base seed; image ``i`` of a caption has seed ``seed + i`` in its key.
 
-    Returns:
+    Yields:
         Jobs whose inputs are the concept, country, category, caption, prompt and seed index; the model,
         the seed and :data:`KEY_SETTINGS` are in their keys. A job's generator seed derives from its key.
+
+    Raises:
+        ValueError: a pair without a concept or captions (raised while the jobs are read).
     """
     s = settings(cfg)
     key_settings = {k: s[k] for k in KEY_SETTINGS}
-    jobs: list[Job] = []
+    per_seed = [{**key_settings, "seed": seed + i} for i in range(s["images_per_caption"])]  # shared, not copied
     for n, pair in enumerate(pairs):
         where = f"twin pair {pair.get(schema.TWIN_ID, f'#{n}')}"
         for concept_f, country_f, captions_f in SIDES:
@@ -109,9 +112,8 @@ def render_jobs(pairs: list[dict], cfg: Mapping, seed: int = 0) -> list[Job]:
                         schema.CATEGORY: pair.get(schema.CATEGORY), schema.CAPTION: caption}
                 prompt = s["prompt_template"].format(**base)
                 for i in range(s["images_per_caption"]):
-                    jobs.append(Job(inputs={**base, schema.PROMPT: prompt, schema.SEED_INDEX: i}, model=s["model"],
-                                    settings={**key_settings, "seed": seed + i}))
-    return jobs
+                    yield Job(inputs={**base, schema.PROMPT: prompt, schema.SEED_INDEX: i}, model=s["model"],
+                              settings=per_seed[i])
 
 
 def image_path(render_dir: Path, key: str) -> Path:

@@ -209,11 +209,11 @@ def card_section(out_dir: Any) -> dict:
     cats = Counter(rec[schema.CATEGORY] for rec, _ in kept)
     verified = sum(rec[schema.VERIFIED] for rec in recs)
     proposed = verified + sum(v for k, v in rejected.items() if k != "not_in_best_m")
-    data = {"concepts": len(recs), "concepts_failed": sum(errors.values()), "errors_by_reason": dict(errors),
+    data = {"concepts": len(recs), "concepts_failed": sum(errors.values()), "errors_by_reason": up.counts(errors),
             "candidates": proposed, schema.VERIFIED: verified, "kept": len(kept),
             "concepts_without_twin": sum(1 for rec in recs if not rec[schema.TWINS]),
-            "rejected_by_reason": dict(rejected), "kept_by_source": dict(sources),
-            "by_country_pair": dict(pairs), "by_category": dict(cats)}
+            "rejected_by_reason": up.counts(rejected), "kept_by_source": up.counts(sources),
+            "by_country_pair": up.counts(pairs), "by_category": up.counts(cats)}
     md = (f"{proposed} twin candidates for {len(recs)} concepts; {verified} verified, {len(kept)} kept; "
           f"{data['concepts_without_twin']} concepts without a twin; {data['concepts_failed']} concepts failed.\n\n"
           "**Rejected candidates**\n\n" + up.counter_md(rejected) + "\n**Failed concepts**\n\n" + up.counter_md(errors)

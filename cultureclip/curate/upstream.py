@@ -169,6 +169,11 @@ def counter_md(counts: Mapping[str, int], head: tuple[str, str] = ("reason", "co
     return "\n".join(lines) + "\n"
 
 
+def counts(counter: Mapping[str, int]) -> dict:
+    """A Counter as a plain dict sorted by key (the card's JSON must not depend on reading order)."""
+    return dict(sorted(counter.items()))
+
+
 def stage_store(out_dir: Any, stage: str) -> Store:
     """The store of ``stage`` in a run folder."""
     return Store(Path(out_dir) / stage, stage)

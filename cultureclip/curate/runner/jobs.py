@@ -6,8 +6,9 @@ timeout, an answer that kept violating its schema; retried on the next run).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from cultureclip import schema
 from cultureclip.curate.runner.keys import job_key
@@ -34,26 +35,27 @@ class Job:
     reads: Sequence[str] = ()
     extra: dict = field(default_factory=dict)
 
-    def key(self, stage: str, prompt_texts: Optional[Mapping[str, str]] = None) -> str:
-        """The job's key (see :func:`cultureclip.curate.runner.keys.job_key`); ``prompt_texts`` saves
-        reading the prompt files again for every job."""
-        if prompt_texts is None:
+    def key(self, stage: str, prompt_hashes: Optional[Mapping[str, str]] = None) -> str:
+        """The job's key (see :func:`cultureclip.curate.runner.keys.job_key`): the prompts enter as the
+        sha256 of their text; ``prompt_hashes`` saves reading the files again for every job."""
+        if prompt_hashes is None:
             from cultureclip.curate.prompts import texts
-            prompt_texts = texts(self.prompts)
-        return job_key(stage, self.inputs, self.model, prompt_texts, self.settings, self.reads)
+            prompt_hashes = {n: hashlib.sha256(t.encode("utf-8")).hexdigest() for n, t in texts(self.prompts).items()}
+        return job_key(stage, self.inputs, self.model, prompt_hashes, self.settings, self.reads)
 
 
-def keyed(stage: str, jobs: Sequence[Job]) -> tuple[list[dict], int]:
+def keyed(stage: str, jobs: Iterable[Job]) -> tuple[list[dict], int]:
     """The job dicts ``process`` gets (``{**extra, **inputs, "key": key}``), each key once, sorted by key,
-    and how many duplicate jobs (same key: the same work) were merged."""
+    and how many duplicate jobs (same key: the same work) were merged. ``jobs`` may be a generator: only
+    the job dicts are kept (a million jobs fit)."""
     from cultureclip.curate.prompts import texts
     out: dict[str, dict] = {}
     read: dict[tuple, dict] = {}  # each prompt file read once per plan
     dup = 0
     for job in jobs:
         names = tuple(job.prompts)
-        if names not in read:
-            read[names] = texts(names)
+        if names not in read:  # the key hashes each text's sha256: the same content, ~1 kB less JSON per job
+            read[names] = {n: hashlib.sha256(t.encode("utf-8")).hexdigest() for n, t in texts(names).items()}
         k = job.key(stage, read[names])
         if k in out:
             dup += 1

@@ -2,7 +2,8 @@
 
 A key hashes the stage name, the job's inputs (the exact upstream fields the job reads, so an edit
 upstream changes exactly the keys of the jobs that read the edited field: Merkle-style), the content
-hashes of any whole upstream records it declares it reads, the *text* of the prompt files it uses,
+hashes of any whole upstream records it declares it reads, the *text* of the prompt files it uses
+(as its sha256),
 the model id and the settings that change the output (seed, sizes, steps, thresholds...). Settings
 that do not change the output (batch size, device, concurrency, attempts) are never passed in, so
 changing them reuses every finished record.
@@ -34,7 +35,7 @@ def job_key(stage: str, inputs: Mapping[str, Any], model: str = "", prompts: Opt
         stage: the stage name (keys of different stages never collide).
         inputs: the job's own data: every upstream field it reads, JSON-serialisable.
         model: the backend's model id ("" when no model is involved).
-        prompts: ``{prompt file name: its text}`` of the prompts the job uses.
+        prompts: ``{prompt file name: sha256 of its text}`` of the prompts the job uses.
         settings: the settings that change the output.
         reads: content hashes of whole upstream records the job reads (order does not matter).
     """

@@ -79,7 +79,7 @@ class _Writer:
         self._append(kind, name, data, [k for k, _ in rows], index)
 
 
-def plan(store: Store, jobs: Sequence[Job], upstream: Sequence[Store] = ()) -> tuple[list[dict], int]:
+def plan(store: Store, jobs: Iterable[Job], upstream: Sequence[Store] = ()) -> tuple[list[dict], int]:
     """Key the jobs and make them the store's current view, planned from the current views of ``upstream``;
     returns the job dicts and the number of duplicates merged."""
     keyed_jobs, dup = keyed(store.stage, jobs)
@@ -87,7 +87,7 @@ def plan(store: Store, jobs: Sequence[Job], upstream: Sequence[Store] = ()) -> t
     return keyed_jobs, dup
 
 
-def run_stage(store: Store, jobs: Sequence[Job], process: Process, *, shard_index: int = 0, num_shards: int = 1,
+def run_stage(store: Store, jobs: Iterable[Job], process: Process, *, shard_index: int = 0, num_shards: int = 1,
               retry_errors: bool = True, part_size: int = 512, part_seconds: float = 30.0,
               log_every: float = 30.0, upstream: Sequence[Store] = (),
               keyed_jobs: Optional[list[dict]] = None) -> StageReport:
@@ -95,7 +95,7 @@ def run_stage(store: Store, jobs: Sequence[Job], process: Process, *, shard_inde
 
     Args:
         store: the stage's store.
-        jobs: every job of the stage (all ranges).
+        jobs: every job of the stage (all ranges); a generator is fine.
         process: takes an iterator of job dicts and yields exactly one Outcome per job.
         shard_index, num_shards: which contiguous range of the key-sorted jobs this process does.
         retry_errors: redo jobs that ended in an error in an earlier run (rejections are never redone).

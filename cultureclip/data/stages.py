@@ -17,7 +17,7 @@ from PIL import Image
 
 from cultureclip import schema
 from cultureclip.data.shards import validate_pair_meta
-from cultureclip.data.tarcheck import ShardDamage, shard_files
+from cultureclip.data.tarcheck import ShardDamage, shard_files  # noqa: F401  (ShardDamage re-exported)
 from cultureclip.images import (  # noqa: F401  (BAD_IMAGE, TOO_LARGE: reasons re-exported with the rest)
     BAD_IMAGE, DEFAULT_MAX_PIXELS, TOO_LARGE, ImageDecodeError, SkipCounter, check_on_error, decode_image)
 
@@ -110,14 +110,14 @@ class TarSamples:
                 yield sample
             damage = next((e for e in errors if isinstance(e, ShardDamage)), None)
             if damage is None and errors:
-                damage = ShardDamage(url, BAD_SHARD, f"damaged, skipped members of it: {errors[0]!r}")
+                damage = ShardDamage.of(url, BAD_SHARD, f"damaged, skipped members of it: {errors[0]!r}")
             if damage is not None and self.on_error == "raise":
                 raise damage
             listed = self.expected.get(url)
             holds = f"it holds {n} of the {listed} pairs its {schema.SIZES_FILE} lists" if listed is not None else ""
             missing = listed - n if listed is not None else 0
             if damage is None and missing > 0:  # ended properly, but short of its sizes.json entry
-                damage = ShardDamage(url, TRUNCATED_SHARD, holds)
+                damage = ShardDamage.of(url, TRUNCATED_SHARD, holds)
                 if self.on_error == "raise":
                     raise damage
             elif damage is not None and damage.reason == TRUNCATED_SHARD:

@@ -24,12 +24,20 @@ _DRAIN_CHUNK = 1 << 16
 class ShardDamage(ValueError):
     """A shard that cannot be read to its end; ``reason`` is a skip reason, ``url`` names the shard.
 
-    The message is one line naming the shard, for ``on_error="raise"``.
+    The message is one line naming the shard, for ``on_error="raise"``. Build one with
+    :meth:`of`; the plain one-message constructor is what a DataLoader uses to re-raise it from a
+    worker with its type kept.
     """
 
-    def __init__(self, url: str, reason: str, detail: str) -> None:
-        super().__init__(f"shard {url}: {detail}")
-        self.url, self.reason, self.detail = url, reason, detail
+    url: Optional[str] = None
+    reason: Optional[str] = None
+    detail: str = ""
+
+    @classmethod
+    def of(cls, url: str, reason: str, detail: str) -> "ShardDamage":
+        exn = cls(f"shard {url}: {detail}")
+        exn.url, exn.reason, exn.detail = url, reason, detail
+        return exn
 
 
 class _WatchedTarInfo(tarfile.TarInfo):
@@ -70,16 +78,16 @@ def _check_end(tf: _CheckedTarFile, url: str, truncated: str, damaged: str) -> N
         if second == tarfile.NUL * BLOCK:
             return
         if len(second) < BLOCK:
-            raise ShardDamage(url, truncated, f"cut short: the stream ends at byte {at + BLOCK + len(second)} "
+            raise ShardDamage.of(url, truncated, f"cut short: the stream ends at byte {at + BLOCK + len(second)} "
                                               f"after one zero block, without the two that end a tar archive")
-        raise ShardDamage(url, damaged, f"a lone zero block at byte {at} is followed by more data, which "
+        raise ShardDamage.of(url, damaged, f"a lone zero block at byte {at} is followed by more data, which "
                                         f"tar readers would drop")
     if isinstance(err, tarfile.EmptyHeaderError):
-        raise ShardDamage(url, truncated, f"cut short: the stream ends at byte {at}, after a member, "
+        raise ShardDamage.of(url, truncated, f"cut short: the stream ends at byte {at}, after a member, "
                                           f"without the two zero blocks that end a tar archive")
     if isinstance(err, tarfile.TruncatedHeaderError):
-        raise ShardDamage(url, truncated, f"cut short: the stream ends inside the header block at byte {at}")
-    raise ShardDamage(url, damaged, f"unreadable tar header at byte {at} ({err}); the rest of the shard is lost")
+        raise ShardDamage.of(url, truncated, f"cut short: the stream ends inside the header block at byte {at}")
+    raise ShardDamage.of(url, damaged, f"unreadable tar header at byte {at} ({err}); the rest of the shard is lost")
 
 
 def shard_files(url: str, truncated: str, damaged: str) -> Iterator[dict]:
@@ -118,8 +126,8 @@ def shard_files(url: str, truncated: str, damaged: str) -> Iterator[dict]:
         raise
     except Exception as exn:  # anything a stream or tarfile raises is damage to this shard
         if tf is not None and _stream_ended(exn, tf):
-            raise ShardDamage(url, truncated, f"cut short at byte {tf.offset} (inside a member): {exn}") from exn
-        raise ShardDamage(url, damaged, f"damaged, skipped the rest of it: {exn!r}") from exn
+            raise ShardDamage.of(url, truncated, f"cut short at byte {tf.offset} (inside a member): {exn}") from exn
+        raise ShardDamage.of(url, damaged, f"damaged, skipped the rest of it: {exn!r}") from exn
     finally:
         if stream is not None:  # damaged, or the reader stopped early: the shard's outcome is already decided
             with contextlib.suppress(Exception):

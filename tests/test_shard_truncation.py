@@ -295,9 +295,9 @@ def test_cli_train_and_evaluate_count_or_raise_a_cut_shard(tmp_path):
     shard = tmp_path / "val" / "shard-000000.tar"
     write_twins(tmp_path / "train", range(8), per_shard=4)
     run = tmp_path / "run"
-    proc = run_cli("-m", "cultureclip.train", "+experiment=smoke", f"data.train_shards={tmp_path / 'train'}",
+    proc = run_cli("-m", "cultureclip.train", "data=cultwin", "+experiment=smoke", f"data.train_shards={tmp_path / 'train'}",
                    f"data.val_shards={tmp_path / 'val'}", f"paths.run_dir={run}", "trainer.limit_val_batches=null",
-                   f"paths.data_dir={tmp_path}", "model=tiny", "callbacks.progress_bar=null")
+                   f"paths.data_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"skipped shard {shard} ({TRUNC}): cut short" in proc.stderr
     metrics = json.loads((run / "metrics.json").read_text())

@@ -293,22 +293,25 @@ def run_cli(*args, timeout=600):
 def test_cli_train_and_evaluate_count_or_raise_a_cut_shard(tmp_path):
     _, good, _ = cut_split(tmp_path / "val", "boundary", sizes=False)
     shard = tmp_path / "val" / "shard-000000.tar"
-    write_twins(tmp_path / "train", range(8), per_shard=4)
-    run = tmp_path / "run"
-    proc = run_cli("-m", "cultureclip.train", "data=cultwin", "+experiment=smoke", f"data.train_shards={tmp_path / 'train'}",
+    run = tmp_path / "run"  # trains on the cut split too (no sizes.json: the epoch length is given)
+    proc = run_cli("-m", "cultureclip.train", "data=cultwin", "+experiment=smoke", f"data.train_shards={shard}",
                    f"data.val_shards={tmp_path / 'val'}", f"paths.run_dir={run}", "trainer.limit_val_batches=null",
-                   f"paths.data_dir={tmp_path}")
+                   "data.train_pairs_per_epoch=32", "data.shuffle_buffer=0", f"paths.data_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"skipped shard {shard} ({TRUNC}): cut short" in proc.stderr
+    assert f"skipped shard {shard} ({TRUNC}): cut short" in proc.stdout + proc.stderr  # hydra logs to stdout
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["after"]["val/skipped_samples"] == 1
+    assert metrics["before"]["val/skipped_samples"] == metrics["after"]["val/skipped_samples"] == 1
+    logged = [row for csv in run.rglob("metrics.csv") for row in csv.read_text().splitlines()]
+    column = logged[0].split(",").index("train/skipped_samples")
+    counts = [float(r.split(",")[column]) for r in logged[1:] if r.split(",")[column]]
+    assert counts and max(counts) >= 1  # 3 pairs per pass over the cut shard: every pass counts it
 
     evaluate = ["-m", "cultureclip.evaluate", "eval=twins", "device=cpu", "report=false",
                 f"eval.tasks.twins.shards={tmp_path / 'val'}", "eval.tasks.twins.num_workers=0",
                 f"paths.root_dir={tmp_path}"]
     proc = run_cli(*evaluate)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "twins: 1 samples were skipped" in proc.stdout and f"skipped shard {shard} ({TRUNC})" in proc.stderr
+    assert "twins: 1 samples were skipped" in proc.stdout and f"skipped shard {shard} ({TRUNC})" in proc.stdout
     result = json.loads(Path(proc.stdout.split("twins: ")[1].split("\n")[0]).read_text())
     assert result["metrics"]["n_skipped"] == 1 and result["n"] == 2 * len(good)
 

@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import re
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import braceexpand
 import torch
@@ -41,8 +41,8 @@ from cultureclip import schema
 from cultureclip.data.shards import read_sizes
 from cultureclip.data.stages import (  # noqa: F401  (re-exported: the stage names are part of the API)
     BAD_IMAGE, BAD_META, BAD_SHARD, MISSING_MEMBER, TOO_LARGE, TRUNCATED_SHARD, AttachSkipCount, DecodeTwin,
-    NoProgressError, ProgressGuard, SeededShuffle, ShardDamage, SkipCounter, TarSamples, TwinCollate, _Skip, skip_where,
-    split_pair)
+    NoProgressError, ProgressGuard, SeededShuffle, ShardDamage, SkipCounter, TarSamples, TwinCollate, _Skip,
+    checked_pairs, skip_where, split_pair)
 from cultureclip.images import DEFAULT_MAX_PIXELS
 
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 1000
@@ -275,18 +275,6 @@ def make_loader(pipeline: wds.DataPipeline, num_workers: int = 0, epoch_length_b
     return loader
 
 
-def checked_pairs(urls: Sequence[str], counter: SkipCounter, on_error: str = "skip") -> Iterator[tuple[dict, dict]]:
-    """``(raw sample, checked meta)`` of every usable pair of ``urls``, read and checked as the pipeline
-    does (:class:`TarSamples`, :func:`split_pair`), images not decoded; skips go into ``counter``."""
-    for raw in TarSamples(counter, listed_sizes(urls), on_error=on_error)([{"url": u} for u in urls]):
-        try:
-            meta = split_pair(raw)[2]
-        except _Skip as skip:
-            counter.add(skip.args[0], skip_where(raw), skip.args[1])
-            continue
-        yield raw, meta
-
-
 def read_concept_names(urls: Union[str, Sequence[str]], split: str = "validation",
                        skip_counter: Optional[SkipCounter] = None, on_error: str = "skip") -> list[str]:
     """Sorted concept names of a split, read from the json members (images are not decoded).
@@ -308,7 +296,7 @@ def read_concept_names(urls: Union[str, Sequence[str]], split: str = "validation
     urls = expand_shards(urls) if isinstance(urls, str) else list(urls)
     counter = skip_counter if skip_counter is not None else SkipCounter()
     names: set[str] = set()
-    for _, meta in checked_pairs(urls, counter, on_error):
+    for _, meta in checked_pairs(urls, counter, listed_sizes(urls), on_error):
         names.update(meta[k] for k in schema.CONCEPT_KEYS)
     counter.flush()
     if not names:

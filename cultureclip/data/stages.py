@@ -181,6 +181,20 @@ def skip_where(raw: Mapping) -> str:
     return f"sample {raw.get(schema.KEY)} from {raw.get(schema.URL)}"
 
 
+def checked_pairs(urls: Iterable[str], counter: SkipCounter, expected: Optional[Mapping[str, int]] = None,
+                  on_error: str = "skip") -> Iterator[tuple[dict, dict]]:
+    """``(raw sample, checked meta)`` of every usable pair of ``urls``, read and checked as the pipeline
+    does (:class:`TarSamples` with the ``sizes.json`` counts ``expected``, :func:`split_pair`); images
+    are not decoded. Skips go into ``counter``."""
+    for raw in TarSamples(counter, expected, on_error=on_error)([{"url": u} for u in urls]):
+        try:
+            meta = split_pair(raw)[2]
+        except _Skip as skip:
+            counter.add(skip.args[0], skip_where(raw), skip.args[1])
+            continue
+        yield raw, meta
+
+
 class DecodeTwin:
     """Stage: raw samples -> ``{KEY, POS_IMAGE, NEG_IMAGE: [3,H,W], the four texts, optional meta}``.
 

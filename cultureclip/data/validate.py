@@ -1,6 +1,6 @@
 """Check twin-pair shards before training on them: every shard read to its end, every pair's members and json.
 
-The checks are the training pipeline's own (:func:`cultureclip.data.pipeline.checked_pairs`): a shard
+The checks are the training pipeline's own (:func:`cultureclip.data.stages.checked_pairs`): a shard
 whose tar stream ends without the end-of-archive marker or holds fewer pairs than its ``sizes.json``
 entry is ``truncated_shard``, any other tar read error ``bad_shard``, a pair without both images and
 its json ``missing_member``, a json without the required texts ``bad_meta``. Images are not decoded.
@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
-from cultureclip.data.pipeline import checked_pairs, expand_shards
+from cultureclip.data.pipeline import expand_shards, listed_sizes
+from cultureclip.data.stages import checked_pairs
 from cultureclip.images import SkipCounter, check_on_error
 
 
@@ -46,6 +47,6 @@ def check_shards(urls: Union[str, Sequence[str]], on_error: str = "skip",
     check_on_error(on_error)
     urls = expand_shards(urls)
     counter = skip_counter if skip_counter is not None else SkipCounter()
-    pairs = sum(1 for _ in checked_pairs(urls, counter, on_error))
+    pairs = sum(1 for _ in checked_pairs(urls, counter, listed_sizes(urls), on_error))
     counter.flush()
     return ShardReport(shards=len(urls), pairs=pairs, skipped_by_reason=dict(sorted(counter.by_reason.items())))

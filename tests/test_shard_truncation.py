@@ -317,3 +317,21 @@ def test_cli_train_and_evaluate_count_or_raise_a_cut_shard(tmp_path):
 
     proc = run_cli(*evaluate, "eval.tasks.twins.on_error=raise")
     assert proc.returncode != 0 and f"shard {shard}: cut short" in proc.stderr
+
+
+@pytest.mark.parametrize("writer", ["tarwriter", "gnu_tar"])
+def test_every_cut_before_the_end_marker_is_flagged_and_none_after(tmp_path, writer):
+    if writer == "gnu_tar" and shutil.which("tar") is None:
+        pytest.skip("GNU tar is not installed")
+    whole = tmp_path / "whole.tar"
+    WRITERS[writer](whole)
+    data = whole.read_bytes()
+    with tarfile.open(whole) as tf:  # the marker's end, from the member table: last data blocks + 2 zero blocks
+        last = tf.getmembers()[-1]
+    marker_end = last.offset_data + -(-last.size // 512) * 512 + 1024
+    assert marker_end < len(data)  # both writers pad the archive to whole records after the marker
+    cut = tmp_path / "cut.tar"
+    for at in sorted({*range(0, len(data) + 1, 512), *range(100, len(data), 512)}):  # block edges and inside
+        cut.write_bytes(data[:at])
+        flagged = check_shards([str(cut)]).skipped_by_reason.keys() & {TRUNC, P.BAD_SHARD}
+        assert bool(flagged) == (at < marker_end), f"cut at byte {at} of {len(data)}"

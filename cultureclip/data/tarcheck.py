@@ -59,15 +59,21 @@ class _CheckedTarFile(tarfile.TarFile):
     end_error: Optional[Exception] = None
 
 
+# tarfile's messages for a stream that stops before the first header is whole (the TarFile is never
+# returned then, so its recorded header error cannot be read)
+_CUT_AT_OPEN = ("empty file", "empty header", "truncated header", "unexpected end of data")
+
+
 def _stream_ended(exn: BaseException, tf: Optional[_CheckedTarFile]) -> bool:
     """Whether a read error means the stream stopped early (rather than bytes being wrong)."""
     if isinstance(exn, EOFError):  # a compressed stream cut short
         return True
-    if isinstance(exn, tarfile.ReadError):
-        cut_header = tf is not None and isinstance(tf.end_error, (tarfile.EmptyHeaderError,
-                                                                  tarfile.TruncatedHeaderError))
-        return "unexpected end of data" in str(exn) or cut_header
-    return False
+    if not isinstance(exn, tarfile.ReadError):
+        return False
+    if tf is None:
+        return str(exn) in _CUT_AT_OPEN
+    cut_header = isinstance(tf.end_error, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError))
+    return "unexpected end of data" in str(exn) or cut_header
 
 
 def _check_end(tf: _CheckedTarFile, url: str, truncated: str, damaged: str) -> None:
@@ -79,12 +85,12 @@ def _check_end(tf: _CheckedTarFile, url: str, truncated: str, damaged: str) -> N
             return
         if len(second) < BLOCK:
             raise ShardDamage.of(url, truncated, f"cut short: the stream ends at byte {at + BLOCK + len(second)} "
-                                              f"after one zero block, without the two that end a tar archive")
+                                                 f"after one zero block, without the two that end a tar archive")
         raise ShardDamage.of(url, damaged, f"a lone zero block at byte {at} is followed by more data, which "
-                                        f"tar readers would drop")
+                                           f"tar readers would drop")
     if isinstance(err, tarfile.EmptyHeaderError):
         raise ShardDamage.of(url, truncated, f"cut short: the stream ends at byte {at}, after a member, "
-                                          f"without the two zero blocks that end a tar archive")
+                                             f"without the two zero blocks that end a tar archive")
     if isinstance(err, tarfile.TruncatedHeaderError):
         raise ShardDamage.of(url, truncated, f"cut short: the stream ends inside the header block at byte {at}")
     raise ShardDamage.of(url, damaged, f"unreadable tar header at byte {at} ({err}); the rest of the shard is lost")
@@ -125,8 +131,9 @@ def shard_files(url: str, truncated: str, damaged: str) -> Iterator[dict]:
     except ShardDamage:
         raise
     except Exception as exn:  # anything a stream or tarfile raises is damage to this shard
-        if tf is not None and _stream_ended(exn, tf):
-            raise ShardDamage.of(url, truncated, f"cut short at byte {tf.offset} (inside a member): {exn}") from exn
+        if _stream_ended(exn, tf):
+            where = f"after byte {tf.offset}" if tf is not None else "before its first member"
+            raise ShardDamage.of(url, truncated, f"cut short {where}: {exn}") from exn
         raise ShardDamage.of(url, damaged, f"damaged, skipped the rest of it: {exn!r}") from exn
     finally:
         if stream is not None:  # damaged, or the reader stopped early: the shard's outcome is already decided

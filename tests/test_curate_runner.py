@@ -194,3 +194,28 @@ def test_split_rule_is_stable_under_added_and_removed_twins():
     assert all(in_val(t, 0, 0.1) == side[t] for t in more if t in side)
     assert {t for t in ids if in_val(t, 0, 0.2)} >= {t for t in ids if side[t]}  # a larger fraction only adds
     assert [in_val(t, 1, 0.1) for t in ids] != list(side.values())  # the seed matters
+
+
+def test_up_to_date_skips_planning_only_when_nothing_can_have_changed(tmp_path):
+    from cultureclip.curate.runner import fingerprint, up_to_date
+    up = Store(tmp_path / "up", "up")
+    run_stage(up, _jobs(3), _square())
+    store = Store(tmp_path / "t", "t")
+    fp = fingerprint({"seed": 0}, ("judge_twin",), (up,))
+    assert up_to_date(store, fp) is None  # never planned
+    run_stage(store, _jobs(4), _square(fail={2}), upstream=(up,), fingerprint=fp)
+    assert up_to_date(store, fp) is None  # a job failed: the normal path retries it
+    run_stage(store, _jobs(4), _square(), upstream=(up,), fingerprint=fp)
+    done = up_to_date(store, fp, shard_index=1, num_shards=2)
+    assert (done.jobs_total, done.jobs_in_range, done.done_before, done.processed) == (4, 2, 2, 0)
+    assert fingerprint({"seed": 1}, ("judge_twin",), (up,)) != fp  # a setting that matters
+    prompts_dir = tmp_path / "prompts"
+    prompts_dir.mkdir()
+    (prompts_dir / "judge_twin.txt").write_text("another prompt")
+    prompts.use_dir(prompts_dir)
+    try:
+        assert fingerprint({"seed": 0}, ("judge_twin",), (up,)) != fp  # a prompt file
+    finally:
+        prompts.use_dir(None)
+    run_stage(up, _jobs(2), _square())  # the upstream view changed
+    assert fingerprint({"seed": 0}, ("judge_twin",), (up,)) != fp

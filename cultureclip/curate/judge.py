@@ -30,7 +30,7 @@ from cultureclip.curate.chat import ChatAnswer, ChatClient, ChatConfig, LazyChat
 from cultureclip.curate.judge_rule import DEFAULT_RULE, card_section, check_rule, passes  # noqa: F401 (API)
 from cultureclip.curate.judge_standin import SCORES_SCHEMA, TWIN_SCHEMA
 from cultureclip.curate.prompts import load as load_prompt
-from cultureclip.curate.runner import Job, Outcome, StageReport, Store, run_stage, save_report
+from cultureclip.curate.runner import Job, Outcome, StageReport, Store, fingerprint, run_stage, save_report, up_to_date
 
 log = logging.getLogger(__name__)
 
@@ -262,17 +262,23 @@ def run(cfg: Mapping, ctx: Any) -> StageReport:
     if unknown:
         raise ValueError(f"unknown judge settings {unknown}; known: {list(CONFIG_KEYS)}")
     chat = chat_config(cfg, ctx)
-    pairs = load_pairs(ctx.out_dir, STAGE)
     source = pairs_store(ctx.out_dir)
+    source.require_complete(STAGE)
     render_store = Store(ctx.stage_dir(RENDER_STAGE), RENDER_STAGE)
     render_store.require_complete(STAGE, upstream=(source,))
-    jobs, counts = judge_jobs(pairs, render_store.records(), chat, render_store.root)
     store = Store(ctx.stage_dir(STAGE), STAGE)
+    fp = fingerprint({"model": chat.model, "temperature": chat.temperature}, PROMPTS, (render_store, source))
+    done = up_to_date(store, fp, ctx.shard_index, ctx.num_shards)
+    if done is not None:  # planned from these views and prompts, every job finished: nothing is read again
+        return done
+    pairs = load_pairs(ctx.out_dir, STAGE)
+    jobs, counts = judge_jobs(pairs, render_store.records(), chat, render_store.root)
     client = LazyChatClient(chat)
     try:
         report = run_stage(store, jobs, make_process(client), shard_index=ctx.shard_index,
                            num_shards=ctx.num_shards, retry_errors=ctx.retry_errors,
-                           part_size=int(cfg.get("part_size", 256)), upstream=(render_store, source))
+                           part_size=int(cfg.get("part_size", 256)), upstream=(render_store, source),
+                           fingerprint=fp)
     finally:
         client.close()
     report.extra.update(counts)

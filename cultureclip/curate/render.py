@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterable, Optional
 from cultureclip import schema
 from cultureclip.curate import t2i
 from cultureclip.curate.registry import Context
-from cultureclip.curate.runner import Job, Outcome, StageReport, Store, run_stage, save_report, seed_from_key, write_atomic
+from cultureclip.curate.runner import (Job, Outcome, StageReport, Store, fingerprint, run_stage, save_report,
+                                       seed_from_key, up_to_date, write_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -271,13 +272,17 @@ def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context, pipeline: Any = Non
     s = settings(cfg)
     render_dir = ctx.stage_dir(NAME)
     store = Store(render_dir, NAME)
+    fp = plan_fingerprint(s, ctx.seed, upstream)
+    done = up_to_date(store, fp, ctx.shard_index, ctx.num_shards)
+    if done is not None:  # planned with these settings from this caption-set view, every job finished
+        return done
     device = t2i.resolve_device(s["device"], ctx.shard_index)
     stats: dict = {}
     process = make_process(s, render_dir, (lambda: pipeline) if pipeline is not None
                            else (lambda: get_pipeline(s, device)), stats)
     report = run_stage(store, render_jobs(pairs, s, ctx.seed), process, shard_index=ctx.shard_index,
                        num_shards=ctx.num_shards, retry_errors=ctx.retry_errors, part_size=s["part_size"],
-                       upstream=upstream)
+                       upstream=upstream, fingerprint=fp)
     report.extra.update({k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()})
     save_report(store, report)  # with the stage's own figures
     log.info("render %s: %d rendered, %d rejected, %d errors %s, %d done before, %.1f s (%.1f s in the pipeline)",
@@ -286,9 +291,23 @@ def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context, pipeline: Any = Non
     return report
 
 
+def plan_fingerprint(s: Mapping, seed: int, upstream: tuple) -> str:
+    """What the render plan depends on: the settings in the keys, images per caption, the template, the seed
+    and the caption-set view."""
+    return fingerprint({"model": s["model"], **{k: s[k] for k in KEY_SETTINGS}, "seed": seed,
+                        "images_per_caption": s["images_per_caption"], "prompt_template": s["prompt_template"]},
+                       upstream=upstream)
+
+
 def run(cfg: Mapping, ctx: Context) -> StageReport:
     """The stage entry point: render the current twin caption sets of ``ctx.out_dir`` (refused while incomplete)."""
     from cultureclip.curate.importer import load_pairs, pairs_store
+    source = pairs_store(ctx.out_dir)
+    source.require_complete(NAME)
+    done = up_to_date(Store(ctx.stage_dir(NAME), NAME), plan_fingerprint(settings(
+        {k: v for k, v in cfg.items() if k != "ray"}), ctx.seed, (source,)), ctx.shard_index, ctx.num_shards)
+    if done is not None:  # nothing to do: the caption sets are not even read
+        return done
     pairs = load_pairs(ctx.out_dir, NAME)
     if cfg.get("ray"):
         from cultureclip.curate import ray_render

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 from cultureclip import schema
 from cultureclip.curate.runner.jobs import Job, Outcome, StageReport, job_id, job_range, keyed
+from cultureclip.curate.runner.keys import digest
 from cultureclip.curate.runner.store import (ERRORS, KINDS, MANIFESTS, PARTS, REJECTED, REPORTS, Index, Store,
                                              record_line, write_atomic)
 from cultureclip.rundir import RunDirLock, RunDirLocked
@@ -79,17 +80,18 @@ class _Writer:
         self._append(kind, name, data, [k for k, _ in rows], index)
 
 
-def plan(store: Store, jobs: Iterable[Job], upstream: Sequence[Store] = ()) -> tuple[list[dict], int]:
-    """Key the jobs and make them the store's current view, planned from the current views of ``upstream``;
-    returns the job dicts and the number of duplicates merged."""
+def plan(store: Store, jobs: Iterable[Job], upstream: Sequence[Store] = (),
+         fingerprint: Optional[str] = None) -> tuple[list[dict], int]:
+    """Key the jobs and make them the store's current view, planned from the current views of ``upstream``
+    (and under ``fingerprint``, see :func:`up_to_date`); returns the job dicts and the duplicates merged."""
     keyed_jobs, dup = keyed(store.stage, jobs)
-    store.write_view((j[schema.REC_KEY] for j in keyed_jobs), upstream)
+    store.write_view((j[schema.REC_KEY] for j in keyed_jobs), upstream, fingerprint)
     return keyed_jobs, dup
 
 
 def run_stage(store: Store, jobs: Iterable[Job], process: Process, *, shard_index: int = 0, num_shards: int = 1,
               retry_errors: bool = True, part_size: int = 512, part_seconds: float = 30.0,
-              log_every: float = 30.0, upstream: Sequence[Store] = (),
+              log_every: float = 30.0, upstream: Sequence[Store] = (), fingerprint: Optional[str] = None,
               keyed_jobs: Optional[list[dict]] = None) -> StageReport:
     """Plan ``jobs`` (keys, view) and run ``process`` over this range's unfinished ones.
 
@@ -102,6 +104,7 @@ def run_stage(store: Store, jobs: Iterable[Job], process: Process, *, shard_inde
         part_size, part_seconds: a part is written after this many outcomes or seconds, whichever first.
         log_every: seconds between progress lines.
         upstream: the stores whose current views the jobs were planned from (recorded in the view).
+        fingerprint: :func:`fingerprint` of what the plan depends on (recorded in the view).
         keyed_jobs: already planned job dicts (:func:`plan`), instead of ``jobs``.
 
     Returns:
@@ -113,7 +116,7 @@ def run_stage(store: Store, jobs: Iterable[Job], process: Process, *, shard_inde
     """
     job = job_id(shard_index, num_shards)
     if keyed_jobs is None:
-        keyed_jobs, dup = plan(store, jobs, upstream)
+        keyed_jobs, dup = plan(store, jobs, upstream, fingerprint)
     else:
         dup = 0
     mine = job_range(keyed_jobs, shard_index, num_shards)
@@ -135,6 +138,37 @@ def run_stage(store: Store, jobs: Iterable[Job], process: Process, *, shard_inde
         _loop(store, todo, process, writer, index, report, part_size, part_seconds, log_every)
     finally:
         lock.release()
+    return report
+
+
+def fingerprint(settings: Mapping, prompts: Sequence[str] = (), upstream: Sequence[Store] = ()) -> str:
+    """A digest of everything a stage's plan depends on: its settings that matter, the text of its prompt
+    files and the current views of its upstream stores (whose keys hash their records' content)."""
+    from cultureclip.curate.prompts import texts
+    return digest({"settings": dict(settings), "prompts": texts(prompts),
+                   "upstream": {u.stage: u.view_digest() for u in upstream}})
+
+
+def up_to_date(store: Store, fp: str, shard_index: int = 0, num_shards: int = 1) -> Optional[StageReport]:
+    """The report of a run with nothing to do, without planning: when the current view was planned under
+    fingerprint ``fp`` (so planning again would give the same keys) and every key of it is done or
+    rejected. None otherwise (the stage plans and runs as usual).
+
+    This is what makes a rerun of a million finished jobs cost a read of the view and the manifests
+    instead of re-reading every upstream record and hashing every job again.
+    """
+    if not store.has_view() or store.view_meta().get("fingerprint") != fp:
+        return None
+    view = store.view()
+    index = store.index()
+    if any(not index.finished(k) for k in view):
+        return None
+    job = job_id(shard_index, num_shards)
+    n = len(view)
+    in_range = n * (shard_index + 1) // num_shards - n * shard_index // num_shards
+    report = StageReport(stage=store.stage, job=job, jobs_total=n, jobs_in_range=in_range, done_before=in_range,
+                         extra={"planned": False})
+    save_report(store, report)
     return report
 
 

@@ -137,12 +137,14 @@ class Store:
         if not self.exists():
             write_atomic(self.root / STAGE_FILE, json.dumps({"stage": self.stage}))
 
-    def write_view(self, keys: Iterable[str], upstream: Iterable["Store"] = ()) -> int:
-        """Make ``keys`` the current view, planned from the current views of ``upstream``; returns their number."""
+    def write_view(self, keys: Iterable[str], upstream: Iterable["Store"] = (),
+                   fingerprint: Optional[str] = None) -> int:
+        """Make ``keys`` the current view, planned from the current views of ``upstream`` under ``fingerprint``
+        (see :func:`cultureclip.curate.runner.run.up_to_date`); returns their number."""
         self.ensure()
         data = "".join(k + "\n" for k in sorted(set(keys))).encode("ascii")
         meta = {"jobs": data.count(b"\n"), "digest": hashlib.sha256(data).hexdigest(),
-                "upstream": {u.stage: u.view_digest() for u in upstream}}
+                "upstream": {u.stage: u.view_digest() for u in upstream}, "fingerprint": fingerprint}
         write_atomic(self.root / VIEW_FILE, data)
         write_atomic(self.root / VIEW_META, json.dumps(meta, sort_keys=True))
         return meta["jobs"]

@@ -10,7 +10,8 @@ backends replaced by null ones so that nothing else is timed:
    answering every job at once (the HTTP path is measured by ``bench_judge.py``);
 3. export's reading: the pairs, render and judge views read once each, ``build_pairs`` and the split
    (shard writing, I/O per exported pair, is left out: ``bench_judge``/the tests cover it);
-4. a rerun with nothing to do (render and judge: plan, view, index, skip);
+4. a rerun with nothing to do, through the stages' own entry points (``render.run``, ``judge.run``): each
+   finds its view planned under the same fingerprint and finished, and reads nothing else;
 5. 1% more twin pairs, then the rerun: it must run exactly the new 1% of jobs.
 
     python benchmarks/bench_curate_store.py --images 1000000 [--out /tmp/bench-store]
@@ -31,7 +32,8 @@ from cultureclip import schema
 from cultureclip.curate import export, judge, render
 from cultureclip.curate.chat import ChatConfig
 from cultureclip.curate.importer import import_pairs, load_pairs, pairs_store, twin_id
-from cultureclip.curate.runner import Outcome, Store, run_stage
+from cultureclip.curate.registry import Context
+from cultureclip.curate.runner import Outcome, Store, fingerprint, run_stage
 
 CAPTIONS = 5  # per side: a twin pair makes 10 images
 PART_SIZE = 1024  # records per part: each part costs 3 fsyncs (~5 ms each here), amortised over its records
@@ -87,9 +89,12 @@ def step(name: str, fn, records: int) -> object:
 
 
 def run_all(out: Path, n_twins: int, render_cfg: dict, chat: ChatConfig) -> tuple:
+    """The render stage's planning and the runner, with the null backend (render.run_pairs without pixels)."""
     pairs = load_pairs(out, "render")
+    upstream = (pairs_store(out),)
     r = run_stage(Store(out / "render", "render"), render.render_jobs(pairs, render_cfg), null_render,
-                  part_size=render_cfg["part_size"], upstream=(pairs_store(out),))
+                  part_size=render_cfg["part_size"], upstream=upstream,
+                  fingerprint=render.plan_fingerprint(render_cfg, 0, upstream))
     del pairs
     return r
 
@@ -100,8 +105,10 @@ def judge_all(out: Path, chat: ChatConfig):
     rstore.require_complete("judge", upstream=(pairs_store(out),))
     jobs, _ = judge.judge_jobs(pairs, rstore.records(), chat, rstore.root)
     del pairs
-    return run_stage(Store(out / "judge", "judge"), jobs, null_judge, part_size=PART_SIZE,
-                     upstream=(rstore, pairs_store(out)))
+    upstream = (rstore, pairs_store(out))
+    fp = fingerprint({"model": chat.model, "temperature": chat.temperature}, judge.PROMPTS, upstream)
+    return run_stage(Store(out / "judge", "judge"), jobs, null_judge, part_size=PART_SIZE, upstream=upstream,
+                     fingerprint=fp)
 
 
 def export_reading(out: Path) -> int:
@@ -139,8 +146,9 @@ def main() -> None:
         step("render (null backend)", lambda: run_all(out, n_twins, render_cfg, chat), n)
         step("judge (null chat)", lambda: judge_all(out, chat), n)
         step("export reading", lambda: export_reading(out), n)
-        step("render rerun, nothing to do", lambda: run_all(out, n_twins, render_cfg, chat), n)
-        step("judge rerun, nothing to do", lambda: judge_all(out, chat), n)
+        ctx = Context(out_dir=out, chat={"base_url": chat.base_url, "model": chat.model})
+        step("render.run, nothing to do", lambda: render.run({"model": "null", "device": "cpu"}, ctx), n)
+        step("judge.run, nothing to do", lambda: judge.run({}, ctx), n)
         more = max(1, n_twins // 100)
         with open(src, "a") as f:
             for p in make_pairs(more, start=n_twins):
@@ -149,6 +157,7 @@ def main() -> None:
         r = step("render rerun, 1% new", lambda: run_all(out, n_twins, render_cfg, chat), n)
         j = step("judge rerun, 1% new", lambda: judge_all(out, chat), n)
         assert r.processed == j.processed == 2 * CAPTIONS * more, (r.processed, j.processed)
+        step("render.run, nothing to do", lambda: render.run({"model": "null", "device": "cpu"}, ctx), n)
         step("export reading", lambda: export_reading(out), n)
         print(f"peak RSS {rss_mb():.0f} MB; parts: render {len(list((out / 'render' / 'parts').iterdir()))}")
     finally:

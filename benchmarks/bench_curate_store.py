@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 from cultureclip import schema
-from cultureclip.curate import export, judge, render
-from cultureclip.curate.chat import ChatConfig
-from cultureclip.curate.importer import import_pairs, load_pairs, pairs_store, twin_id
+from cultureclip.curate.stages import export, judge, render
+from cultureclip.curate.backends.chat import ChatConfig
+from cultureclip.curate.stages.importer import import_pairs, load_pairs, pairs_store, twin_id
 from cultureclip.curate.registry import Context
 from cultureclip.curate.runner import Outcome, Store, fingerprint, run_stage
 

@@ -44,12 +44,12 @@ import numpy as np
 from PIL import Image
 
 from cultureclip import schema
-from cultureclip.curate import judge
-from cultureclip.curate.chat import ChatClient, ChatConfig
-from cultureclip.curate.importer import import_pairs, pairs_store, twin_id
+from cultureclip.curate.stages import judge
+from cultureclip.curate.backends.chat import ChatClient, ChatConfig
+from cultureclip.curate.stages.importer import import_pairs, pairs_store, twin_id
 from cultureclip.curate.runner import Job, Outcome, Store, run_stage, write_atomic
 from cultureclip.curate.registry import Context
-from cultureclip.curate.standin import StandinServer
+from cultureclip.curate.backends.standin import StandinServer
 
 
 def make_world(out_dir: Path, n_images: int, size: int, captions: int = 5) -> list[dict]:
@@ -98,7 +98,7 @@ def make_world(out_dir: Path, n_images: int, size: int, captions: int = 5) -> li
 @contextlib.contextmanager
 def external_server(latency: float):
     """The stand-in server in its own process (its CPU must not compete with the client's GIL)."""
-    proc = subprocess.Popen([sys.executable, "-m", "cultureclip.curate.standin", "--latency", str(latency)],
+    proc = subprocess.Popen([sys.executable, "-m", "cultureclip.curate.backends.standin", "--latency", str(latency)],
                             stdout=subprocess.PIPE, text=True)
     try:
         url = proc.stdout.readline().strip()

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from cultureclip import schema
-from cultureclip.curate import render, t2i
+from cultureclip.curate.stages import render
+from cultureclip.curate.backends import t2i
 from cultureclip.curate.registry import Context
 
 

@@ -15,7 +15,7 @@ from test_curate_export import make_run, read_shards
 
 from cultureclip import resolvers, schema
 from cultureclip.curate import app
-from cultureclip.curate.importer import read_pairs
+from cultureclip.curate.stages.importer import read_pairs
 from cultureclip.curate.runner import in_val
 
 CONF = Path(__file__).resolve().parents[1] / "cultureclip" / "conf"

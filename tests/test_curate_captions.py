@@ -13,10 +13,10 @@ import pytest
 pytest.importorskip("pydantic")
 pytest.importorskip("openai")
 
-from cultureclip.curate import captions, concepts, dedup, twins  # noqa: E402
-from cultureclip.curate import upstream as up  # noqa: E402
+from cultureclip.curate.stages import captions, concepts, dedup, twins  # noqa: E402
+from cultureclip.curate.stages import upstream as up  # noqa: E402
 from cultureclip.curate.runner import Store  # noqa: E402
-from cultureclip.curate.standin import request_text, schema_name  # noqa: E402
+from cultureclip.curate.backends.standin import request_text, schema_name  # noqa: E402
 from test_curate_concepts import ctx_for, standin, top_down_cfg  # noqa: E402
 
 NGRAM = {"backend": "ngram"}
@@ -105,7 +105,7 @@ def test_caption_sets_and_pairs(chain_run):
 
 
 def test_render_reads_the_pairs(chain_run):
-    importer = pytest.importorskip("cultureclip.curate.importer")
+    importer = pytest.importorskip("cultureclip.curate.stages.importer")
     tmp_path = chain_run[0]
     got = importer.load_pairs(tmp_path)
     assert [p["twin_id"] for p in got] == sorted(p["twin_id"] for p in Store(
@@ -118,7 +118,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_curate_captions import run_chain
 from test_curate_concepts import standin
-from cultureclip.curate import concepts, twins, captions
+from cultureclip.curate.stages import concepts, twins, captions
 with standin(concepts, twins, captions, latency_s={latency}) as srv:
     run_chain(Path(sys.argv[1]), srv)
 """

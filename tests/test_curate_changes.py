@@ -152,9 +152,9 @@ CHANGES = {  # name -> (seed items, extra overrides, prompt files to edit)
 def test_rule_rejections_rerun_with_zero_requests_and_exit_0(tmp_path):
     """Seed rows that fail a rule and a concept whose captions always fail the checks: rejected, listed in
     the card by reason; the same command again sends no request and reports no failed job."""
-    from cultureclip.curate.standin import StandinServer
+    from cultureclip.curate.backends.standin import StandinServer
     from test_curate_concepts import standin
-    from cultureclip.curate import captions, concepts, judge, twins
+    from cultureclip.curate.stages import captions, concepts, judge, twins
     bad = [{**SEED[0], "country": ""}, {**SEED[1], "category": "Dance"}]
     # the stand-in only ever answers Sherwani with too-long captions; its features share words with Durumagi's
     sherwani = [{"concept": "Sherwani", "native_name": "शेरवानी", "country": "India", "category": "Clothing",

@@ -11,11 +11,11 @@ pytest.importorskip("pydantic")
 pytest.importorskip("openai")
 
 from cultureclip import schema  # noqa: E402
-from cultureclip.curate import concepts  # noqa: E402
-from cultureclip.curate import upstream as up  # noqa: E402
+from cultureclip.curate.stages import concepts  # noqa: E402
+from cultureclip.curate.stages import upstream as up  # noqa: E402
 from cultureclip.curate.runner import Store  # noqa: E402
 from cultureclip.curate.registry import Context  # noqa: E402
-from cultureclip.curate.standin import StandinServer, request_images, request_text, schema_name  # noqa: E402
+from cultureclip.curate.backends.standin import StandinServer, request_images, request_text, schema_name  # noqa: E402
 
 COUNTRIES = ["Japan", "Mexico", "South Korea", "Vietnam"]
 CATS = ["Cuisine", "Clothing"]

@@ -1,4 +1,4 @@
-"""Stage export (cultureclip.curate.export): pairs from judged renders, split, shards, card, atomicity.
+"""Stage export (cultureclip.curate.stages.export): pairs from judged renders, split, shards, card, atomicity.
 
 Render and judge records are written here by hand through the record store (the shapes of the design),
 so these tests check export alone; the app tests run the real stages end to end.
@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from cultureclip import schema
-from cultureclip.curate import export as E
-from cultureclip.curate.importer import import_pairs, load_pairs, pairs_store
+from cultureclip.curate.stages import export as E
+from cultureclip.curate.stages.importer import import_pairs, load_pairs, pairs_store
 from cultureclip.curate.registry import Context
 from cultureclip.curate.runner import Job, Outcome, Store, digest, in_val, run_stage, write_atomic
 

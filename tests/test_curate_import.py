@@ -1,4 +1,4 @@
-"""The twin caption-set importer (cultureclip.curate.importer): three formats, errors, the pairs store."""
+"""The twin caption-set importer (cultureclip.curate.stages.importer): three formats, errors, the pairs store."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cultureclip import schema
-from cultureclip.curate import importer as I
+from cultureclip.curate.stages import importer as I
 from cultureclip.curate.runner import Job, Outcome, Store, digest, run_stage
 from cultureclip.data.shards import RecordError
 

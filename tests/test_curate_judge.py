@@ -22,13 +22,13 @@ pytest.importorskip("openai")
 from PIL import Image, PngImagePlugin  # noqa: E402
 
 from cultureclip import schema  # noqa: E402
-from cultureclip.curate import judge  # noqa: E402
-from cultureclip.curate import importer  # noqa: E402
-from cultureclip.curate.chat import ChatConfig  # noqa: E402
+from cultureclip.curate.stages import judge  # noqa: E402
+from cultureclip.curate.stages import importer  # noqa: E402
+from cultureclip.curate.backends.chat import ChatConfig  # noqa: E402
 from cultureclip.curate.registry import Context  # noqa: E402
 from cultureclip.curate.runner import Job, Outcome, Store, run_stage, write_atomic  # noqa: E402
 from cultureclip.curate.runner.jobs import keyed  # noqa: E402
-from cultureclip.curate.standin import Fault, StandinServer, request_images  # noqa: E402
+from cultureclip.curate.backends.standin import Fault, StandinServer, request_images  # noqa: E402
 
 MODEL = "test-vlm"
 SIDE_FIELDS = {"pos": (schema.POS_CONCEPT, schema.POS_COUNTRY, schema.POS_CAPTIONS),
@@ -308,7 +308,7 @@ def test_standin_responders_and_card(tmp_path):
 KILL_SCRIPT = """
 import json, sys
 from pathlib import Path
-from cultureclip.curate import judge
+from cultureclip.curate.stages import judge
 from cultureclip.curate.registry import Context
 out, url = Path(sys.argv[1]), sys.argv[2]
 ctx = Context(out_dir=out, chat={"base_url": url, "model": "%s", "timeout_s": 5, "max_attempts": 2,

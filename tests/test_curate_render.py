@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from cultureclip import schema
-from cultureclip.curate import render, t2i
+from cultureclip.curate.stages import render
+from cultureclip.curate.backends import t2i
 from cultureclip.curate.registry import Context
 from cultureclip.curate.runner import Store, digest, seed_from_key
 from cultureclip.curate.runner.jobs import keyed

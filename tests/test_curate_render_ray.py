@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cultureclip.curate import render
+from cultureclip.curate.stages import render
 from cultureclip.curate.runner import Store
 from cultureclip.curate.registry import Context
 
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow,
 
 def test_ray_render_matches_single_process(tmp_path):
     ray = pytest.importorskip("ray")
-    from cultureclip.curate import ray_render
+    from cultureclip.curate.backends import ray_render
     repo = str(Path(render.__file__).parents[2])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}})

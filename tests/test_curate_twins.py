@@ -8,9 +8,9 @@ pytest.importorskip("pydantic")
 pytest.importorskip("openai")
 
 from cultureclip import schema  # noqa: E402
-from cultureclip.curate import concepts, dedup, twins  # noqa: E402
-from cultureclip.curate import upstream as up  # noqa: E402
-from cultureclip.curate.standin import request_text, schema_name  # noqa: E402
+from cultureclip.curate.stages import concepts, dedup, twins  # noqa: E402
+from cultureclip.curate.stages import upstream as up  # noqa: E402
+from cultureclip.curate.backends.standin import request_text, schema_name  # noqa: E402
 from test_curate_concepts import ctx_for, standin, top_down_cfg  # noqa: E402
 
 NGRAM = {"backend": "ngram"}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from cultureclip.curate import registry
-from cultureclip.curate.importer import import_pairs
+from cultureclip.curate.stages.importer import import_pairs
 from cultureclip.curate.runner import StageReport
 
 log = logging.getLogger("cultureclip.curate")
@@ -134,7 +134,7 @@ def run(cfg: Mapping[str, Any], echo=print) -> list[StageReport]:
     reports = []
     with contextlib.ExitStack() as stack:
         if cfg.get("standin"):
-            from cultureclip.curate.standin import StandinServer
+            from cultureclip.curate.backends.standin import StandinServer
             server = StandinServer(standin_responders(stages), latency_s=float(cfg.get("standin_latency_s") or 0.0),
                                    keep_bodies=False)
             stack.enter_context(server)

@@ -34,7 +34,7 @@ def stage_summary(store: Store) -> dict:
 
 def stage_stores(out_dir: Path, skip: Sequence[str] = ()) -> list[Store]:
     """The stores of the chain that made the current caption sets, then render and judge, in pipeline order."""
-    from cultureclip.curate.importer import STAGE as PAIRS, pairs_store
+    from cultureclip.curate.stages.importer import STAGE as PAIRS, pairs_store
     source = pairs_store(out_dir).stage
     chain = [PAIRS] if source == PAIRS else [s for s in registry.ORDER if registry.ORDER.index(s) <=
                                              registry.ORDER.index(source)]
@@ -47,7 +47,7 @@ def module_sections(out_dir: Path, names: Sequence[str]) -> list[dict]:
     """``card_section(out_dir)`` of the importer and of every stage module named, where defined."""
     sections = []
     for name in names:
-        module_name = "cultureclip.curate.importer" if name == "pairs" else registry.STAGES.get(name)
+        module_name = "cultureclip.curate.stages.importer" if name == "pairs" else registry.STAGES.get(name)
         if module_name is None:
             continue
         try:

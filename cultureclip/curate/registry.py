@@ -16,13 +16,13 @@ from types import ModuleType
 from typing import Any, Optional
 
 STAGES = {
-    "concepts": "cultureclip.curate.concepts",
-    "dedup": "cultureclip.curate.dedup",
-    "twins": "cultureclip.curate.twins",
-    "captions": "cultureclip.curate.captions",
-    "render": "cultureclip.curate.render",
-    "judge": "cultureclip.curate.judge",
-    "export": "cultureclip.curate.export",
+    "concepts": "cultureclip.curate.stages.concepts",
+    "dedup": "cultureclip.curate.stages.dedup",
+    "twins": "cultureclip.curate.stages.twins",
+    "captions": "cultureclip.curate.stages.captions",
+    "render": "cultureclip.curate.stages.render",
+    "judge": "cultureclip.curate.stages.judge",
+    "export": "cultureclip.curate.stages.export",
 }
 ORDER = tuple(STAGES)
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from cultureclip.curate.messages import request_images, request_text, schema_name  # noqa: F401 (re-exported)
 
-STAGE_MODULES = ("cultureclip.curate.judge",)  # stage modules whose standin_responders() the CLI serves
+STAGE_MODULES = ("cultureclip.curate.stages.judge",)  # stage modules whose standin_responders() the CLI serves
 
 FAULT_KINDS = ("429", "500", "503", "slow", "malformed", "schema", "garbage")
 SCHEMA_VIOLATION = {"not_in_schema": True}  # every closed schema with a required field rejects it
@@ -258,7 +258,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m cultureclip.curate.standin``: serve the stand-in in this process until interrupted.
+    """``python -m cultureclip.curate.backends.standin``: serve the stand-in in this process until interrupted.
 
     Prints the base URL on the first line of stdout (for scripts and benchmarks that need the server
     in another process than the client).

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from cultureclip.curate import upstream as up
+from cultureclip.curate.stages import upstream as up
 
 BACKENDS = ("open_clip", "openai", "ngram")
 

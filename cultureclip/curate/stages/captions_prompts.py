@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from cultureclip import schema
-from cultureclip.curate import upstream as up
+from cultureclip.curate.stages import upstream as up
 from cultureclip.curate.prompts import load as load_prompt
 
 PROMPTS = ("captions_system", "captions")  # prompt files; their text is in the keys

@@ -1,4 +1,4 @@
-"""The judge's pass rule and its dataset-card section (re-exported by :mod:`cultureclip.curate.judge`).
+"""The judge's pass rule and its dataset-card section (re-exported by :mod:`cultureclip.curate.stages.judge`).
 
 The judge stage stores raw scores; whether an image passes is decided here, from a rule in config, so
 changing a threshold needs no new judge run. The paper's rule is the default: no score of 1, the mean

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 from cultureclip import schema
-from cultureclip.curate import embeddings as emb
-from cultureclip.curate import upstream as up
-from cultureclip.curate.dedup import load_deduped
+from cultureclip.curate.backends import embeddings as emb
+from cultureclip.curate.stages import upstream as up
+from cultureclip.curate.stages.dedup import load_deduped
 from cultureclip.curate.runner import Job, Outcome, run_stage
-from cultureclip.curate.twins_prompts import (PROMPTS, TWIN_FIELDS, candidate_messages, schemas, standin_responders,
+from cultureclip.curate.stages.twins_prompts import (PROMPTS, TWIN_FIELDS, candidate_messages, schemas, standin_responders,
                                               verdict_messages)
 
 NAME = "twins"

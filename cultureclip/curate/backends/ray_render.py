@@ -4,7 +4,7 @@ The driver does what the single-process stage does — builds the jobs, opens th
 :class:`~cultureclip.curate.runner.Store`, skips finished keys, writes parts — but its
 ``process`` hands the unfinished jobs to ``ray.data.from_items(...).map_batches(RenderActor, ...)``:
 each actor loads the pipeline once and renders batches with the stage's own code
-(:func:`cultureclip.curate.render.make_process`), writing the PNGs itself, and sends back only the
+(:func:`cultureclip.curate.stages.render.make_process`), writing the PNGs itself, and sends back only the
 records. So resumption, parts, manifests and error files are exactly those of a plain run, and a
 driver killed at any moment is resumed by the same command (images already written are reused).
 
@@ -22,7 +22,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-from cultureclip.curate import render, t2i
+from cultureclip.curate.stages import render
+from cultureclip.curate.backends import t2i
 from cultureclip.curate.registry import Context
 from cultureclip.curate.runner import Outcome, StageReport, Store, run_stage, save_report
 
@@ -106,7 +107,7 @@ def make_process(s: Mapping, render_dir: Path, opts: Mapping, stats: dict):
 
 
 def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context, upstream: tuple = ()) -> StageReport:
-    """:func:`cultureclip.curate.render.run_pairs` with the rendering done by Ray actors.
+    """:func:`cultureclip.curate.stages.render.run_pairs` with the rendering done by Ray actors.
 
     ``cfg`` is the render config; its ``ray`` mapping holds the Ray options (:data:`RAY_DEFAULTS`).
     """

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 from cultureclip import schema
-from cultureclip.curate import upstream as up
-from cultureclip.curate.captions_prompts import PROMPTS, caption_messages, caption_schema, standin_responders
-from cultureclip.curate.importer import set_pairs_source, twin_id
+from cultureclip.curate.stages import upstream as up
+from cultureclip.curate.stages.captions_prompts import PROMPTS, caption_messages, caption_schema, standin_responders
+from cultureclip.curate.stages.importer import set_pairs_source, twin_id
 from cultureclip.curate.runner import Job, Outcome, Store, canonical_json, plan, run_stage
-from cultureclip.curate.twins import load_twins
-from cultureclip.curate.twins_prompts import TWIN_FIELDS
+from cultureclip.curate.stages.twins import load_twins
+from cultureclip.curate.stages.twins_prompts import TWIN_FIELDS
 
 NAME = "captions"
 SETS = "sets"

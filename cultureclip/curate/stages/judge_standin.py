@@ -11,7 +11,7 @@ import hashlib
 from cultureclip import schema
 from cultureclip.curate.messages import request_images
 
-SCORES_SCHEMA = "judge_scores_v1"  # the response_format names the judge sends (cultureclip.curate.judge)
+SCORES_SCHEMA = "judge_scores_v1"  # the response_format names the judge sends (cultureclip.curate.stages.judge)
 TWIN_SCHEMA = "judge_twin_v1"
 _STANDIN_SCORES = (1, 2, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 5, 4, 3, 5)  # by a hash byte: P(1) = 1/16 per score
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from cultureclip import schema
-from cultureclip.curate import t2i
+from cultureclip.curate.backends import t2i
 from cultureclip.curate.registry import Context
 from cultureclip.curate.runner import (Job, Outcome, StageReport, Store, fingerprint, run_stage, save_report,
                                        seed_from_key, up_to_date, write_atomic)
@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "prompt_template": "{caption}",  # fields: caption, concept, country, category
     "max_sequence_length": None,  # SD3's T5 length; null: its default
     "part_size": 64, "cpu_offload": False, "variant": None, "local_files_only": False,
-    "ray": None,  # a mapping: render on a Ray cluster (cultureclip.curate.ray_render)
+    "ray": None,  # a mapping: render on a Ray cluster (cultureclip.curate.backends.ray_render)
 }
 SIDES = ((schema.POS_CONCEPT, schema.POS_COUNTRY, schema.POS_CAPTIONS),
          (schema.NEG_CONCEPT, schema.NEG_COUNTRY, schema.NEG_CAPTIONS))
@@ -301,7 +301,7 @@ def plan_fingerprint(s: Mapping, seed: int, upstream: tuple) -> str:
 
 def run(cfg: Mapping, ctx: Context) -> StageReport:
     """The stage entry point: render the current twin caption sets of ``ctx.out_dir`` (refused while incomplete)."""
-    from cultureclip.curate.importer import load_pairs, pairs_store
+    from cultureclip.curate.stages.importer import load_pairs, pairs_store
     source = pairs_store(ctx.out_dir)
     source.require_complete(NAME)
     done = up_to_date(Store(ctx.stage_dir(NAME), NAME), plan_fingerprint(settings(
@@ -310,7 +310,7 @@ def run(cfg: Mapping, ctx: Context) -> StageReport:
         return done
     pairs = load_pairs(ctx.out_dir, NAME)
     if cfg.get("ray"):
-        from cultureclip.curate import ray_render
+        from cultureclip.curate.backends import ray_render
         return ray_render.run_pairs(pairs, cfg, ctx, upstream=(pairs_store(ctx.out_dir),))
     return run_pairs(pairs, cfg, ctx, upstream=(pairs_store(ctx.out_dir),))
 

@@ -33,8 +33,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from cultureclip import schema
 from cultureclip.curate import card as C
-from cultureclip.curate.importer import load_pairs, pairs_store
-from cultureclip.curate.judge_rule import check_rule, passes  # the judge's rule (re-exported by curate.judge)
+from cultureclip.curate.stages.importer import load_pairs, pairs_store
+from cultureclip.curate.stages.judge_rule import check_rule, passes  # the judge's rule (re-exported by curate.judge)
 from cultureclip.curate.runner import StageReport, Store, digest, in_val, job_id, seed_from_key, write_atomic
 from cultureclip.curate.runner.store import STAGE_FILE
 from cultureclip.data.shards import TwinShardWriter
@@ -46,7 +46,7 @@ SPLIT_RULE = ("a twin pair is in val iff sha256(canonical JSON of [\"split\", {s
               "[0, 1) is below {f}; it depends on the pair's own id and the seed only, so adding or removing pairs "
               "never moves another pair between train and val")
 DEFAULTS = {"pairs_per_twin": 10, "val_fraction": 0.1, "split_seed": 0, "maxcount": 1000, "resize": None,
-            "rule": {},  # overrides of the judge's pass rule (cultureclip.curate.judge_rule.DEFAULT_RULE)
+            "rule": {},  # overrides of the judge's pass rule (cultureclip.curate.stages.judge_rule.DEFAULT_RULE)
             "gallery_size": 24, "thumbnail_size": 128, "plots": True}
 
 
@@ -75,7 +75,7 @@ def config(cfg: Optional[Mapping]) -> dict:
 
 
 def rule_failures(record: Mapping, rule: Mapping) -> list[str]:
-    """Why a judged image fails the pass rule of :func:`~cultureclip.curate.judge_rule.passes`, in words
+    """Why a judged image fails the pass rule of :func:`~cultureclip.curate.stages.judge_rule.passes`, in words
     for the card's gallery: a score below ``min_score``, a mean not above ``min_mean``, the twin check."""
     scores = [record[s] for s in schema.SCORES]
     out = [f"{s}={record[s]} < {rule['min_score']}" for s in schema.SCORES if record[s] < rule["min_score"]]

@@ -139,7 +139,7 @@ def chat_settings(cfg: Mapping, ctx: Any) -> dict:
 
 def chat_client(cfg: Mapping, ctx: Any) -> tuple[Any, str]:
     """A chat client for a stage (see :func:`chat_settings`), made on its first request, and its model id."""
-    from cultureclip.curate.chat import LazyChatClient  # needs the curate extra
+    from cultureclip.curate.backends.chat import LazyChatClient  # needs the curate extra
     settings = chat_settings(cfg, ctx)
     return LazyChatClient(settings), str(settings["model"])
 

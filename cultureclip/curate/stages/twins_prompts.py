@@ -10,7 +10,7 @@ import re
 from typing import Mapping
 
 from cultureclip import schema
-from cultureclip.curate import upstream as up
+from cultureclip.curate.stages import upstream as up
 from cultureclip.curate.prompts import load as load_prompt
 
 TWIN_FIELDS = (schema.CONCEPT, schema.NATIVE_NAME, schema.COUNTRY, schema.CATEGORY, schema.CONTEXT, schema.FEATURES)

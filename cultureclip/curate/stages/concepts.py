@@ -9,7 +9,7 @@ Three sources (config ``sources``), each a kind of job:
   An image that cannot be read, an unknown category or country is an error record with that reason.
 - ``seed``: a JSONL file of concepts a user already has, taken as they are (validated, no call).
 
-A category outside :class:`~cultureclip.curate.upstream.Category` (or not enabled) is never mapped to
+A category outside :class:`~cultureclip.curate.stages.upstream.Category` (or not enabled) is never mapped to
 another one: the concept is rejected and the reason counted.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from cultureclip import schema
-from cultureclip.curate import upstream as up
-from cultureclip.curate.concepts_io import WIKI_PROMPTS, read_seed, read_wit, wiki_request, wiki_responder
+from cultureclip.curate.stages import upstream as up
+from cultureclip.curate.stages.concepts_io import WIKI_PROMPTS, read_seed, read_wit, wiki_request, wiki_responder
 from cultureclip.curate.prompts import load as load_prompt
 from cultureclip.curate.runner import Job, Outcome, digest, run_stage
 
@@ -203,7 +203,7 @@ def _answer_outcome(job: Mapping, ans: Any, allowed: tuple, countries: set, mode
         return Outcome(key, error=ans.error or "no_answer", message=ans.message, attempts=ans.attempts)
     if job[schema.SOURCE] == "top_down":
         return Outcome(key, record=_cell_record(job, ans.value, allowed, model), attempts=ans.attempts)
-    from cultureclip.curate.concepts_io import wiki_outcome
+    from cultureclip.curate.stages.concepts_io import wiki_outcome
     return wiki_outcome(job, ans, allowed, countries, model)
 
 

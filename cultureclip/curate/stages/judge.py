@@ -1,7 +1,7 @@
 """The judge stage: a vision-language model scores every rendered image and checks it against its twin.
 
 For each twin pair, each side, each rendered image of that side's captions, two structured requests
-go to an OpenAI-compatible server (:mod:`cultureclip.curate.chat`), the image first in both (so a
+go to an OpenAI-compatible server (:mod:`cultureclip.curate.backends.chat`), the image first in both (so a
 server with prefix caching encodes it once):
 
 * **scores** — the paper's three 1-5 scores (authenticity, consistency with the concept, cultural
@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping, Optional, Sequence
 
 from cultureclip import schema
-from cultureclip.curate.chat import ChatAnswer, ChatClient, ChatConfig, LazyChatClient, image_part
-from cultureclip.curate.judge_rule import DEFAULT_RULE, card_section, check_rule, passes  # noqa: F401 (API)
-from cultureclip.curate.judge_standin import SCORES_SCHEMA, TWIN_SCHEMA
+from cultureclip.curate.backends.chat import ChatAnswer, ChatClient, ChatConfig, LazyChatClient, image_part
+from cultureclip.curate.stages.judge_rule import DEFAULT_RULE, card_section, check_rule, passes  # noqa: F401 (API)
+from cultureclip.curate.stages.judge_standin import SCORES_SCHEMA, TWIN_SCHEMA
 from cultureclip.curate.prompts import load as load_prompt
 from cultureclip.curate.runner import Job, Outcome, StageReport, Store, fingerprint, run_stage, save_report, up_to_date
 
@@ -256,7 +256,7 @@ def run(cfg: Mapping, ctx: Any) -> StageReport:
     Raises:
         FileNotFoundError, ValueError: the caption sets or the render view are missing or incomplete.
     """
-    from cultureclip.curate.importer import load_pairs, pairs_store
+    from cultureclip.curate.stages.importer import load_pairs, pairs_store
     cfg = _plain(cfg or {})
     unknown = sorted(set(cfg) - set(CONFIG_KEYS))
     if unknown:
@@ -289,6 +289,6 @@ def run(cfg: Mapping, ctx: Any) -> StageReport:
 
 
 def standin_responders() -> dict:
-    """The stand-in server's answers for the judge's two requests (:mod:`cultureclip.curate.judge_standin`)."""
-    from cultureclip.curate.judge_standin import responders
+    """The stand-in server's answers for the judge's two requests (:mod:`cultureclip.curate.stages.judge_standin`)."""
+    from cultureclip.curate.stages.judge_standin import responders
     return responders()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 from cultureclip import schema
-from cultureclip.curate import upstream as up
+from cultureclip.curate.stages import upstream as up
 from cultureclip.curate.prompts import load as load_prompt
 from cultureclip.curate.runner import Outcome
 
@@ -145,7 +145,7 @@ def wiki_messages(job: Mapping, image: dict) -> list[dict]:
 
 def wiki_request(job: Mapping) -> tuple[Optional[tuple], Optional[Outcome]]:
     """``((key, messages, schema), None)``, or ``(None, error outcome)`` when the page's image is unusable."""
-    from cultureclip.curate.chat import image_part
+    from cultureclip.curate.backends.chat import image_part
     key, path, url = job[schema.REC_KEY], job.get(schema.WIT_IMAGE_PATH), job.get(schema.WIT_IMAGE_URL)
     if path:
         try:
@@ -168,7 +168,7 @@ def wiki_request(job: Mapping) -> tuple[Optional[tuple], Optional[Outcome]]:
 
 def wiki_outcome(job: Mapping, ans: Any, allowed: tuple, countries: set, model: str) -> Outcome:
     """The record (or error) of one page from the VLM's answer."""
-    from cultureclip.curate.concepts import check_concept, concept_entry
+    from cultureclip.curate.stages.concepts import check_concept, concept_entry
     key, value = job[schema.REC_KEY], ans.value.model_dump()
     base = {schema.SOURCE: "wiki", schema.REC_WHERE: job[schema.REC_WHERE],
             schema.WIT_PAGE_TITLE: job[schema.WIT_PAGE_TITLE], schema.MODEL_ID: model}

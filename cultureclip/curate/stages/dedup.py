@@ -4,7 +4,7 @@ Two concepts merge when, within the same (category, country):
 
 1. their normalised names are equal (casefold, NFKC, no diacritics or punctuation: "Phở" = "Pho"),
    or their normalised native names are; or
-2. their text embeddings (:mod:`cultureclip.curate.embeddings`) are nearest neighbours with a cosine
+2. their text embeddings (:mod:`cultureclip.curate.backends.embeddings`) are nearest neighbours with a cosine
    similarity of at least ``threshold`` (FAISS flat inner-product index, ``neighbours`` per concept).
 
 Merges are transitive (union-find). Concepts of different countries never merge: two countries'
@@ -18,9 +18,9 @@ from collections import Counter
 from typing import Any, Iterator, Mapping
 
 from cultureclip import schema
-from cultureclip.curate import embeddings as emb
-from cultureclip.curate import upstream as up
-from cultureclip.curate.concepts import load_concepts
+from cultureclip.curate.backends import embeddings as emb
+from cultureclip.curate.stages import upstream as up
+from cultureclip.curate.stages.concepts import load_concepts
 from cultureclip.curate.runner import Job, Outcome, run_stage
 
 NAME = "dedup"

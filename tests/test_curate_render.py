@@ -101,7 +101,7 @@ def test_jobs_dedup_and_keys():
     assert planned(PAIRS, {**CFG, "guidance": 0}) == jobs  # 0 and 0.0 are one setting
     with pytest.raises(ValueError, match="neg_captions"):
         list(render.render_jobs([{**PAIRS[0], schema.NEG_CAPTIONS: ["ok", ""]}], CFG))
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match=r"unknown render settings \[.stepz.\]"):
         render.settings({"steps": 2, "stepz": 3})
     with pytest.raises(ValueError, match="multiples of 8"):
         render.settings({"width": 30})

@@ -118,12 +118,3 @@ def job_range(jobs: Sequence[Mapping], shard_index: int = 0, num_shards: int = 1
     ordered = sorted(jobs, key=lambda j: j[schema.REC_KEY])
     n = len(ordered)
     return ordered[n * shard_index // num_shards: n * (shard_index + 1) // num_shards]
-
-
-def merge_settings(defaults: Mapping[str, Any], given: Optional[Mapping[str, Any]], what: str) -> dict:
-    """``defaults`` overridden by ``given``; unknown keys are refused alike by every stage."""
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown {what} settings {unknown}; known: {sorted(defaults)}")
-    return {**defaults, **given}

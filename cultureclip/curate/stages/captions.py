@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 from cultureclip import schema
+from cultureclip.curate.stages import settings as stage_settings
 from cultureclip.curate.stages import upstream as up
+from cultureclip.curate.stages.settings import typed
 from cultureclip.curate.stages.captions_prompts import PROMPTS, caption_messages, caption_schema, standin_responders
 from cultureclip.curate.stages.importer import set_pairs_source, twin_id
 from cultureclip.curate.runner import Job, Outcome, Store, canonical_json, plan, run_stage
@@ -160,7 +162,7 @@ def run(cfg: Mapping, ctx: Any):
     A pair job's inputs are both sides' fields and both caption sets' captions, so a changed set reruns
     exactly the pairs that use it. The captions store becomes the run's current twin caption sets.
     """
-    cfg = up.plain(cfg)
+    cfg = typed(stage_settings.Captions, up.plain(cfg), NAME)
     model = str(up.chat_settings(cfg, ctx)["model"])
     pairs, mirrored = twin_pairs(load_twins(ctx.out_dir, NAME))
     sides = {}

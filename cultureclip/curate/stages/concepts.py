@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from cultureclip import schema
+from cultureclip.curate.stages import settings as stage_settings
 from cultureclip.curate.stages import upstream as up
+from cultureclip.curate.stages.settings import typed
 from cultureclip.curate.stages.concepts_io import WIKI_PROMPTS, read_seed, read_wit, wiki_request, wiki_responder
 from cultureclip.curate.prompts import load as load_prompt
 from cultureclip.curate.runner import Job, Outcome, digest, run_stage
@@ -157,7 +159,7 @@ def _seed_outcome(job: Mapping, allowed: tuple) -> Outcome:
 
 def run(cfg: Mapping, ctx: Any):
     """Run the stage (see the module docstring) and return its report."""
-    cfg = up.plain(cfg)
+    cfg = typed(stage_settings.Concepts, up.plain(cfg), NAME)
     allowed = up.categories_from(cfg.get("categories"))
     countries = up.load_countries((cfg.get("top_down") or {}).get("countries_file"))
     sources = list(cfg.get("sources") or ["top_down"])

@@ -19,12 +19,14 @@ from typing import Any, Iterator, Mapping
 
 from cultureclip import schema
 from cultureclip.curate.backends import embeddings as emb
+from cultureclip.curate.stages import settings as stage_settings
 from cultureclip.curate.stages import upstream as up
+from cultureclip.curate.stages.settings import typed
 from cultureclip.curate.stages.concepts import load_concepts
 from cultureclip.curate.runner import Job, Outcome, run_stage
 
 NAME = "dedup"
-THRESHOLD = 0.92  # default cosine for merging (conf/dedup/default.yaml; see docs/curation_upstream.md)
+THRESHOLD = stage_settings.Dedup.threshold  # default cosine for merging (see docs/curation_upstream.md)
 
 
 def embed_text(concept: Mapping, mode: str) -> str:
@@ -103,7 +105,7 @@ def run(cfg: Mapping, ctx: Any):
     One job per cluster; its inputs are the members' full entries and the cluster's merges, so an edit of
     any member (its features, say) reruns exactly that cluster's job.
     """
-    cfg = up.plain(cfg)
+    cfg = typed(stage_settings.Dedup, up.plain(cfg), NAME)
     if ctx.num_shards > 1:
         raise ValueError(f"dedup compares every concept with every other: run stage=dedup once, with num_shards=1 "
                          f"(got num_shards={ctx.num_shards}), after every job range of stage=concepts")

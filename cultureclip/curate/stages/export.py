@@ -37,6 +37,7 @@ from cultureclip.curate.stages.importer import load_pairs, pairs_store
 from cultureclip.curate.stages.judge_rule import check_rule, passes  # the judge's rule (re-exported by curate.judge)
 from cultureclip.curate.runner import StageReport, Store, digest, in_val, job_id, seed_from_key, write_atomic
 from cultureclip.curate.runner.store import STAGE_FILE
+from cultureclip.curate.stages.settings import Export as ExportSettings, typed
 from cultureclip.data.shards import TwinShardWriter
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,7 @@ TRAIN, VAL = "train", "val"
 SPLIT_RULE = ("a twin pair is in val iff sha256(canonical JSON of [\"split\", {seed}, twin_id]) read as a number in "
               "[0, 1) is below {f}; it depends on the pair's own id and the seed only, so adding or removing pairs "
               "never moves another pair between train and val")
-DEFAULTS = {"pairs_per_twin": 10, "val_fraction": 0.1, "split_seed": 0, "maxcount": 1000, "resize": None,
-            "rule": {},  # overrides of the judge's pass rule (cultureclip.curate.stages.judge_rule.DEFAULT_RULE)
-            "gallery_size": 24, "thumbnail_size": 128, "plots": True}
+DEFAULTS = asdict(ExportSettings())  # the defaults live in stages/settings.py
 
 
 def _plain(obj: Any) -> Any:
@@ -62,10 +61,7 @@ def _plain(obj: Any) -> Any:
 def config(cfg: Optional[Mapping]) -> dict:
     """The stage settings: ``DEFAULTS`` overridden by ``cfg``; unknown keys are refused."""
     given = _plain(cfg or {})
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown export settings {unknown}; known: {sorted(DEFAULTS)}")
-    out = {**DEFAULTS, **given, "rule": check_rule(given.get("rule"))}
+    out = {**typed(ExportSettings, given, "export"), "rule": check_rule(given.get("rule"))}
     k, f = out["pairs_per_twin"], out["val_fraction"]
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"export.pairs_per_twin must be a positive integer or null (all), got {k!r}")

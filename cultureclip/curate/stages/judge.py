@@ -30,6 +30,7 @@ from cultureclip.curate.backends.chat import ChatAnswer, ChatClient, ChatConfig,
 from cultureclip.curate.stages.judge_rule import DEFAULT_RULE, card_section, check_rule, passes  # noqa: F401 (API)
 from cultureclip.curate.stages.judge_standin import SCORES_SCHEMA, TWIN_SCHEMA
 from cultureclip.curate.prompts import load as load_prompt
+from cultureclip.curate.stages.settings import Judge as JudgeSettings, typed
 from cultureclip.curate.runner import Job, Outcome, StageReport, Store, fingerprint, run_stage, save_report, up_to_date
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 STAGE = "judge"
 RENDER_STAGE = "render"
 PROMPTS = ("judge_scores", "judge_twin")  # prompt files (cultureclip/curate/prompts); their text is in every key
-CONFIG_KEYS = ("chat", "part_size")
 SIDES = {  # side -> (concept, country, context, features, captions) of the pair record, and the other side
     schema.POS_PREFIX: ((schema.POS_CONCEPT, schema.POS_COUNTRY, schema.POS_CONTEXT, schema.POS_FEATURES,
                          schema.POS_CAPTIONS), schema.NEG_PREFIX),
@@ -257,10 +257,7 @@ def run(cfg: Mapping, ctx: Any) -> StageReport:
         FileNotFoundError, ValueError: the caption sets or the render view are missing or incomplete.
     """
     from cultureclip.curate.stages.importer import load_pairs, pairs_store
-    cfg = _plain(cfg or {})
-    unknown = sorted(set(cfg) - set(CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"unknown judge settings {unknown}; known: {list(CONFIG_KEYS)}")
+    cfg = typed(JudgeSettings, _plain(cfg or {}), "judge")
     chat = chat_config(cfg, ctx)
     source = pairs_store(ctx.out_dir)
     source.require_complete(STAGE)

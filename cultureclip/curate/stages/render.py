@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -34,20 +35,13 @@ from cultureclip.curate.backends import t2i
 from cultureclip.curate.registry import Context
 from cultureclip.curate.runner import (Job, Outcome, StageReport, Store, fingerprint, run_stage, save_report,
                                        seed_from_key, up_to_date, write_atomic)
+from cultureclip.curate.stages.settings import Render as RenderSettings, typed
 
 log = logging.getLogger(__name__)
 
 NAME = "render"
 IMAGES_DIR = "images"
-DEFAULTS: dict[str, Any] = {
-    "model": t2i.DEFAULT_MODEL, "dtype": "float16", "device": "auto",
-    "width": 512, "height": 512, "steps": 4, "guidance": 0.0, "negative_prompt": None,
-    "images_per_caption": 1, "batch_size": 4,
-    "prompt_template": "{caption}",  # fields: caption, concept, country, category
-    "max_sequence_length": None,  # SD3's T5 length; null: its default
-    "part_size": 64, "cpu_offload": False, "variant": None, "local_files_only": False,
-    "ray": None,  # a mapping: render on a Ray cluster (cultureclip.curate.backends.ray_render)
-}
+DEFAULTS: dict[str, Any] = asdict(RenderSettings())  # the defaults live in stages/settings.py
 SIDES = ((schema.POS_CONCEPT, schema.POS_COUNTRY, schema.POS_CAPTIONS),
          (schema.NEG_CONCEPT, schema.NEG_COUNTRY, schema.NEG_CAPTIONS))
 _PIPELINES: dict[tuple, Any] = {}  # loaded once per process: reruns and stage=all reuse the model
@@ -55,10 +49,7 @@ _PIPELINES: dict[tuple, Any] = {}  # loaded once per process: reruns and stage=a
 
 def settings(cfg: Mapping) -> dict:
     """The stage config with defaults filled in; a ValueError names an unknown or invalid key."""
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"render config: unknown keys {unknown}; known: {sorted(DEFAULTS)}")
-    s = {**DEFAULTS, **{k: cfg[k] for k in cfg}}
+    s = typed(RenderSettings, {k: cfg[k] for k in cfg}, "render")
     for k in ("width", "height", "steps", "images_per_caption", "batch_size", "part_size"):
         if not isinstance(s[k], int) or isinstance(s[k], bool) or s[k] < 1:
             raise ValueError(f"render config: {k} must be a positive integer, got {s[k]!r}")
@@ -302,6 +293,7 @@ def plan_fingerprint(s: Mapping, seed: int, upstream: tuple) -> str:
 def run(cfg: Mapping, ctx: Context) -> StageReport:
     """The stage entry point: render the current twin caption sets of ``ctx.out_dir`` (refused while incomplete)."""
     from cultureclip.curate.stages.importer import load_pairs, pairs_store
+    settings(cfg)  # a bad setting is named before anything is read
     source = pairs_store(ctx.out_dir)
     source.require_complete(NAME)
     done = up_to_date(Store(ctx.stage_dir(NAME), NAME), plan_fingerprint(settings(

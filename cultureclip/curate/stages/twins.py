@@ -24,7 +24,9 @@ from typing import Any, Iterator, Mapping, Optional
 
 from cultureclip import schema
 from cultureclip.curate.backends import embeddings as emb
+from cultureclip.curate.stages import settings as stage_settings
 from cultureclip.curate.stages import upstream as up
+from cultureclip.curate.stages.settings import typed
 from cultureclip.curate.stages.dedup import load_deduped
 from cultureclip.curate.runner import Job, Outcome, run_stage
 from cultureclip.curate.stages.twins_prompts import (PROMPTS, TWIN_FIELDS, candidate_messages, schemas, standin_responders,
@@ -138,7 +140,7 @@ def _verdict_reason(v: Mapping, min_similarity: int) -> Optional[str]:
 
 def run(cfg: Mapping, ctx: Any):
     """Run the stage over the ``dedup`` store; return its report."""
-    cfg = up.plain(cfg)
+    cfg = typed(stage_settings.Twins, up.plain(cfg), NAME)
     pool = load_deduped(ctx.out_dir, NAME)
     client, model = up.chat_client(cfg, ctx)
     jobs = build_jobs(pool, cfg, model)

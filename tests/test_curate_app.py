@@ -40,6 +40,29 @@ def test_stage_list():
     assert app.stage_list("import", {**cfg, "input": "x.jsonl"}) == []
     with pytest.raises(app.CurateError, match="stage=import needs input="):
         app.stage_list("import", cfg)
+    # input= replaces the caption sets: together with a stage that makes them it is refused, never ignored
+    with pytest.raises(app.CurateError, match=r"input= replaces the caption sets that stage\(s\) \['captions'\]"):
+        app.stage_list(["captions", "render"], {**cfg, "input": "x.jsonl"})
+    assert app.stage_list("gc", cfg) == []
+
+
+def test_gc_through_the_app_lists_then_removes(tmp_path):
+    out = tmp_path / "run"
+    make_run(out)
+    src = tmp_path / "fewer.jsonl"  # re-import without the last twin pair: its records leave the view
+    rows = [json.loads(x) for x in (tmp_path / "pairs_in.jsonl").read_text().splitlines()]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    app.run({"out_dir": str(out), "stage": "import", "input": str(src)}, echo=lambda line: None)
+    lines = []
+    app.run({"out_dir": str(out), "stage": "gc"}, echo=lines.append)
+    pairs_line = next(x for x in lines if x.startswith(f"gc {out / 'pairs'}:"))
+    assert "would remove 1 records" in pairs_line and (out / "pairs" / "parts").exists()
+    lines.clear()
+    app.run({"out_dir": str(out), "stage": "gc", "gc_dry_run": False}, echo=lines.append)
+    assert any(x.startswith(f"gc {out / 'pairs'}: removed 1 records") for x in lines)
+    lines.clear()
+    app.run({"out_dir": str(out), "stage": "gc"}, echo=lines.append)
+    assert all("would remove 0 records" in x for x in lines)
 
 
 def test_demo_config_composes(tmp_path):

@@ -21,15 +21,14 @@ pytestmark = [pytest.mark.slow,
 
 def test_ray_render_matches_single_process(tmp_path):
     ray = pytest.importorskip("ray")
-    from cultureclip.curate.backends import ray_render
     repo = str(Path(render.__file__).parents[2])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}})
     try:
-        rep = ray_render.run_pairs(PAIRS, {**CFG, "ray": {"concurrency": 1, "jobs_per_batch": 3}},
-                                   Context(out_dir=tmp_path / "ray"))
+        rep = render.run_pairs(PAIRS, {**CFG, "ray": {"concurrency": 1, "jobs_per_batch": 3}},
+                               Context(out_dir=tmp_path / "ray"))
         assert (rep.ok, rep.errors, rep.extra["ray_actors"]) == (N_UNIQUE, 0, 1)
-        again = ray_render.run_pairs(PAIRS, {**CFG, "ray": {"concurrency": 1}}, Context(out_dir=tmp_path / "ray"))
+        again = render.run_pairs(PAIRS, {**CFG, "ray": {"concurrency": 1}}, Context(out_dir=tmp_path / "ray"))
         assert (again.done_before, again.processed) == (N_UNIQUE, 0)
     finally:
         ray.shutdown()

@@ -8,7 +8,7 @@ row and the field.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 from cultureclip import schema
 from cultureclip.data.shards import RecordError

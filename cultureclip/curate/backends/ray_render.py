@@ -1,11 +1,10 @@
 """The render stage on a Ray cluster (many nodes, one actor per GPU), through Ray Data.
 
-The driver does what the single-process stage does — builds the jobs, opens the same
-:class:`~cultureclip.curate.runner.Store`, skips finished keys, writes parts — but its
-``process`` hands the unfinished jobs to ``ray.data.from_items(...).map_batches(RenderActor, ...)``:
-each actor loads the pipeline once and renders batches with the stage's own code
-(:func:`cultureclip.curate.stages.render.make_process`), writing the PNGs itself, and sends back only the
-records. So resumption, parts, manifests and error files are exactly those of a plain run, and a
+The driver is the render stage itself — it plans the jobs, opens the same store, skips finished keys,
+writes parts — but its ``process`` (:func:`make_ray_process`) hands the unfinished jobs to
+``ray.data.from_items(...).map_batches(RenderActor, ...)``: each actor loads the pipeline once and
+renders batches with the same code as one process (:func:`cultureclip.curate.backends.render_batches.
+make_process`), writing the PNGs itself, and sends back only the outcomes. So resumption, parts, manifests and error files are exactly those of a plain run, and a
 driver killed at any moment is resumed by the same command (images already written are reused).
 
 ``out_dir`` must be on a file system that every node sees at the same path (NFS, Lustre, a
@@ -22,10 +21,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-from cultureclip.curate.stages import render
-from cultureclip.curate.backends import t2i
-from cultureclip.curate.registry import Context
-from cultureclip.curate.runner import Outcome, StageReport, Store, run_stage, save_report
+from cultureclip.curate.backends import render_batches, t2i
+from cultureclip.curate.runner import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +51,9 @@ class RenderActor:
     def __init__(self, settings: Mapping, render_dir: str) -> None:
         self.settings = dict(settings)
         device = t2i.resolve_device(self.settings["device"])  # Ray sets CUDA_VISIBLE_DEVICES per actor
-        pipe = render.get_pipeline(self.settings, device)
+        pipe = render_batches.get_pipeline(self.settings, device)
         self.stats: dict = {}
-        self.process = render.make_process(self.settings, Path(render_dir), lambda: pipe, self.stats)
+        self.process = render_batches.make_process(self.settings, Path(render_dir), lambda: pipe, self.stats)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict:
         jobs = [json.loads(x) for x in batch[_JOB]]
@@ -106,26 +103,16 @@ def make_process(s: Mapping, render_dir: Path, opts: Mapping, stats: dict):
     return process
 
 
-def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context, upstream: tuple = ()) -> StageReport:
-    """:func:`cultureclip.curate.stages.render.run_pairs` with the rendering done by Ray actors.
+def make_ray_process(s: Mapping, render_dir: Path, stats: dict) -> tuple:
+    """The render stage's ``process`` on Ray actors (Ray started or joined here) and the report's extra figures.
 
-    ``cfg`` is the render config; its ``ray`` mapping holds the Ray options (:data:`RAY_DEFAULTS`).
+    ``s`` is the render settings; its ``ray`` mapping holds the Ray options (:data:`RAY_DEFAULTS`).
     """
     ray = _import_ray()
-    cfg = dict(cfg)
-    ray_cfg = cfg.pop("ray", None)
-    s = render.settings(cfg)
+    ray_cfg = dict(s.get("ray") or {})
     if not ray.is_initialized():
-        ray.init(address=ray_cfg.get("address") if ray_cfg else None, include_dashboard=False)
+        ray.init(address=ray_cfg.get("address"), include_dashboard=False)
     opts = ray_options(ray_cfg, ray)
-    render_dir = ctx.stage_dir(render.NAME)
-    store = Store(render_dir, render.NAME)
-    stats: dict = {}
-    report = run_stage(store, render.render_jobs(pairs, s, ctx.seed), make_process(s, render_dir, opts, stats),
-                       shard_index=ctx.shard_index, num_shards=ctx.num_shards, retry_errors=ctx.retry_errors,
-                       part_size=s["part_size"], upstream=upstream)
-    report.extra.update({"ray_actors": opts["concurrency"], "ray_gpus_per_actor": opts["num_gpus"], **stats})
-    save_report(store, report)  # with the stage's own figures
-    log.info("render (ray, %d actors) %s: %d rendered, %d errors, %d done before, %.1f s", opts["concurrency"],
-             report.job, report.ok, report.errors, report.done_before, report.seconds)
-    return report
+    actor_settings = {k: v for k, v in s.items() if k != "ray"}
+    return (make_process(actor_settings, render_dir, opts, stats),
+            {"ray_actors": opts["concurrency"], "ray_gpus_per_actor": opts["num_gpus"]})

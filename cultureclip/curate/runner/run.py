@@ -15,7 +15,6 @@ import os
 import time
 from collections import Counter
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 from cultureclip import schema

@@ -30,7 +30,7 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
 from cultureclip import schema
 from cultureclip.curate.runner.keys import KEY_CHARS, canonical_json

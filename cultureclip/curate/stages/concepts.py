@@ -23,7 +23,8 @@ from cultureclip import schema
 from cultureclip.curate.stages import settings as stage_settings
 from cultureclip.curate.stages import upstream as up
 from cultureclip.curate.stages.settings import typed
-from cultureclip.curate.stages.concepts_io import WIKI_PROMPTS, read_seed, read_wit, wiki_request, wiki_responder
+from cultureclip.curate.stages.concepts_io import (WIKI_PROMPTS, check_concept, concept_entry, read_seed, read_wit,
+                                                   wiki_request, wiki_responder)
 from cultureclip.curate.prompts import load as load_prompt
 from cultureclip.curate.runner import Job, Outcome, digest, run_stage
 
@@ -54,32 +55,6 @@ def top_down_messages(country: str, category: str, n: int) -> list[dict]:
     user = (load_prompt("concepts_top_down").format(n=n, categories=cats) + "\n\n"
             + up.field_block({"Country": country, "Category": category, "Count": n}))
     return up.system_user(load_prompt("concepts_system"), user)
-
-
-def concept_entry(item: Mapping, country: str, category: up.Category, source: str) -> dict:
-    """A concept as the stage stores it (stripped texts, empty features dropped)."""
-    name = str(item.get(schema.CONCEPT) or "").strip()
-    return {schema.CONCEPT_ID: up.concept_id(name, country, category.value), schema.CONCEPT: name,
-            schema.NATIVE_NAME: str(item.get(schema.NATIVE_NAME) or "").strip() or None,
-            schema.COUNTRY: country, schema.CATEGORY: category.value,
-            schema.CONTEXT: str(item.get(schema.CONTEXT) or "").strip() or None,
-            schema.FEATURES: [f.strip() for f in item.get(schema.FEATURES) or [] if str(f).strip()],
-            schema.SOURCE: source}
-
-
-def check_concept(item: Mapping, allowed: tuple) -> tuple[Optional[up.Category], Optional[str]]:
-    """The concept's category, or None and the reason it is rejected."""
-    try:
-        cat = up.parse_category(item.get(schema.CATEGORY), allowed)
-    except up.CategoryNotEnabled as exc:
-        return None, f"category_not_enabled: {exc}"
-    except up.UnknownCategory as exc:
-        return None, f"unknown_category: {exc}"
-    if not str(item.get(schema.CONCEPT) or "").strip():
-        return None, "empty_name"
-    if not [f for f in item.get(schema.FEATURES) or [] if str(f).strip()]:
-        return None, "no_features"
-    return cat, None
 
 
 def _cell_record(job: Mapping, answer: Any, allowed: tuple, model: str) -> dict:

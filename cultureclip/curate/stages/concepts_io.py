@@ -26,6 +26,32 @@ PACKAGE = "package:"  # seed.file prefix: a file of cultureclip/data_files
 DESCRIPTION_CHARS = 1500  # a page description is cut here: the lead paragraph says what the item is
 
 
+def concept_entry(item: Mapping, country: str, category: up.Category, source: str) -> dict:
+    """A concept as the stage stores it (stripped texts, empty features dropped)."""
+    name = str(item.get(schema.CONCEPT) or "").strip()
+    return {schema.CONCEPT_ID: up.concept_id(name, country, category.value), schema.CONCEPT: name,
+            schema.NATIVE_NAME: str(item.get(schema.NATIVE_NAME) or "").strip() or None,
+            schema.COUNTRY: country, schema.CATEGORY: category.value,
+            schema.CONTEXT: str(item.get(schema.CONTEXT) or "").strip() or None,
+            schema.FEATURES: [f.strip() for f in item.get(schema.FEATURES) or [] if str(f).strip()],
+            schema.SOURCE: source}
+
+
+def check_concept(item: Mapping, allowed: tuple) -> tuple[Optional[up.Category], Optional[str]]:
+    """The concept's category, or None and the reason it is rejected."""
+    try:
+        cat = up.parse_category(item.get(schema.CATEGORY), allowed)
+    except up.CategoryNotEnabled as exc:
+        return None, f"category_not_enabled: {exc}"
+    except up.UnknownCategory as exc:
+        return None, f"unknown_category: {exc}"
+    if not str(item.get(schema.CONCEPT) or "").strip():
+        return None, "empty_name"
+    if not [f for f in item.get(schema.FEATURES) or [] if str(f).strip()]:
+        return None, "no_features"
+    return cat, None
+
+
 def _rows_of(path: Path) -> Iterator[tuple[str, Any]]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -168,7 +194,6 @@ def wiki_request(job: Mapping) -> tuple[Optional[tuple], Optional[Outcome]]:
 
 def wiki_outcome(job: Mapping, ans: Any, allowed: tuple, countries: set, model: str) -> Outcome:
     """The record (or error) of one page from the VLM's answer."""
-    from cultureclip.curate.stages.concepts import check_concept, concept_entry
     key, value = job[schema.REC_KEY], ans.value.model_dump()
     base = {schema.SOURCE: "wiki", schema.REC_WHERE: job[schema.REC_WHERE],
             schema.WIT_PAGE_TITLE: job[schema.WIT_PAGE_TITLE], schema.MODEL_ID: model}

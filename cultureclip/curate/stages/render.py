@@ -9,42 +9,40 @@ Reproducibility: each image's initial noise comes from its own CPU ``torch.Gener
 (``batch_size``); a short batch is padded to the full size with copies of its last prompt, so every
 image is computed in a batch of the same shape and its pixels do not depend on which other captions
 shared its batch (checked bit-exactly in the tests). Bit-exact equality across runs still needs the
-same ``batch_size``, dtype, hardware and library versions.
+same ``batch_size``, dtype, hardware and library versions (batch size and device are not in the keys:
+changing them reuses every finished image).
 
 Files: ``<out_dir>/render/images/<key[:2]>/<key>.png``, written atomically before the record is
 handed to the store; after a crash, an image whose record was lost is read back instead of rendered
-again. A render that fails (OOM, CUDA error, NaN pixels, a safety checker's flag) is an error record
-with its reason (``oom``, ``backend_error``, ``nan_image``, ``nsfw``), never a blank image; a batch
-that fails is retried image by image first. Other exceptions (bad config, a bug) stop the stage;
-finished records are kept.
+again. NaN pixels and a safety checker's flag are rejections (``nan_image``, ``nsfw``: the same key
+gives the same pixels, so they are final); out of memory and other backend errors are errors
+(``oom``, ``backend_error``), retried on the next run; never a blank image. A batch that fails is
+retried image by image first, at the same batch shape; a device error that persists then stops the
+stage. The rendering itself is :mod:`cultureclip.curate.backends.render_batches` (one process) or
+:mod:`cultureclip.curate.backends.ray_render` (Ray actors).
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
-import time
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable
 
 from cultureclip import schema
 from cultureclip.curate.backends import t2i
+from cultureclip.curate.backends.render_batches import (IMAGES_DIR, get_pipeline, image_path,  # noqa: F401
+                                                        make_process)
 from cultureclip.curate.registry import Context
-from cultureclip.curate.runner import (Job, Outcome, StageReport, Store, fingerprint, run_stage, save_report,
-                                       seed_from_key, up_to_date, write_atomic)
+from cultureclip.curate.runner import Job, StageReport, Store, fingerprint, run_stage, save_report, up_to_date
 from cultureclip.curate.stages.settings import Render as RenderSettings, typed
 
 log = logging.getLogger(__name__)
 
 NAME = "render"
-IMAGES_DIR = "images"
 DEFAULTS: dict[str, Any] = asdict(RenderSettings())  # the defaults live in stages/settings.py
 SIDES = ((schema.POS_CONCEPT, schema.POS_COUNTRY, schema.POS_CAPTIONS),
          (schema.NEG_CONCEPT, schema.NEG_COUNTRY, schema.NEG_CAPTIONS))
-_PIPELINES: dict[tuple, Any] = {}  # loaded once per process: reruns and stage=all reuse the model
 
 
 def settings(cfg: Mapping) -> dict:
@@ -108,147 +106,6 @@ def render_jobs(pairs: Iterable[dict], cfg: Mapping, seed: int = 0) -> Iterator[
                               settings=per_seed[i])
 
 
-def image_path(render_dir: Path, key: str) -> Path:
-    """Where the image of ``key`` lives (``images/<key[:2]>/<key>.png`` under the render folder)."""
-    return Path(render_dir) / IMAGES_DIR / key[:2] / f"{key}.png"
-
-
-def get_pipeline(s: Mapping, device: str):
-    """The pipeline for these settings, loaded once per process."""
-    cache_key = (s["model"], s["dtype"], device, s["cpu_offload"], s["variant"])
-    if cache_key not in _PIPELINES:
-        _PIPELINES[cache_key] = t2i.load_pipeline(s["model"], s["dtype"], device, cpu_offload=s["cpu_offload"],
-                                                  variant=s["variant"], local_files_only=s["local_files_only"])
-    return _PIPELINES[cache_key]
-
-
-def _readable_png(path: Path) -> Optional[bytes]:
-    if not path.is_file():
-        return None
-    from PIL import Image
-    data = path.read_bytes()
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
-    except Exception as exc:  # written atomically, so this is outside damage: render it again
-        log.warning("%s is not a readable PNG (%s); rendering it again", path, exc)
-        return None
-    return data
-
-
-def _error_reason(exc: BaseException) -> str:
-    import torch
-    if isinstance(exc, t2i.RenderRejected):
-        return exc.reason
-    return "oom" if isinstance(exc, torch.OutOfMemoryError) else "backend_error"
-
-
-def _is_device_fault(exc: BaseException) -> bool:
-    """A CUDA/accelerator error other than out-of-memory (it persists: every later job would fail too)."""
-    import torch
-    if isinstance(exc, torch.OutOfMemoryError):
-        return False
-    accel = getattr(torch, "AcceleratorError", ())
-    return (accel and isinstance(exc, accel)) or "CUDA error" in str(exc) or "device-side assert" in str(exc)
-
-
-def make_process(s: Mapping, render_dir: Path, pipeline: Callable[[], Any], stats: dict):
-    """The ``process`` function of :func:`cultureclip.curate.runner.run_stage`: renders jobs in batches, yields Outcomes.
-
-    ``pipeline()`` returns the pipeline; it is called only when an image must actually be rendered,
-    so a rerun with everything done never loads the model. ``stats`` collects ``backend_seconds``
-    (time inside the pipeline) and ``reused`` (images found on disk).
-    """
-    import torch
-    stats.setdefault("backend_seconds", 0.0)
-    stats.setdefault("reused", 0)
-
-    def record(job: Mapping, data: bytes) -> Outcome:
-        key = job[schema.REC_KEY]
-        rec = {k: job[k] for k in (schema.CONCEPT, schema.COUNTRY, schema.CATEGORY, schema.CAPTION,
-                                   schema.PROMPT, schema.SEED_INDEX)}
-        rec.update({schema.SEED: seed_from_key(key), schema.IMAGE_FILE: image_path(Path("."), key).as_posix(),
-                    schema.IMAGE_SHA256: hashlib.sha256(data).hexdigest(), schema.MODEL_ID: s["model"],
-                    schema.WIDTH: s["width"],
-                    schema.HEIGHT: s["height"], schema.STEPS: s["steps"], schema.GUIDANCE: s["guidance"],
-                    schema.NEGATIVE_PROMPT: s["negative_prompt"]})
-        return Outcome(key, record=rec)
-
-    def attempt(batch: list[Mapping], pad_to: int) -> list:
-        start = time.perf_counter()
-        try:
-            return t2i.render_batch(pipeline(), [j[schema.PROMPT] for j in batch],
-                                    [seed_from_key(j[schema.REC_KEY]) for j in batch], s, pad_to)
-        except RuntimeError as exc:  # OOM, CUDA and kernel errors: the job's, not the stage's
-            if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return [exc] * len(batch)
-        finally:
-            stats["backend_seconds"] += time.perf_counter() - start
-
-    def save(key: str, img) -> bytes:
-        data = t2i.png_bytes(img)
-        write_atomic(image_path(render_dir, key), data)
-        return data
-
-    def start(batch: list[Mapping], pool) -> list:
-        """Render a batch and start writing its images; returns (job, error or future) pairs."""
-        results, tries = attempt(batch, s["batch_size"]), 1
-        if s["batch_size"] > 1 and all(isinstance(r, Exception) and not isinstance(r, t2i.RenderRejected) for r in results):
-            log.warning("render batch of %d failed (%s); retrying image by image", len(batch), results[0])
-            # still padded to the full batch shape: an image's pixels never depend on the shape it ran in
-            results, tries = [attempt([j], s["batch_size"])[0] for j in batch], 2
-            persistent = [r for r in results if isinstance(r, RuntimeError) and _is_device_fault(r)]
-            if persistent:
-                raise RuntimeError(f"render: the device keeps failing ({type(persistent[0]).__name__}: "
-                                   f"{persistent[0]}) after a retry; stopping the stage (finished images are "
-                                   f"kept). Check the GPU, then run the same command again") from persistent[0]
-        return [(job, res if isinstance(res, Exception) else pool.submit(save, job[schema.REC_KEY], res), tries)
-                for job, res in zip(batch, results)]
-
-    def finish(started: list) -> Iterator[Outcome]:
-        for job, res, tries in started:
-            if isinstance(res, t2i.RenderRejected):  # the same key always gives the same pixels: permanent
-                yield Outcome(job[schema.REC_KEY], rejected=res.reason, message=str(res)[:2000])
-            elif isinstance(res, Exception):
-                yield Outcome(job[schema.REC_KEY], error=_error_reason(res), attempts=tries,
-                              message=f"{type(res).__name__}: {res}"[:2000])
-            else:  # the image is on disk (fsynced) before its record exists; a write error stops the stage
-                yield record(job, res.result())
-
-    def start_keeping(batch: list[Mapping], pool, previous: list):
-        """:func:`start`; when it stops the stage, the previous batch's finished images are kept first."""
-        try:
-            return start(batch, pool)
-        except BaseException:
-            yield from finish(previous)
-            raise
-        yield  # a generator, for ``yield from``
-
-    def process(jobs: Iterator[Mapping]) -> Iterator[Outcome]:
-        # images of batch k are encoded and written (fsync: ~10 ms each) by threads while batch k+1
-        # renders; batch k's records are yielded once its writes are done
-        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="render-write") as pool:
-            batch: list[Mapping] = []
-            previous: list = []
-            for job in jobs:
-                data = _readable_png(image_path(render_dir, job[schema.REC_KEY]))
-                if data is not None:  # rendered before a crash lost its record: same key, same image
-                    stats["reused"] += 1
-                    yield record(job, data)
-                    continue
-                batch.append(job)
-                if len(batch) == s["batch_size"]:
-                    current = yield from start_keeping(batch, pool, previous)
-                    yield from finish(previous)
-                    previous, batch = current, []
-            current = (yield from start_keeping(batch, pool, previous)) if batch else []
-            yield from finish(previous)
-            yield from finish(current)
-
-    return process
-
-
 def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context, pipeline: Any = None,
               upstream: tuple = ()) -> StageReport:
     """Render the jobs of ``pairs`` into ``ctx.stage_dir("render")`` (this process's job range).
@@ -267,10 +124,15 @@ def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context, pipeline: Any = Non
     done = up_to_date(store, fp, ctx.shard_index, ctx.num_shards)
     if done is not None:  # planned with these settings from this caption-set view, every job finished
         return done
-    device = t2i.resolve_device(s["device"], ctx.shard_index)
     stats: dict = {}
-    process = make_process(s, render_dir, (lambda: pipeline) if pipeline is not None
-                           else (lambda: get_pipeline(s, device)), stats)
+    if s["ray"]:  # the same jobs and store; the images are made by Ray actors
+        from cultureclip.curate.backends import ray_render
+        process, info = ray_render.make_ray_process(s, render_dir, stats)
+        stats.update(info)
+    else:
+        device = t2i.resolve_device(s["device"], ctx.shard_index)
+        process = make_process(s, render_dir, (lambda: pipeline) if pipeline is not None
+                               else (lambda: get_pipeline(s, device)), stats)
     report = run_stage(store, render_jobs(pairs, s, ctx.seed), process, shard_index=ctx.shard_index,
                        num_shards=ctx.num_shards, retry_errors=ctx.retry_errors, part_size=s["part_size"],
                        upstream=upstream, fingerprint=fp)
@@ -278,7 +140,7 @@ def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context, pipeline: Any = Non
     save_report(store, report)  # with the stage's own figures
     log.info("render %s: %d rendered, %d rejected, %d errors %s, %d done before, %.1f s (%.1f s in the pipeline)",
              report.job, report.ok, report.rejected, report.errors, report.errors_by_reason, report.done_before,
-             report.seconds, stats["backend_seconds"])
+             report.seconds, stats.get("backend_seconds", 0.0))
     return report
 
 
@@ -300,11 +162,7 @@ def run(cfg: Mapping, ctx: Context) -> StageReport:
         {k: v for k, v in cfg.items() if k != "ray"}), ctx.seed, (source,)), ctx.shard_index, ctx.num_shards)
     if done is not None:  # nothing to do: the caption sets are not even read
         return done
-    pairs = load_pairs(ctx.out_dir, NAME)
-    if cfg.get("ray"):
-        from cultureclip.curate.backends import ray_render
-        return ray_render.run_pairs(pairs, cfg, ctx, upstream=(pairs_store(ctx.out_dir),))
-    return run_pairs(pairs, cfg, ctx, upstream=(pairs_store(ctx.out_dir),))
+    return run_pairs(load_pairs(ctx.out_dir, NAME), cfg, ctx, upstream=(source,))
 
 
 def store(out_dir: Path) -> Store:

@@ -19,7 +19,6 @@ fails after its retries makes the concept's job an error (retried on the next ru
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 from cultureclip import schema

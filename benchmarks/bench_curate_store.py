@@ -103,8 +103,7 @@ def judge_all(out: Path, chat: ChatConfig):
     pairs = load_pairs(out, "judge")
     rstore = Store(out / "render", "render")
     rstore.require_complete("judge", upstream=(pairs_store(out),))
-    jobs, _ = judge.judge_jobs(pairs, rstore.records(), chat, rstore.root)
-    del pairs
+    jobs = judge.judge_jobs(pairs, rstore.records(), chat, rstore.root)  # a generator: only keyed dicts are kept
     upstream = (rstore, pairs_store(out))
     fp = fingerprint({"model": chat.model, "temperature": chat.temperature}, judge.PROMPTS, upstream)
     return run_stage(Store(out / "judge", "judge"), jobs, null_judge, part_size=PART_SIZE, upstream=upstream,

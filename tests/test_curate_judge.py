@@ -165,8 +165,9 @@ def test_judge_jobs_join_and_dedup(tmp_path):
                schema.POS_COUNTRY: "Bland", schema.NEG_COUNTRY: "Aland",
                schema.POS_CAPTIONS: pairs[1][schema.NEG_CAPTIONS], schema.NEG_CAPTIONS: pairs[1][schema.POS_CAPTIONS]}
     chat = ChatConfig(base_url="http://127.0.0.1:1/v1", model=MODEL)
-    declared, counts = judge.judge_jobs(pairs + [swapped, pairs[1]], renders, chat, tmp_path / "render")
-    jobs, dup = keyed("judge", declared)
+    counts = {}
+    jobs, dup = keyed("judge", judge.judge_jobs(pairs + [swapped, pairs[1]], renders, chat, tmp_path / "render",
+                                                counts))
     assert counts == {"captions": 16, "captions_without_image": 1}
     assert len(jobs) == 11 and dup == 4  # the pair listed twice is the same work; its swap is other work
     for job in jobs:
@@ -174,13 +175,13 @@ def test_judge_jobs_join_and_dedup(tmp_path):
         assert {job[schema.CONCEPT], job[schema.TWIN_CONCEPT]} in ({p[schema.POS_CONCEPT], p[schema.NEG_CONCEPT]} for p in pairs)
     keys = {j[schema.REC_KEY] for j in jobs}
     for change in ({"model": "other-vlm"}, {"temperature": 0.7}):
-        other, _ = judge.judge_jobs(pairs, renders, ChatConfig(**{**chat.__dict__, **change}), tmp_path / "render")
+        other = judge.judge_jobs(pairs, renders, ChatConfig(**{**chat.__dict__, **change}), tmp_path / "render")
         assert not {j[schema.REC_KEY] for j in keyed("judge", other)[0]} & keys, change
     for change in ({"concurrency": 1}, {"max_attempts": 9}, {"timeout_s": 1.0}):  # do not change answers
-        same, _ = judge.judge_jobs(pairs, renders, ChatConfig(**{**chat.__dict__, **change}), tmp_path / "render")
+        same = judge.judge_jobs(pairs, renders, ChatConfig(**{**chat.__dict__, **change}), tmp_path / "render")
         assert {j[schema.REC_KEY] for j in keyed("judge", same)[0]} <= keys, change
     edited = [{**pairs[0], schema.POS_FEATURES: ["red", "square"]}, pairs[1]]  # the scores prompt carries features
-    changed, _ = judge.judge_jobs(edited, renders, chat, tmp_path / "render")
+    changed = judge.judge_jobs(edited, renders, chat, tmp_path / "render")
     changed_keys = {j[schema.REC_KEY] for j in keyed("judge", changed)[0]}
     assert len(changed_keys - keys) == 1  # exactly the one pos image of pair 0 that exists
     same_name = {**pairs[0], schema.NEG_CONCEPT: pairs[0][schema.POS_CONCEPT], schema.NEG_COUNTRY: "Aland"}

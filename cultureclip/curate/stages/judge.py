@@ -21,7 +21,7 @@ import functools
 import hashlib
 import logging
 import os
-from collections import Counter, deque
+from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping, Optional, Sequence
 
@@ -84,7 +84,7 @@ def own_label(job: Mapping) -> str:
 
 # ---------------------------------------------------------------------------------------------- jobs
 def judge_jobs(pairs: Sequence[Mapping], render_records: Iterable[Mapping], chat: ChatConfig,
-               render_dir: Optional[Path] = None) -> tuple[list[Job], dict]:
+               render_dir: Optional[Path] = None, counts: Optional[dict] = None) -> Iterator[Job]:
     """The judge jobs: every current rendered image of every side of every twin pair, against that pair's twin.
 
     Args:
@@ -93,10 +93,12 @@ def judge_jobs(pairs: Sequence[Mapping], render_records: Iterable[Mapping], chat
         chat: the judge's chat settings (the model and temperature are in every key).
         render_dir: the render folder; image paths in the jobs are resolved against it.
 
-    Returns:
-        ``(jobs, counts)``: a job's inputs are the render key and image sha256 and every pair field its
-        prompts carry (concept, country, category, context, features, the twin's concept and country);
-        counts of ``captions`` looked up and ``captions_without_image``.
+        counts: filled with the numbers of ``captions`` looked up and ``captions_without_image``.
+
+    Yields:
+        Jobs (a generator: the runner keeps only their keyed dicts): a job's inputs are the render key and
+        image sha256 and every pair field its prompts carry (concept, country, category, context, features,
+        the twin's concept and country).
     """
     wanted: dict[tuple, list] = {}  # caption identity -> [(pair, side)]: only these render records are kept
     for pair in pairs:
@@ -109,9 +111,10 @@ def judge_jobs(pairs: Sequence[Mapping], render_records: Iterable[Mapping], chat
         ident = (rec[schema.CONCEPT], rec.get(schema.COUNTRY), rec[schema.CATEGORY], rec[schema.CAPTION])
         if ident in wanted:
             found.setdefault(ident, []).append((rec[schema.REC_KEY], rec[schema.IMAGE_SHA256], rec[schema.IMAGE_FILE]))
-    jobs: list[Job] = []
-    counts = Counter(captions=0, captions_without_image=0)
+    counts = counts if counts is not None else {}
+    counts.update(captions=0, captions_without_image=0)
     root = str(render_dir) if render_dir is not None else ""
+    settings = {"temperature": chat.temperature}  # one dict shared by every job
     for ident, uses in wanted.items():
         counts["captions"] += len(uses)
         renders = found.get(ident, [])
@@ -125,10 +128,8 @@ def judge_jobs(pairs: Sequence[Mapping], render_records: Iterable[Mapping], chat
             twin_labels(inputs)  # validates now, naming the pair, rather than mid-run
             for render_key, sha, rel in renders:
                 image = os.path.join(root, rel)  # a string join: pathlib costs ~60 us per job at a million
-                jobs.append(Job(inputs={**inputs, schema.RENDER_KEY: render_key, schema.IMAGE_SHA256: sha},
-                                model=chat.model, prompts=PROMPTS, settings={"temperature": chat.temperature},
-                                extra={schema.IMAGE_FILE: image}))
-    return jobs, dict(counts)
+                yield Job(inputs={**inputs, schema.RENDER_KEY: render_key, schema.IMAGE_SHA256: sha},
+                          model=chat.model, prompts=PROMPTS, settings=settings, extra={schema.IMAGE_FILE: image})
 
 
 def scores_messages(job: Mapping, image: dict) -> list[dict]:
@@ -269,7 +270,8 @@ def run(cfg: Mapping, ctx: Any) -> StageReport:
     if done is not None:  # planned from these views and prompts, every job finished: nothing is read again
         return done
     pairs = load_pairs(ctx.out_dir, STAGE)
-    jobs, counts = judge_jobs(pairs, render_store.records(), chat, render_store.root)
+    counts: dict = {}
+    jobs = judge_jobs(pairs, render_store.records(), chat, render_store.root, counts)
     client = LazyChatClient(chat)
     try:
         report = run_stage(store, jobs, make_process(client), shard_index=ctx.shard_index,

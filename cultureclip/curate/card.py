@@ -72,26 +72,28 @@ def group_tables(pairs: Sequence[Mapping], renders: Mapping[str, Mapping], judge
                  passes: Callable[[Mapping], bool], exported: Sequence[Mapping]) -> dict:
     """Per-category and per-country counts: twin pairs, images rendered, judged, passed, pairs exported.
 
-    A twin pair counts under both of its countries; an image under its own side's country.
+    A twin pair counts under both of its countries; an image under its own side's country. A field that
+    is absent (the reference caption files have no countries; exported metadata leaves empty fields out)
+    counts under ``(none)``.
     """
     by_twin = {p[schema.TWIN_ID]: p for p in pairs}
     tables: dict[str, dict] = {schema.CATEGORY: defaultdict(Counter), schema.COUNTRY: defaultdict(Counter)}
     for p in pairs:
-        tables[schema.CATEGORY][p[schema.CATEGORY] or UNKNOWN]["twin_pairs"] += 1
-        for c in {p[schema.POS_COUNTRY] or UNKNOWN, p[schema.NEG_COUNTRY] or UNKNOWN}:
+        tables[schema.CATEGORY][p.get(schema.CATEGORY) or UNKNOWN]["twin_pairs"] += 1
+        for c in {p.get(schema.POS_COUNTRY) or UNKNOWN, p.get(schema.NEG_COUNTRY) or UNKNOWN}:
             tables[schema.COUNTRY][c]["twin_pairs"] += 1
     for r in renders.values():
         tables[schema.CATEGORY][r.get(schema.CATEGORY) or UNKNOWN]["images_rendered"] += 1
         tables[schema.COUNTRY][r.get(schema.COUNTRY) or UNKNOWN]["images_rendered"] += 1
     for j in judged:
         pair = by_twin[j[schema.TWIN_ID]]
-        country = pair[f"{j[schema.SIDE]}_{schema.COUNTRY}"] or UNKNOWN
-        for table, value in ((schema.CATEGORY, pair[schema.CATEGORY] or UNKNOWN), (schema.COUNTRY, country)):
+        country = pair.get(f"{j[schema.SIDE]}_{schema.COUNTRY}") or UNKNOWN
+        for table, value in ((schema.CATEGORY, pair.get(schema.CATEGORY) or UNKNOWN), (schema.COUNTRY, country)):
             tables[table][value]["images_judged"] += 1
             tables[table][value]["images_passed"] += int(passes(j))
     for e in exported:
-        tables[schema.CATEGORY][e[schema.CATEGORY] or UNKNOWN]["pairs_exported"] += 1
-        for c in {e[schema.POS_COUNTRY] or UNKNOWN, e[schema.NEG_COUNTRY] or UNKNOWN}:
+        tables[schema.CATEGORY][e.get(schema.CATEGORY) or UNKNOWN]["pairs_exported"] += 1
+        for c in {e.get(schema.POS_COUNTRY) or UNKNOWN, e.get(schema.NEG_COUNTRY) or UNKNOWN}:
             tables[schema.COUNTRY][c]["pairs_exported"] += 1
     out = {}
     for table, groups in tables.items():

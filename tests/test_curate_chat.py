@@ -171,3 +171,20 @@ def test_standin_cli_serves_in_another_process():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_trickling_server_is_cut_off_at_the_total_deadline():
+    """One byte every 0.1 s (status line and headers included): every read comes in time, the answer
+    would take ~30 s. timeout_s is the whole request's deadline: each try ends at ~1 s, then the next."""
+    trickle = Fault("trickle", interval_s=0.1)
+    with StandinServer({"echo": echo}, faults=[trickle, trickle]) as server, \
+            client_for(server, timeout_s=1.0, max_attempts=2) as client:
+        start = time.monotonic()
+        ans = ask(client, "slowly")
+        took = time.monotonic() - start
+        assert ans.error == "timeout" and ans.attempts == 2 and "within 1.0 s" in ans.message
+        assert 2.0 <= took < 4.0, took
+    with StandinServer({"echo": echo}, faults=[Fault("trickle", interval_s=0.001)]) as server, \
+            client_for(server, timeout_s=10.0) as client:  # a trickle that ends in time is an answer
+        ans = ask(client, "patient")
+        assert ans.ok and ans.value.word == "patient" and ans.attempts == 1

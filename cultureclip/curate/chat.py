@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
+from cultureclip.curate.deadline import http_transport, request_deadline
+
 log = logging.getLogger(__name__)
 
 PLACEHOLDER_KEY = "EMPTY"  # what local servers (vLLM, SGLang, Ollama) accept when no key is set
@@ -57,7 +59,7 @@ class ChatConfig:
             placeholder ``"EMPTY"`` is sent when it is unset).
         concurrency: requests in flight at most (:meth:`ChatClient.ask_many`).
         rate_limit: requests per second at most (retries included); ``None`` for no limit.
-        timeout_s: seconds per HTTP request.
+        timeout_s: seconds per HTTP request in all (connect, sending, and every byte of the answer).
         max_attempts: tries per request in all (the first included).
         temperature, max_tokens: sampling settings.
         extra_body: extra JSON fields for the server (e.g. vLLM's ``top_k``).
@@ -220,8 +222,10 @@ class ChatClient:
             log.info("chat: %s is not set; sending the placeholder key (fine for local servers)",
                      self.cfg.api_key_env)
         self._secret = key  # only to scrub messages; never logged or returned
+        # timeout_s is the whole request's deadline (connect + every read), not each read's: see deadline.py
         self._client = openai.OpenAI(api_key=key or PLACEHOLDER_KEY, base_url=self.cfg.base_url,
-                                     timeout=float(self.cfg.timeout_s), max_retries=0)
+                                     timeout=float(self.cfg.timeout_s), max_retries=0,
+                                     http_client=openai.DefaultHttpxClient(transport=http_transport()))
         self._bucket = TokenBucket(self.cfg.rate_limit) if self.cfg.rate_limit else None
         self._schemas: dict[type, dict] = {}
         self._lock = threading.Lock()
@@ -252,7 +256,8 @@ class ChatClient:
         text = str(text)
         return text.replace(self._secret, "***") if self._secret else text
 
-    def _once(self, messages: Sequence[Mapping], schema: type, response_format: dict) -> Any:
+    def _once(self, messages: Sequence[Mapping], schema: type, response_format: dict,
+              stop: Optional[threading.Event] = None) -> Any:
         import openai
         import pydantic
         from openai.types.chat import ChatCompletion
@@ -266,11 +271,12 @@ class ChatClient:
             # in chat.completions.create) with the body serialised once by us: create() walks every
             # message through its type transforms, which costs more CPU than the request itself for
             # image messages of a few hundred kB.
-            completion = self._client.post("/chat/completions", cast_to=ChatCompletion,
-                                           content=json.dumps(body).encode("ascii"),
-                                           options={"headers": {"Content-Type": "application/json"}})
+            with request_deadline(float(self.cfg.timeout_s), stop):
+                completion = self._client.post("/chat/completions", cast_to=ChatCompletion,
+                                               content=json.dumps(body).encode("ascii"),
+                                               options={"headers": {"Content-Type": "application/json"}})
         except openai.APITimeoutError as exc:
-            raise _Retry("timeout", f"no answer within {self.cfg.timeout_s} s ({exc})") from None
+            raise _Retry("timeout", f"no complete answer within {self.cfg.timeout_s} s ({exc})") from None
         except openai.APIConnectionError as exc:
             raise _Retry("connection", f"connection error: {exc}") from None
         except openai.APIStatusError as exc:
@@ -303,13 +309,16 @@ class ChatClient:
             raise _Retry("schema_violation", f"{exc.error_count()} errors: {exc.errors()[0]['loc']}: "
                                              f"{exc.errors()[0]['msg']}; answer {content[:200]!r}") from None
 
-    def ask(self, messages: Sequence[Mapping], schema: type, name: Optional[str] = None) -> ChatAnswer:
+    def ask(self, messages: Sequence[Mapping], schema: type, name: Optional[str] = None,
+            stop: Optional[threading.Event] = None) -> ChatAnswer:
         """Ask once (with bounded retries) for an answer that validates against ``schema``.
 
         Args:
             messages: chat messages in the OpenAI format (content parts may hold :func:`image_part`).
             schema: a pydantic model class; its strict JSON schema is sent as the response format.
             name: the schema name sent to the server (default: the class name).
+            stop: when set, the request in flight and any wait before a retry end at once (the answer
+                is then an ``interrupted`` error).
 
         Returns:
             A :class:`ChatAnswer`: the validated value, or the last error's reason and message.
@@ -317,8 +326,10 @@ class ChatClient:
         response_format = self._response_format(schema, name)
         last: Optional[_Retry] = None
         for attempt in range(1, int(self.cfg.max_attempts) + 1):
+            if stop is not None and stop.is_set():
+                return ChatAnswer(value=None, error="interrupted", message="the run is stopping", attempts=attempt - 1)
             try:
-                value = self._once(messages, schema, response_format)
+                value = self._once(messages, schema, response_format, stop)
                 return ChatAnswer(value=value, error=None, message="", attempts=attempt)
             except _Retry as exc:
                 last = exc
@@ -331,7 +342,10 @@ class ChatClient:
                 else:
                     delay = min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2 ** (attempt - 1))
                     delay *= 0.5 + random.random()  # jitter: retries of many threads do not collide
-                time.sleep(delay)
+                if stop is not None:
+                    stop.wait(delay)
+                else:
+                    time.sleep(delay)
         raise AssertionError(f"unreachable: {last}")  # pragma: no cover
 
     # ------------------------------------------------------------------ many requests
@@ -346,6 +360,7 @@ class ChatClient:
         import queue
         limit = int(self.cfg.concurrency)
         pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="chat")
+        stop = threading.Event()  # set when the caller stops early (Ctrl-C, SIGTERM, an error downstream)
         done: "queue.SimpleQueue[tuple[Hashable, Future]]" = queue.SimpleQueue()
         source = iter(requests)
         running = 0
@@ -358,13 +373,21 @@ class ChatClient:
                     except StopIteration:
                         exhausted = True
                         break
-                    future = pool.submit(self.ask, messages, schema, *rest)
+                    future = pool.submit(self.ask, messages, schema, *rest, stop=stop)
                     future.add_done_callback(lambda f, k=key: done.put((k, f)))
                     running += 1
                 if not running:
                     return
-                key, future = done.get()
+                while True:  # a timed wait: a blocking one would hold Ctrl-C back on some platforms
+                    try:
+                        key, future = done.get(timeout=0.5)
+                        break
+                    except queue.Empty:
+                        continue
                 running -= 1
                 yield key, future.result()
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            # Stopping early: requests in flight and retry waits end within deadline.POLL_S, so the
+            # caller writes what finished at once instead of waiting out timeouts and Retry-After sleeps.
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)

@@ -50,7 +50,8 @@ def test_demo_config_composes(tmp_path):
     assert all(2 <= len(p[k]) <= 3 for p in pairs for k in (schema.POS_CAPTIONS, schema.NEG_CAPTIONS))
     default = compose_curate([f"paths.root_dir={tmp_path}"])
     assert default["render"]["model"] == "stabilityai/stable-diffusion-3.5-large-turbo"
-    assert default["chat"]["model"] == "Qwen/Qwen2.5-VL-7B-Instruct" and default["standin"] is False
+    assert default["judge"]["chat"]["model"] == "Qwen/Qwen2.5-VL-7B-Instruct" and default["standin"] is False
+    assert set(default["chat"].values()) == {None}  # run-wide overrides: none unless the command sets one
     assert app.stage_list(default["stage"], default) == ["concepts", "dedup", "twins", "captions", "render", "judge",
                                                          "export"]
     assert app.stage_list(default["stage"], {**default, "input": "x.jsonl"}) == ["render", "judge", "export"]

@@ -103,6 +103,17 @@ class ChatConfig:
         return cls(**data)
 
 
+def effective_chat(stage: Optional[Mapping[str, Any]], run: Optional[Mapping[str, Any]]) -> dict:
+    """A stage's chat settings: the stage's own (its config group's ``chat``), overridden key by key by
+    every setting of the run's ``chat`` group that is not null.
+
+    The run's group holds nulls unless the command line (or an experiment) sets a key, so
+    ``chat.base_url=...`` reaches every chat stage, ``judge.chat.base_url=...`` only the judge, and the
+    stage files keep their own defaults (the text stages' server and model, the judge's VLM).
+    """
+    return {**dict(stage or {}), **{k: v for k, v in dict(run or {}).items() if v is not None}}
+
+
 @dataclass
 class ChatAnswer:
     """One request's result: a validated ``value``, or an ``error`` reason with its ``message``."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
 
 from cultureclip import schema
-from cultureclip.curate.chat import ChatAnswer, ChatClient, ChatConfig, image_part
+from cultureclip.curate.chat import ChatAnswer, ChatClient, ChatConfig, effective_chat, image_part
 from cultureclip.curate.records import Outcome, StageReport, StageStore, record_key
 from cultureclip.curate.judge_rule import DEFAULT_RULE, card_section, check_rule, passes  # noqa: F401 (API)
 from cultureclip.curate.standin import request_images
@@ -263,8 +263,9 @@ def _plain(value: Any) -> Any:
 
 
 def chat_config(cfg: Mapping, ctx: Any) -> ChatConfig:
-    """The judge's chat settings: the run's defaults (``ctx.chat``) overridden key by key by ``cfg.chat``."""
-    return ChatConfig.from_mapping({**_plain(getattr(ctx, "chat", None) or {}), **_plain(cfg.get("chat") or {})})
+    """The judge's chat settings: ``cfg.chat`` overridden key by key by the run's non-null ``ctx.chat``
+    (:func:`~cultureclip.curate.chat.effective_chat`)."""
+    return ChatConfig.from_mapping(effective_chat(_plain(cfg.get("chat") or {}), _plain(getattr(ctx, "chat", None) or {})))
 
 
 def run(cfg: Mapping, ctx: Any, pairs: Optional[Sequence[Mapping]] = None) -> StageReport:

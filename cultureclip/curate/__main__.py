@@ -14,18 +14,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from cultureclip import resolvers
 from cultureclip.curate import app
+from cultureclip.curate.sanitize import install_log_filter, scrub
 
 resolvers.register()  # before @hydra.main composes the config
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="curate")
 def main(cfg: DictConfig) -> None:
+    install_log_filter()  # Hydra's handlers (console, <out_dir>/curate.log) never write a registered key
     try:
         reports = app.run(OmegaConf.to_container(cfg, resolve=True))
     except (app.CurateError, ValueError, RuntimeError, OSError, ImportError) as exc:  # RecordError, StageMismatch...
         if os.environ.get("CULTURECLIP_TRACEBACK"):
             raise
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {scrub(exc)}", file=sys.stderr)
         sys.exit(1)
     failed = app.failed_jobs(reports)
     if failed:

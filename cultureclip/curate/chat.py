@@ -13,7 +13,8 @@ GIL is released), and a pool of ``concurrency`` threads bounds the requests in f
 construction. ``rate_limit`` (requests/s, retries included) is a token bucket shared by the threads.
 
 The API key is read from the environment variable named by ``api_key_env`` when the client is made;
-it is never stored in the config, logged, or put in an answer (messages are scrubbed of it).
+it is never stored in the config, logged, or put in an answer: every string of every answer and error
+message is scrubbed of it (:mod:`cultureclip.curate.sanitize`), also when the server echoes it.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Hashable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from cultureclip.curate.deadline import http_transport, request_deadline
+from cultureclip.curate.sanitize import bound, register_secret, scrub, scrub_tree
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +234,8 @@ class ChatClient:
         if not key:
             log.info("chat: %s is not set; sending the placeholder key (fine for local servers)",
                      self.cfg.api_key_env)
-        self._secret = key  # only to scrub messages; never logged or returned
+        self._secret = key  # only to scrub answers and messages; never logged or returned
+        register_secret(key)  # log records and the entry point's error line are scrubbed of it too
         # timeout_s is the whole request's deadline (connect + every read), not each read's: see deadline.py
         self._client = openai.OpenAI(api_key=key or PLACEHOLDER_KEY, base_url=self.cfg.base_url,
                                      timeout=float(self.cfg.timeout_s), max_retries=0,
@@ -264,8 +267,7 @@ class ChatClient:
                 "json_schema": {"name": name or schema.__name__, "schema": body, "strict": True}}
 
     def _scrub(self, text: str) -> str:
-        text = str(text)
-        return text.replace(self._secret, "***") if self._secret else text
+        return bound(scrub(text, [self._secret]))
 
     def _once(self, messages: Sequence[Mapping], schema: type, response_format: dict,
               stop: Optional[threading.Event] = None) -> Any:
@@ -314,6 +316,7 @@ class ChatClient:
         except ValueError as exc:
             reason = "truncated" if choice.finish_reason == "length" else "malformed_json"
             raise _Retry(reason, f"{exc}; answer starts {content[:200]!r}") from None
+        data = scrub_tree(data, [self._secret])  # a server that quotes the key back: never into a record
         try:
             return schema.model_validate(data)
         except pydantic.ValidationError as exc:

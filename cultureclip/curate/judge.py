@@ -27,6 +27,7 @@ from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
 from cultureclip import schema
 from cultureclip.curate.chat import ChatAnswer, ChatClient, ChatConfig, effective_chat, image_part
 from cultureclip.curate.records import Outcome, StageReport, StageStore, record_key
+from cultureclip.curate.sanitize import bound
 from cultureclip.curate.judge_rule import DEFAULT_RULE, card_section, check_rule, passes  # noqa: F401 (API)
 from cultureclip.curate.standin import request_images
 
@@ -187,7 +188,7 @@ def judge_record(job: Mapping, scores: Any, twin: Any, model: str) -> dict:
             schema.TWIN_CONCEPT: job[schema.TWIN_CONCEPT], schema.TWIN_COUNTRY: job[schema.TWIN_COUNTRY],
             schema.IMAGE_SHA256: job[schema.IMAGE_SHA256],
             **{name: getattr(scores, name) for name in schema.SCORES},
-            schema.TWIN_CHOICE: picked, schema.PICKS_OWN: own, schema.REASON: getattr(scores, schema.REASON),
+            schema.TWIN_CHOICE: picked, schema.PICKS_OWN: own, schema.REASON: bound(getattr(scores, schema.REASON)),
             schema.MODEL_ID: model, schema.PROMPT_VERSION: PROMPT_VERSION}
 
 

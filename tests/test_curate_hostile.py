@@ -1,0 +1,62 @@
+"""Judge and export against a real local server that misbehaves inside valid answers: it quotes the
+caller's key back, puts Markdown in its reason, answers booleans for scores. Everything a server says
+is data: scrubbed, escaped, bounded, validated strictly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("pydantic")
+pytest.importorskip("openai")
+markdown_it = pytest.importorskip("markdown_it")
+
+from test_curate_export import make_run  # noqa: E402
+
+from cultureclip import schema  # noqa: E402
+from cultureclip.curate import export as E  # noqa: E402
+from cultureclip.curate import judge  # noqa: E402
+from cultureclip.curate.records import StageStore  # noqa: E402
+from cultureclip.curate.registry import Context  # noqa: E402
+from cultureclip.curate.standin import KEY_PLACEHOLDER, Fault, StandinServer, schema_name  # noqa: E402
+
+SECRET = "sk-test-" + "fedcba9876543210" * 3
+INJECTION = "|\n\n# INJECTED HEADING\n| forged | row |\n<script>alert(1)</script> [link](http://x) **bold**"
+
+
+def judged_run(tmp_path, faults, monkeypatch, rule=None):
+    out = tmp_path / "run"
+    made = make_run(out, judge=False)
+    monkeypatch.setenv("CC_HOSTILE_KEY", SECRET)  # the key a real deployment reads from its environment
+    with StandinServer(judge.standin_responders(), api_key=SECRET, faults=faults) as server:
+        ctx = Context(out_dir=out, chat={"base_url": server.url, "model": "m", "api_key_env": "CC_HOSTILE_KEY",
+                                         "max_attempts": 1, "timeout_s": 10, "concurrency": 4})
+        report = judge.run({}, ctx)
+    E.run({"pairs_per_twin": None, "val_fraction": 0.0, "plots": False, "rule": rule or {}}, ctx)
+    return out, made, report
+
+
+def scores_patch(patch):
+    return lambda i, body: Fault("patch", patch=patch) if schema_name(body) == judge.SCORES_SCHEMA else None
+
+
+def test_a_key_echoed_in_answers_and_errors_is_written_nowhere(tmp_path, monkeypatch, caplog):
+    caplog.set_level("DEBUG")
+
+    def faults(i, body):  # the reason quotes the key; every 4th answer also breaks the schema with it
+        if schema_name(body) != judge.SCORES_SCHEMA:
+            return None
+        bad = {schema.SCORE_AUTHENTICITY: f"key {KEY_PLACEHOLDER}"} if i % 4 == 0 else {}
+        return Fault("patch", patch={schema.REASON: f"Bearer {KEY_PLACEHOLDER} looked fine", **bad})
+
+    out, made, report = judged_run(tmp_path, faults, monkeypatch)
+    assert report.ok and report.errors and report.errors_by_reason == {"schema_violation": report.errors}
+    records = StageStore(out / "judge", "judge").records()
+    assert records and all(r[schema.REASON] == "Bearer *** looked fine" for r in records)
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "card.md" for p in written) and any("errors" in p.parts for p in written)
+    for path in written:
+        assert SECRET.encode() not in path.read_bytes(), path
+    assert SECRET not in caplog.text
+    errors = StageStore(out / "judge", "judge").errors()
+    assert all("***" in e[schema.REC_MESSAGE] for e in errors.values())  # the echo was there, scrubbed

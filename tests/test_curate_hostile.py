@@ -60,3 +60,33 @@ def test_a_key_echoed_in_answers_and_errors_is_written_nowhere(tmp_path, monkeyp
     assert SECRET not in caplog.text
     errors = StageStore(out / "judge", "judge").errors()
     assert all("***" in e[schema.REC_MESSAGE] for e in errors.values())  # the echo was there, scrubbed
+
+
+def test_markdown_in_the_reason_cannot_change_the_card(tmp_path, monkeypatch):
+    """Every image fails the rule (a score of 1) and carries the injection: the card's rejected-images
+    table keeps one row per image, seven cells each, and no heading, link, emphasis or HTML of its own."""
+    out, made, report = judged_run(tmp_path, scores_patch({schema.SCORE_AUTHENTICITY: 1, schema.REASON: INJECTION}),
+                                   monkeypatch)
+    assert report.ok == len(made["renders"])
+    text = (out / "export" / "card.md").read_text()
+    tokens = markdown_it.MarkdownIt("commonmark").enable("table").parse(text)
+    headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
+    assert not any("INJECTED" in h for h in headings), headings
+    assert not any(t.type in ("html_block",) for t in tokens)
+    inline = [c for t in tokens if t.type == "inline" for c in (t.children or [])]
+    assert not any(c.type in ("html_inline", "link_open", "strong_open") for c in inline)
+    card = json.loads((out / "export" / "card.json").read_text())
+    n = len(card["gallery"])
+    assert n == min(24, len(made["renders"]))
+    rows = []  # the rejected-images table: the first table after its heading
+    start = next(i for i, t in enumerate(tokens) if t.type == "inline" and t.content.startswith("Rejected images"))
+    first = next(i for i in range(start, len(tokens)) if tokens[i].type == "table_open")
+    for t in tokens[first:]:
+        if t.type == "tr_open":
+            rows.append(0)
+        elif t.type in ("td_open", "th_open"):
+            rows[-1] += 1
+        elif t.type == "table_close":
+            break
+    assert rows == [7] * (n + 1)  # header + one row per rejected image, seven cells each
+    assert "\n# INJECTED" not in text and "forged | row" not in text

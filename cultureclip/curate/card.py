@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from cultureclip import schema
 from cultureclip.curate import registry
 from cultureclip.curate.records import STAGE_FILE, StageStore, write_atomic
+from cultureclip.curate.sanitize import markdown_cell as cell
 
 log = logging.getLogger(__name__)
 CARD_MD, CARD_JSON, CARD_ASSETS = "card.md", "card.json", "card"
@@ -151,7 +152,7 @@ def _table_md(title: str, rows: Mapping[str, Mapping], first: str) -> list[str]:
         return []
     cols = list(next(iter(rows.values())))
     lines = [f"### {title}", "", "| " + " | ".join([first, *cols]) + " |", "|" + "---|" * (len(cols) + 1)]
-    lines += ["| " + " | ".join([str(k), *("" if v is None else str(v) for v in row.values())]) + " |"
+    lines += ["| " + " | ".join([cell(k), *("" if v is None else cell(v) for v in row.values())]) + " |"
               for k, row in rows.items()]
     return lines + [""]
 
@@ -165,8 +166,8 @@ def render_markdown(card: Mapping[str, Any]) -> str:
              f"Pass rule: {card['rule']}.", "", "## Stages", "",
              "| stage | records | errors | pending | success rate | errors by reason |", "|---|---|---|---|---|---|"]
     for name, s in card["stages"].items():
-        lines.append(f"| {name} | {s['records']} | {s['errors']} | {s['pending']} | {s['success_rate']} | "
-                     f"{', '.join(f'{k}: {v}' for k, v in s['errors_by_reason'].items())} |")
+        lines.append(f"| {cell(name)} | {s['records']} | {s['errors']} | {s['pending']} | {s['success_rate']} | "
+                     f"{cell(', '.join(f'{k}: {v}' for k, v in s['errors_by_reason'].items()))} |")
     j = card["judge"]
     lines += ["", f"Judge: {j['images_passed']} of {j['images_judged']} judged images pass "
               f"(pass rate {j['pass_rate']}); twin check picks the image's own concept for "
@@ -181,8 +182,10 @@ def render_markdown(card: Mapping[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|"]
         for g in card["gallery"]:
             scores = "/".join(str(g[s]) for s in schema.SCORES)
-            lines.append(f"| ![]({g['thumbnail']}) | {g[schema.CONCEPT]} | {g[schema.TWIN_CONCEPT]} | {scores} | "
-                         f"{g[schema.TWIN_CHOICE]} | {'; '.join(g['failures'])} | {g[schema.REASON]} |")
+            # every cell is escaped: concept names come from data, the reason from the judge server
+            lines.append(f"| ![]({g['thumbnail']}) | {cell(g[schema.CONCEPT])} | {cell(g[schema.TWIN_CONCEPT])} | "
+                         f"{cell(scores)} | {cell(g[schema.TWIN_CHOICE])} | {cell('; '.join(g['failures']))} | "
+                         f"{cell(g[schema.REASON])} |")
         lines.append("")
     for section in card["sections"]:
         lines += [f"## {section['title']}", "", section["markdown"], ""]

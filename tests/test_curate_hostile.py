@@ -25,6 +25,7 @@ INJECTION = "|\n\n# INJECTED HEADING\n| forged | row |\n<script>alert(1)</script
 
 
 def judged_run(tmp_path, faults, monkeypatch, rule=None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "run"
     made = make_run(out, judge=False)
     monkeypatch.setenv("CC_HOSTILE_KEY", SECRET)  # the key a real deployment reads from its environment
@@ -90,3 +91,13 @@ def test_markdown_in_the_reason_cannot_change_the_card(tmp_path, monkeypatch):
             break
     assert rows == [7] * (n + 1)  # header + one row per rejected image, seven cells each
     assert "\n# INJECTED" not in text and "forged | row" not in text
+
+
+def test_boolean_scores_are_schema_violations_not_ones(tmp_path, monkeypatch):
+    """pydantic's lax mode reads true as 1: scores must be strict integers."""
+    out, made, report = judged_run(tmp_path, scores_patch({schema.SCORE_AUTHENTICITY: True}), monkeypatch)
+    assert report.ok == 0 and report.errors == len(made["renders"])
+    assert report.errors_by_reason == {"schema_violation": len(made["renders"])}
+    out2, _, report2 = judged_run(tmp_path / "b", scores_patch({schema.SCORE_AUTHENTICITY: 1}), monkeypatch)
+    assert report2.ok == len(made["renders"])  # the integer 1 is a valid score
+    assert all(type(r[schema.SCORE_AUTHENTICITY]) is int for r in StageStore(out2 / "judge", "judge").records())

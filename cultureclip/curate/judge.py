@@ -22,7 +22,7 @@ import hashlib
 import logging
 from collections import Counter, deque
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
+from typing import Annotated, Any, Iterator, Literal, Mapping, Optional, Sequence
 
 from cultureclip import schema
 from cultureclip.curate.chat import ChatAnswer, ChatClient, ChatConfig, effective_chat, image_part
@@ -59,11 +59,18 @@ Which one does it show? Answer with JSON only, giving the name exactly as listed
 
 
 # ---------------------------------------------------------------------------------------------- schemas
+def _strict_int(value: Any) -> Any:
+    if type(value) is not int:  # bool is an int subclass; floats and strings are not scores either
+        raise ValueError(f"a score must be an integer, got {type(value).__name__} {value!r}")
+    return value
+
+
 @functools.lru_cache(maxsize=1)
 def scores_model() -> type:
     """The pydantic model of the scores answer (built on use: pydantic is an optional extra)."""
     import pydantic
-    score = (Literal[1, 2, 3, 4, 5], ...)
+    # Literal alone takes true and 1.0 for 1 (they compare equal): a score must be a JSON integer
+    score = (Annotated[Literal[1, 2, 3, 4, 5], pydantic.BeforeValidator(_strict_int)], ...)
     return pydantic.create_model("JudgeScores", __config__=pydantic.ConfigDict(extra="forbid"),
                                  **{name: score for name in schema.SCORES}, **{schema.REASON: (str, ...)})
 

@@ -101,3 +101,41 @@ def test_boolean_scores_are_schema_violations_not_ones(tmp_path, monkeypatch):
     out2, _, report2 = judged_run(tmp_path / "b", scores_patch({schema.SCORE_AUTHENTICITY: 1}), monkeypatch)
     assert report2.ok == len(made["renders"])  # the integer 1 is a valid score
     assert all(type(r[schema.SCORE_AUTHENTICITY]) is int for r in StageStore(out2 / "judge", "judge").records())
+
+
+def test_a_bad_timeout_is_a_config_error_before_any_request(tmp_path):
+    out = tmp_path / "run"
+    make_run(out, judge=False)
+    with StandinServer(judge.standin_responders()) as server:
+        for key, value in (("timeout_s", -1), ("timeout_s", "soon"), ("max_tokens", 0), ("temperature", float("nan")),
+                           ("concurrency", True)):
+            ctx = Context(out_dir=out, chat={"base_url": server.url, "model": "m", key: value})
+            with pytest.raises(ValueError, match=rf"chat setting {key} must be .* got .*fix chat\.{key}"):
+                judge.run({}, ctx)
+        assert server.requests == 0  # refused before asking: the server is not blamed
+
+
+def test_disk_full_during_export_names_the_file(tmp_path):
+    """A real file-size limit (RLIMIT_FSIZE, as `prlimit --fsize` sets): the shard write fails with EFBIG,
+    and the command's last line names the file and the limit, with no traceback."""
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    make_run(out)
+    limit = 40_000  # bytes: the run's records fit, a shard of 16 image pairs does not
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "cultureclip.curate", "stage=export", f"out_dir={out}",
+                           "export.plots=false", "export.val_fraction=0", "export.pairs_per_twin=null"],
+                          cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(root)},
+                          preexec_fn=cap, capture_output=True, text=True, timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last.startswith("error: OSError: [Errno 27] File too large (a file-size limit, see ulimit -f) while "
+                           f"writing shard {out}/"), last
+    assert not (out / "export").exists()  # the half-written export was removed; nothing replaced

@@ -18,6 +18,7 @@ from cultureclip import schema
 from cultureclip.curate import registry
 from cultureclip.curate.records import STAGE_FILE, StageStore, write_atomic
 from cultureclip.curate.sanitize import markdown_cell as cell
+from cultureclip.rundir import raise_if_disk_full
 
 log = logging.getLogger(__name__)
 CARD_MD, CARD_JSON, CARD_ASSETS = "card.md", "card.json", "card"
@@ -132,8 +133,13 @@ def plot_histograms(hist: Mapping, path: Path) -> None:
         ax.set_ylabel("images")
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.1, top=0.88, wspace=0.35)  # tight_layout costs seconds
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=80)
+    except OSError as exc:
+        raise_if_disk_full(exc, str(path))
+        raise
+    finally:
+        plt.close(fig)
 
 
 def thumbnail(src: Path, dest: Path, size: int) -> None:
@@ -144,7 +150,11 @@ def thumbnail(src: Path, dest: Path, size: int) -> None:
         im = im.convert("RGB")
         im.thumbnail((size, size))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        im.save(dest, format="JPEG", quality=85)
+        try:
+            im.save(dest, format="JPEG", quality=85)
+        except OSError as exc:
+            raise_if_disk_full(exc, str(dest))
+            raise
 
 
 def _table_md(title: str, rows: Mapping[str, Mapping], first: str) -> list[str]:

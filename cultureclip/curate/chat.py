@@ -83,14 +83,34 @@ class ChatConfig:
     max_backoff_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if int(self.concurrency) < 1:
-            raise ValueError(f"chat concurrency must be >= 1, got {self.concurrency}")
-        if int(self.max_attempts) < 1:
-            raise ValueError(f"chat max_attempts must be >= 1, got {self.max_attempts}")
-        if self.rate_limit is not None and not float(self.rate_limit) > 0:
-            raise ValueError(f"chat rate_limit must be > 0 requests/s or null, got {self.rate_limit}")
-        if not self.base_url or not self.model:
-            raise ValueError("chat base_url and model must be set")
+        """Refuse bad settings here, before any request: a server must never be blamed for them."""
+        def number(name: str, low: float, kind: type = float, strict: bool = False, null: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and null:
+                return
+            try:
+                ok = not isinstance(value, bool) and math.isfinite(float(value)) and float(value) == kind(value)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok or (float(value) <= low if strict else float(value) < low):
+                what = "an integer" if kind is int else "a number"
+                raise ValueError(f"chat setting {name} must be {what} {'>' if strict else '>='} {low:g}"
+                                 f"{' or null' if null else ''}, got {value!r}: fix chat.{name} (or the stage's "
+                                 f"<stage>.chat.{name})")
+
+        number("concurrency", 1, int)
+        number("max_attempts", 1, int)
+        number("max_tokens", 1, int)
+        number("timeout_s", 0, strict=True)
+        number("rate_limit", 0, strict=True, null=True)
+        number("temperature", 0)
+        number("backoff_s", 0)
+        number("max_backoff_s", 0)
+        for name in ("base_url", "model", "api_key_env"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ValueError(f"chat setting {name} must be set (a non-empty string), got {getattr(self, name)!r}")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"chat setting base_url must start with http:// or https://, got {self.base_url!r}")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> "ChatConfig":

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHAT_STAGES = ("concepts", "twins", "captions", "judge")
 TEXT = ("Qwen/Qwen2.5-7B-Instruct", "http://localhost:8001/v1", 8)  # model, server, concurrency
 VLM = ("Qwen/Qwen2.5-VL-7B-Instruct", "http://localhost:8000/v1", 64)
+STANDIN_URL = "http://standin.invalid/v1"  # the app sets the started stand-in's URL here
 
 
 def readme_commands() -> list[list[str]]:
@@ -51,7 +52,7 @@ def served_models() -> dict[str, str]:
 def expected(stage: str, args: list[str], cfg: dict) -> tuple:
     model, url, conc = VLM if stage == "judge" else TEXT
     if cfg["standin"]:  # the stand-in's URL is set when the app starts it
-        url = "<standin>"  # and the stand-in stage files' own model and concurrency
+        url = STANDIN_URL  # and the stand-in stage files' own model and concurrency
         model, conc = cfg[stage]["chat"]["model"], cfg[stage]["chat"].get("concurrency", 8)
     given = dict(a.split("=", 1) for a in args if "=" in a)
     for key in (f"{stage}.chat.", "chat."):  # the run-wide override wins over the stage's own
@@ -64,7 +65,7 @@ def expected(stage: str, args: list[str], cfg: dict) -> tuple:
 def effective(stage: str, cfg: dict) -> tuple:
     run_chat = dict(cfg["chat"])
     if cfg["standin"]:
-        run_chat["base_url"] = "<standin>"
+        run_chat["base_url"] = STANDIN_URL
     ctx = Context(out_dir=Path(cfg["out_dir"]), chat=run_chat)
     if stage == "judge":
         c = judge.chat_config(cfg["judge"], ctx)

@@ -139,3 +139,55 @@ def test_disk_full_during_export_names_the_file(tmp_path):
     assert last.startswith("error: OSError: [Errno 27] File too large (a file-size limit, see ulimit -f) while "
                            f"writing shard {out}/"), last
     assert not (out / "export").exists()  # the half-written export was removed; nothing replaced
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupt_stops_in_two_seconds_and_the_rerun_matches(tmp_path, sig):
+    """A real Ctrl-C (SIGINT) or SIGTERM to the curate command while its requests wait on a server that
+    is slow (60 s) or says Retry-After 100: it exits within 2 s, keeps the judged records, and the same
+    command then finishes with records equal to an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out, clean = tmp_path / "run", tmp_path / "clean" / "run"
+    made = make_run(out, judge=False)
+    (tmp_path / "clean").mkdir()
+    make_run(clean, judge=False)
+    stuck = lambda i, body: None if i < 12 else Fault("slow", delay_s=60) if i % 2 else Fault("429", retry_after=100)  # noqa: E731
+
+    def command(url, where):
+        return [sys.executable, "-m", "cultureclip.curate", "stage=judge", f"out_dir={where}", "judge=standin",
+                f"chat.base_url={url}", "chat.timeout_s=100", "chat.concurrency=4", "judge.part_size=2"]
+
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    with StandinServer(judge.standin_responders(), faults=stuck) as server:
+        proc = subprocess.Popen(command(server.url, out), cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and server.requests < 16 and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the stuck requests are in flight, the 429s wait out their Retry-After
+        assert proc.poll() is None and server.requests >= 16
+        start = time.monotonic()
+        proc.send_signal(getattr(signal, sig))
+        err = proc.communicate(timeout=30)[1]
+        took = time.monotonic() - start
+    assert took < 2.0, (took, err[-2000:])
+    assert proc.returncode == (130 if sig == "SIGINT" else 143), err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"error: stopped by {sig}")
+    done = StageStore(out / "judge", "judge").records()
+    assert 0 < len(done) < len(made["renders"])
+    with StandinServer(judge.standin_responders()) as server:  # the same command, the server healthy again
+        rerun = subprocess.run(command(server.url, out), cwd=tmp_path, env=env, capture_output=True, text=True,
+                               timeout=120)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert server.by_schema[judge.SCORES_SCHEMA] == len(made["renders"]) - len(done)  # only what was missing
+        ctx = Context(out_dir=clean, chat={"base_url": server.url, "model": "standin-judge"})
+        judge.run({"part_size": 64}, ctx)
+    store = StageStore(out / "judge", "judge")
+    store.verify()
+    assert store.records() == StageStore(clean / "judge", "judge").records()

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Hashable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from cultureclip.curate.deadline import http_transport, request_deadline
+from cultureclip.curate.preflight import ChatServerError, preflight
 from cultureclip.curate.sanitize import bound, register_secret, scrub, scrub_tree
 
 log = logging.getLogger(__name__)
@@ -263,6 +264,25 @@ class ChatClient:
         self._bucket = TokenBucket(self.cfg.rate_limit) if self.cfg.rate_limit else None
         self._schemas: dict[type, dict] = {}
         self._lock = threading.Lock()
+        self._preflight_lock = threading.Lock()
+        self._preflight: Optional[Union[bool, Exception]] = None  # True once passed, or the error it raised
+
+    def check_server(self) -> None:
+        """Before the first request: one tiny request that fails fast, naming the URL, the model and the
+        server's answer, when the server, model or key is wrong (:mod:`cultureclip.curate.preflight`).
+
+        Raises:
+            ChatServerError: the check failed (raised again on every later call).
+        """
+        with self._preflight_lock:  # the first of many threads checks; the others wait for its verdict
+            if self._preflight is None:
+                try:
+                    preflight(self._client, self.cfg.base_url, self.cfg.model, self.cfg.timeout_s, self._scrub)
+                    self._preflight = True
+                except ChatServerError as exc:
+                    self._preflight = exc
+            if isinstance(self._preflight, Exception):
+                raise self._preflight
 
     def __repr__(self) -> str:
         return f"ChatClient(base_url={self.cfg.base_url!r}, model={self.cfg.model!r})"
@@ -357,6 +377,7 @@ class ChatClient:
         Returns:
             A :class:`ChatAnswer`: the validated value, or the last error's reason and message.
         """
+        self.check_server()
         response_format = self._response_format(schema, name)
         last: Optional[_Retry] = None
         for attempt in range(1, int(self.cfg.max_attempts) + 1):

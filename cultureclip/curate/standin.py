@@ -103,14 +103,19 @@ class StandinServer:
         api_key: when set, requests must carry ``Authorization: Bearer <api_key>`` (else 401).
         keep_bodies: keep every chat request body in :attr:`bodies`.
         port: the port to bind; 0 (default) for a free one.
+        models: when given, the only model ids served (a request for another gets vLLM's 404 "does not
+            exist"); None (default): any model id is answered.
     """
 
     def __init__(self, responders: Mapping[str, Callable[[dict], Any]], latency_s: float = 0.0,
                  faults: Faults = None, host: str = "127.0.0.1", model: str = "standin",
-                 api_key: Optional[str] = None, keep_bodies: bool = True, port: int = 0) -> None:
+                 api_key: Optional[str] = None, keep_bodies: bool = True, port: int = 0,
+                 models: Optional[Sequence[str]] = None) -> None:
         self.responders = dict(responders)
         self.latency_s, self.faults, self.host, self.model = float(latency_s), faults, host, model
         self._api_key, self.keep_bodies, self.port = api_key, keep_bodies, int(port)
+        self.models = None if models is None else list(models)
+        self.preflights = 0  # requests without a response format (a client's preflight): answered, not counted
         self.lock = threading.Lock()
         self.requests = 0  # chat requests received
         self.in_flight = 0
@@ -296,7 +301,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, stats)
         elif self.path.rstrip("/") == "/v1/models":
             self._send(200, {"object": "list", "data": [
-                {"id": self.standin.model, "object": "model", "created": 0, "owned_by": "cultureclip-standin"}]})
+                {"id": m, "object": "model", "created": 0, "owned_by": "cultureclip-standin"}
+                for m in (self.standin.models or [self.standin.model])]})
         else:
             self._send(404, _error(f"no route {self.path}", "invalid_request_error"))
 
@@ -314,6 +320,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, _error(f"request body is not JSON: {exc}", "invalid_request_error"))
             return
         auth = self.headers.get("Authorization") or ""
+        model = body.get("model") if isinstance(body, dict) else None
+        if self.standin.models is not None and model not in self.standin.models:
+            self._send(404, _error(f"The model `{model}` does not exist.", "NotFoundError"))
+            return
+        if isinstance(body, dict) and "response_format" not in body:  # a client's preflight: one tiny answer
+            with self.standin.lock:
+                self.standin.preflights += 1
+            self._send(200, {"id": "chatcmpl-standin-preflight", "object": "chat.completion", "created": 0,
+                             "model": model or self.standin.model, "choices": [{
+                                 "index": 0, "finish_reason": "length", "logprobs": None,
+                                 "message": {"role": "assistant", "content": "ok"}}]})
+            return
         status, headers, payload = self.standin.answer(body, auth.removeprefix("Bearer "))
         self._send(status, payload, headers)
 

@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 
+from cultureclip import errors
 from cultureclip.data.convert import REPORT_FILE, convert_to_shards
 from cultureclip.data.shards import RecordError
 from cultureclip.images import DEFAULT_MAX_PIXELS
@@ -48,8 +49,7 @@ def main(argv=None) -> int:
                                    allow_outside_root=args.allow_outside_root)
     except (RecordError, FileExistsError, OSError, ValueError) as exc:
         # the message names file:line and field; a traceback would add nothing for the user
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return errors.report(exc)
     reasons = ", ".join(f"{k} {v}" for k, v in report.skipped_by_reason.items())
     print(f"wrote {report.written} pairs in {len(report.sizes)} shards to {args.out}; "
           f"skipped {report.skipped}{f' ({reasons})' if reasons else ''} (details in {REPORT_FILE})")

@@ -16,9 +16,9 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cultureclip import resolvers
+from cultureclip import errors, resolvers
 from cultureclip.curate import app
-from cultureclip.curate.sanitize import install_log_filter, scrub
+from cultureclip.curate.sanitize import install_log_filter
 
 resolvers.register()  # before @hydra.main composes the config
 
@@ -45,10 +45,7 @@ def main(cfg: DictConfig) -> None:
         sys.stderr.flush()
         os._exit(143 if name == "SIGTERM" else 130)
     except (app.CurateError, ValueError, RuntimeError, OSError, ImportError) as exc:  # RecordError, StageMismatch...
-        if os.environ.get("CULTURECLIP_TRACEBACK"):
-            raise
-        print(f"error: {type(exc).__name__}: {scrub(exc)}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(errors.report(exc))
     finally:
         signal.signal(signal.SIGTERM, previous)
     failed = app.failed_jobs(reports)

@@ -34,6 +34,7 @@ from typing import Iterable, Iterator, Optional, Union
 
 from cultureclip import schema
 from cultureclip.curate.runner.keys import KEY_CHARS, canonical_json
+from cultureclip.rundir import raise_if_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,9 @@ def write_atomic(path: PathLike, data: Union[bytes, str]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        raise_if_disk_full(exc, str(path), "the partial file was removed")  # the bare errno names no file
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

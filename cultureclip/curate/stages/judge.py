@@ -23,15 +23,16 @@ import logging
 import os
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Optional, Sequence
+from typing import Annotated, Any, Iterable, Iterator, Literal, Mapping, Optional, Sequence
 
 from cultureclip import schema
-from cultureclip.curate.backends.chat import ChatAnswer, ChatClient, ChatConfig, LazyChatClient, image_part
+from cultureclip.curate.backends.chat import ChatAnswer, ChatClient, ChatConfig, LazyChatClient, effective_chat, image_part
+from cultureclip.curate.prompts import load as load_prompt
+from cultureclip.curate.runner import Job, Outcome, StageReport, Store, fingerprint, run_stage, save_report, up_to_date
+from cultureclip.curate.sanitize import bound
 from cultureclip.curate.stages.judge_rule import DEFAULT_RULE, card_section, check_rule, passes  # noqa: F401 (API)
 from cultureclip.curate.stages.judge_standin import SCORES_SCHEMA, TWIN_SCHEMA
-from cultureclip.curate.prompts import load as load_prompt
 from cultureclip.curate.stages.settings import Judge as JudgeSettings, typed
-from cultureclip.curate.runner import Job, Outcome, StageReport, Store, fingerprint, run_stage, save_report, up_to_date
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,18 @@ SIDES = {  # side -> (concept, country, context, features, captions) of the pair
 }
 
 # ---------------------------------------------------------------------------------------------- schemas
+def _strict_int(value: Any) -> Any:
+    if type(value) is not int:  # bool is an int subclass; floats and strings are not scores either
+        raise ValueError(f"a score must be an integer, got {type(value).__name__} {value!r}")
+    return value
+
+
 @functools.lru_cache(maxsize=1)
 def scores_model() -> type:
     """The pydantic model of the scores answer (built on use: pydantic is an optional extra)."""
     import pydantic
-    score = (Literal[1, 2, 3, 4, 5], ...)
+    # Literal alone takes true and 1.0 for 1 (they compare equal): a score must be a JSON integer
+    score = (Annotated[Literal[1, 2, 3, 4, 5], pydantic.BeforeValidator(_strict_int)], ...)
     return pydantic.create_model("JudgeScores", __config__=pydantic.ConfigDict(extra="forbid"),
                                  **{name: score for name in schema.SCORES}, **{schema.REASON: (str, ...)})
 
@@ -166,7 +174,7 @@ def judge_record(job: Mapping, scores: Any, twin: Any, model: str) -> dict:
             schema.TWIN_CONCEPT: job[schema.TWIN_CONCEPT], schema.TWIN_COUNTRY: job[schema.TWIN_COUNTRY],
             schema.IMAGE_SHA256: job[schema.IMAGE_SHA256],
             **{name: getattr(scores, name) for name in schema.SCORES},
-            schema.TWIN_CHOICE: picked, schema.PICKS_OWN: own, schema.REASON: getattr(scores, schema.REASON),
+            schema.TWIN_CHOICE: picked, schema.PICKS_OWN: own, schema.REASON: bound(getattr(scores, schema.REASON)),
             schema.MODEL_ID: model}
 
 
@@ -242,8 +250,9 @@ def _plain(value: Any) -> Any:
 
 
 def chat_config(cfg: Mapping, ctx: Any) -> ChatConfig:
-    """The judge's chat settings: the run's defaults (``ctx.chat``) overridden key by key by ``cfg.chat``."""
-    return ChatConfig.from_mapping({**_plain(getattr(ctx, "chat", None) or {}), **_plain(cfg.get("chat") or {})})
+    """The judge's chat settings: ``cfg.chat`` overridden key by key by the run's non-null ``ctx.chat``
+    (:func:`~cultureclip.curate.backends.chat.effective_chat`)."""
+    return ChatConfig.from_mapping(effective_chat(_plain(cfg.get("chat") or {}), _plain(getattr(ctx, "chat", None) or {})))
 
 
 def run(cfg: Mapping, ctx: Any) -> StageReport:

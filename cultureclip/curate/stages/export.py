@@ -103,7 +103,7 @@ class _Images:
 
 
 RENDER_FIELDS = (schema.REC_KEY, schema.CAPTION, schema.CATEGORY, schema.COUNTRY, schema.IMAGE_FILE,
-                 schema.IMAGE_SHA256)
+                 schema.IMAGE_SHA256, schema.MODEL_ID)
 
 
 def build_pairs(pairs: list[dict], renders: Mapping[str, dict], judged: list[dict], rule: Mapping,

@@ -18,19 +18,18 @@ message is scrubbed of it (:mod:`cultureclip.curate.sanitize`), also when the se
 """
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import math
 import os
 import random
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Hashable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
+from cultureclip.curate.backends.chat_config import ChatConfig, effective_chat  # noqa: F401 (API)
+from cultureclip.curate.backends.chat_wire import (MAX_RETRY_AFTER_S, RETRYABLE_STATUS, ChatAnswer,  # noqa: F401
+                                                   TokenBucket, _Retry, _retry_after, image_part, strict_json_schema)
 from cultureclip.curate.backends.deadline import http_transport, request_deadline
 from cultureclip.curate.backends.preflight import ChatServerError, preflight
 from cultureclip.curate.sanitize import bound, register_secret, scrub, scrub_tree
@@ -38,8 +37,6 @@ from cultureclip.curate.sanitize import bound, register_secret, scrub, scrub_tre
 log = logging.getLogger(__name__)
 
 PLACEHOLDER_KEY = "EMPTY"  # what local servers (vLLM, SGLang, Ollama) accept when no key is set
-RETRYABLE_STATUS = {408, 409, 425, 429}  # plus every 5xx
-MAX_RETRY_AFTER_S = 120.0
 
 
 def _require_curate() -> None:
@@ -49,195 +46,6 @@ def _require_curate() -> None:
     except ImportError as exc:  # pragma: no cover - the extra is installed in dev
         raise ImportError(f"the chat client needs openai and pydantic ({exc}); "
                           f"pip install 'cultureclip[curate]'") from exc
-
-
-@dataclass
-class ChatConfig:
-    """Where and how to ask. Holds no secret: the key comes from the variable ``api_key_env``.
-
-    Attributes:
-        base_url: the server's OpenAI-compatible root, e.g. ``http://localhost:8000/v1``.
-        model: the model id the server serves.
-        api_key_env: the environment variable holding the API key; local servers need none (the
-            placeholder ``"EMPTY"`` is sent when it is unset).
-        concurrency: requests in flight at most (:meth:`ChatClient.ask_many`).
-        rate_limit: requests per second at most (retries included); ``None`` for no limit.
-        timeout_s: seconds per HTTP request in all (connect, sending, and every byte of the answer).
-        max_attempts: tries per request in all (the first included).
-        temperature, max_tokens: sampling settings.
-        extra_body: extra JSON fields for the server (e.g. vLLM's ``top_k``).
-        backoff_s, max_backoff_s: exponential backoff between tries (with jitter) when the server
-            sends no ``Retry-After``.
-    """
-
-    base_url: str
-    model: str
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 8
-    rate_limit: Optional[float] = None
-    timeout_s: float = 60.0
-    max_attempts: int = 4
-    temperature: float = 0.0
-    max_tokens: int = 512
-    extra_body: Optional[dict] = None
-    backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        """Refuse bad settings here, before any request: a server must never be blamed for them."""
-        def number(name: str, low: float, kind: type = float, strict: bool = False, null: bool = False) -> None:
-            value = getattr(self, name)
-            if value is None and null:
-                return
-            try:
-                ok = not isinstance(value, bool) and math.isfinite(float(value)) and float(value) == kind(value)
-            except (TypeError, ValueError):
-                ok = False
-            if not ok or (float(value) <= low if strict else float(value) < low):
-                what = "an integer" if kind is int else "a number"
-                raise ValueError(f"chat setting {name} must be {what} {'>' if strict else '>='} {low:g}"
-                                 f"{' or null' if null else ''}, got {value!r}: fix chat.{name} (or the stage's "
-                                 f"<stage>.chat.{name})")
-
-        number("concurrency", 1, int)
-        number("max_attempts", 1, int)
-        number("max_tokens", 1, int)
-        number("timeout_s", 0, strict=True)
-        number("rate_limit", 0, strict=True, null=True)
-        number("temperature", 0)
-        number("backoff_s", 0)
-        number("max_backoff_s", 0)
-        for name in ("base_url", "model", "api_key_env"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ValueError(f"chat setting {name} must be set (a non-empty string), got {getattr(self, name)!r}")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"chat setting base_url must start with http:// or https://, got {self.base_url!r}")
-
-    @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any]) -> "ChatConfig":
-        """Build from a mapping (a config group), refusing unknown keys by name."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown chat settings {unknown}; known: {sorted(known)}")
-        data = dict(cfg)
-        if data.get("extra_body") is not None:
-            data["extra_body"] = dict(data["extra_body"])
-        return cls(**data)
-
-
-def effective_chat(stage: Optional[Mapping[str, Any]], run: Optional[Mapping[str, Any]]) -> dict:
-    """A stage's chat settings: the stage's own (its config group's ``chat``), overridden key by key by
-    every setting of the run's ``chat`` group that is not null.
-
-    The run's group holds nulls unless the command line (or an experiment) sets a key, so
-    ``chat.base_url=...`` reaches every chat stage, ``judge.chat.base_url=...`` only the judge, and the
-    stage files keep their own defaults (the text stages' server and model, the judge's VLM).
-    """
-    return {**dict(stage or {}), **{k: v for k, v in dict(run or {}).items() if v is not None}}
-
-
-@dataclass
-class ChatAnswer:
-    """One request's result: a validated ``value``, or an ``error`` reason with its ``message``."""
-
-    value: Any  # a pydantic model instance, or None on error
-    error: Optional[str]
-    message: str
-    attempts: int
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-def image_part(path_or_bytes: Union[str, os.PathLike, bytes], mime: Optional[str] = None) -> dict:
-    """A chat content part holding an image as a base64 data URL.
-
-    Args:
-        path_or_bytes: an image file, or its bytes.
-        mime: the media type; guessed from the magic bytes (PNG, JPEG, WebP, GIF) when omitted.
-    """
-    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
-    if mime is None:
-        if data[:8] == b"\x89PNG\r\n\x1a\n":
-            mime = "image/png"
-        elif data[:3] == b"\xff\xd8\xff":
-            mime = "image/jpeg"
-        elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-            mime = "image/webp"
-        elif data[:6] in (b"GIF87a", b"GIF89a"):
-            mime = "image/gif"
-        else:
-            where = "" if isinstance(path_or_bytes, bytes) else f" {path_or_bytes}"
-            raise ValueError(f"image{where}: unknown image format (not PNG/JPEG/WebP/GIF); pass mime=")
-    return {"type": "image_url",
-            "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"}}
-
-
-def strict_json_schema(model: type) -> dict:
-    """The JSON schema of a pydantic model in the strict form structured output wants: every object
-    closed (``additionalProperties: false``) and every property required."""
-    schema = model.model_json_schema()
-
-    def close(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("type") == "object" and "properties" in node:
-                node["additionalProperties"] = False
-                node["required"] = list(node["properties"])
-            for value in node.values():
-                close(value)
-        elif isinstance(node, list):
-            for value in node:
-                close(value)
-
-    close(schema)
-    return schema
-
-
-class TokenBucket:
-    """At most ``rate`` acquisitions per second, shared by threads; burst of one (even spacing)."""
-
-    def __init__(self, rate: float) -> None:
-        self.interval = 1.0 / float(rate)
-        self._next = time.monotonic()
-        self._lock = threading.Lock()
-
-    def acquire(self) -> None:
-        with self._lock:  # reserve a slot, then sleep outside the lock
-            now = time.monotonic()
-            slot = max(now, self._next)
-            self._next = slot + self.interval
-        if slot > now:
-            time.sleep(slot - now)
-
-
-class _Retry(Exception):
-    def __init__(self, reason: str, message: str, retry_after: Optional[float] = None,
-                 retryable: bool = True) -> None:
-        super().__init__(message)
-        self.reason, self.message, self.retry_after, self.retryable = reason, message, retry_after, retryable
-
-
-def _retry_after(headers: Any) -> Optional[float]:
-    """Seconds from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date), or None."""
-    if headers is None:
-        return None
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) * scale
-        except ValueError:
-            import email.utils
-            parsed = email.utils.parsedate_tz(value)
-            if parsed is None:
-                continue
-            seconds = email.utils.mktime_tz(parsed) - time.time()
-        if math.isfinite(seconds):
-            return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
-    return None
 
 
 class ChatClient:

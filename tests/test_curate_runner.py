@@ -219,3 +219,18 @@ def test_up_to_date_skips_planning_only_when_nothing_can_have_changed(tmp_path):
         prompts.use_dir(None)
     run_stage(up, _jobs(2), _square())  # the upstream view changed
     assert fingerprint({"seed": 0}, ("judge_twin",), (up,)) != fp
+
+
+def test_the_range_lock_is_taken_before_finished_keys_are_read(tmp_path, monkeypatch):
+    """Read before the lock, a process that finished the range just before would be redone (and billed)."""
+    store = Store(tmp_path / "t", "t")
+    lock_file = tmp_path / "t" / ".jobs" / "00000of00001" / ".lock"
+    seen = []
+    real = Store.index
+
+    def index(self):
+        seen.append(lock_file.is_file())
+        return real(self)
+    monkeypatch.setattr(Store, "index", index)
+    run_stage(store, _jobs(3), _square())
+    assert seen == [True]

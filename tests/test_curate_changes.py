@@ -169,9 +169,12 @@ def test_rule_rejections_rerun_with_zero_requests_and_exit_0(tmp_path):
         again = chain(tmp_path, tmp_path / "a", *common, f"chat.base_url={srv.url}")
         assert srv.requests == n and app.failed_jobs(again.values()) == 0
     assert isinstance(srv, StandinServer)
-    md = (tmp_path / "a" / "export" / "card.md").read_text()
-    assert "| concepts | 11 | 9 | 2 | 0 | 0 | no_country: 1, unknown_category: 1 |" in md
-    assert re.search(r"\| captions \| \d+ \| \d+ \| 1 \| 0 \| 0 \| caption_set_rejected: 1 \|", md)
+    card = json.loads((tmp_path / "a" / "export" / "card.json").read_text())
+    assert card["stages"]["concepts"]["rejected_by_reason"] == {"no_country": 1, "unknown_category": 1}
+    assert card["stages"]["captions"]["rejected_by_reason"] == {"caption_set_rejected": 1}
+    md = (tmp_path / "a" / "export" / "card.md").read_text()  # Markdown-escaped cells
+    assert "| concepts | 11 | 9 | 2 | 0 | 0 | no\\_country: 1, unknown\\_category: 1 |" in md
+    assert re.search(r"\| captions \| \d+ \| \d+ \| 1 \| 0 \| 0 \| caption\\_set\\_rejected: 1 \|", md)
 
 
 @pytest.mark.slow

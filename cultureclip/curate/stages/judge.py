@@ -274,6 +274,8 @@ def run(cfg: Mapping, ctx: Any) -> StageReport:
     render_store = Store(ctx.stage_dir(RENDER_STAGE), RENDER_STAGE)
     render_store.require_complete(STAGE, upstream=(source,))
     store = Store(ctx.stage_dir(STAGE), STAGE)
+    # the render view's digest stands for its records: a current render record is never rewritten (its
+    # image is a function of its key, and gc only removes records outside the view)
     fp = fingerprint({"model": chat.model, "temperature": chat.temperature}, PROMPTS, (render_store, source))
     done = up_to_date(store, fp, ctx.shard_index, ctx.num_shards)
     if done is not None:  # planned from these views and prompts, every job finished: nothing is read again

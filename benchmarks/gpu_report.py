@@ -43,8 +43,8 @@ def render_table(rows: list[dict]) -> list[str]:
             lines += [f"Pipeline: {params} parameters, {r['dtype']}, weights **random**, T5 {r['t5']}; built in "
                       f"{r['build_s']} s" + (f", {r['weights_mib']:.0f} MiB on the GPU" if r.get("weights_mib") else ""),
                       ""]
-    lines += ["| row | images | bare diffusers images/s | our stage images/s | stage overhead | peak MiB | "
-              "self-checks |", "|---" * 7 + "|"]
+    lines += ["| row | images | bare diffusers images/s | our stage images/s | stage overhead | peak MiB bare / "
+              "stage | self-checks |", "|---" * 7 + "|"]
     for r in rows:
         if r.get("kind") == "build" and r["status"] == "ok":
             continue
@@ -53,7 +53,7 @@ def render_table(rows: list[dict]) -> list[str]:
             continue
         lines.append(f"| {r['name']} ({r['size']} px, {r['steps']} steps) | {r['images']} | "
                      f"{r['bare_images_per_s']:.2f} | {r['stage_images_per_s']:.2f} | {r['stage_overhead']:+.1%} | "
-                     f"{_f(r['peak_mem_mib'], '.0f')} | {_checks(r)} |")
+                     f"{_f(r['bare_peak_mem_mib'], '.0f')} / {_f(r['stage_peak_mem_mib'], '.0f')} | {_checks(r)} |")
     return lines
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import open_clip
@@ -94,12 +95,12 @@ def test_self_checks_catch_nan_rising_loss_and_growing_memory():
 
 def test_a_failing_row_is_reported_and_the_rest_still_run(tmp_path):
     args = argparse.Namespace(dry_run=True)
-    sec = gpu_check.Section("eval", tmp_path, 60, args)
+    sec = gpu_check.Section("eval", tmp_path, time.time() + 60, args)
     bad = sec.attempt("bad", lambda: {"x": 1 / 0}, need_s=0)
     good = sec.attempt("good", lambda: {"x": 2}, need_s=0)
     assert bad["status"] == "failed" and bad["error"].startswith("ZeroDivisionError") and "x" not in bad
     assert good["status"] == "ok" and good["x"] == 2
-    late = gpu_check.Section("render", tmp_path, -1, args)
+    late = gpu_check.Section("render", tmp_path, time.time() - 1, args)
     skipped = late.attempt("late", lambda: pytest.fail("a row past the budget must not start"), need_s=1)
     assert skipped["status"] == "skipped" and "budget" in skipped["reason"]
     state = json.loads((tmp_path / gpu_check.JSON_NAME).read_text())  # written as each row finished

@@ -19,7 +19,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -88,7 +87,12 @@ def publish(out: Path, state: dict) -> None:
     from gpu_report import format_markdown  # beside this script
     state["written_at"] = _utc_now()
     _write_atomic(out / JSON_NAME, json.dumps(state, indent=1, default=str))
-    _write_atomic(out / MD_NAME, format_markdown(state))
+    try:
+        md = format_markdown(state)
+    except Exception:  # a formatting bug must not stop the measurements: the markdown says what broke
+        md = f"# GPU check\n\nThe report could not be formatted; {JSON_NAME} holds every figure.\n\n```\n" \
+             f"{traceback.format_exc()[-3000:]}```\n"
+    _write_atomic(out / MD_NAME, md)
 
 
 def read_rows(out: Path, section: str) -> list[dict]:
@@ -223,34 +227,6 @@ def _pythonpath() -> str:
     return os.pathsep.join(parts)
 
 
-# ------------------------------------------------------------------ environment
-def environment(device: str) -> dict:
-    """GPU name, driver, CUDA, and the versions of the libraries measured."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    env: dict = {"device": device, "python": platform.python_version(), "platform": platform.platform(),
-                 "cpu_count": os.cpu_count(), "weights": "random (architecture sizes only; nothing downloaded)"}
-    for pkg in ("torch", "open_clip_torch", "diffusers", "transformers", "lightning", "faiss-cpu", "faiss-gpu",
-                "faiss-gpu-cu12", "timm", "webdataset", "numpy", "cultureclip"):
-        try:
-            env[pkg] = version(pkg)
-        except PackageNotFoundError:
-            continue
-    import torch
-    env["torch_cuda"] = torch.version.cuda
-    if device == "cuda":
-        env["gpu"] = torch.cuda.get_device_name()
-        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-        env["cudnn"] = torch.backends.cudnn.version()
-        try:
-            q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=20)
-            env["driver"] = q.stdout.strip().splitlines()[0] if q.returncode == 0 and q.stdout.strip() else None
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            env["driver"] = f"unknown ({exc})"
-    return env
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu_check", help="folder for gpu_check.json, gpu_check.md and partial/")
@@ -286,6 +262,7 @@ def main(argv=None) -> int:
     for name in args.sections:
         (out / PARTIAL / f"{name}.jsonl").unlink(missing_ok=True)
     start = time.monotonic()
+    from gpu_report import environment
     state = {"started": _utc_now(), "dry_run": args.dry_run, "targets": TARGETS, "total_budget_s": total,
              "command": " ".join(["python", "benchmarks/gpu_check.py"] + list(sys.argv[1:] if argv is None else argv)),
              "environment": environment(device), "sections": {}}

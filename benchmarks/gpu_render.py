@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-import gpu_check as gc_
 from bench_render import pairs  # beside this script: twin caption sets, 4 images each
 
 # stabilityai/stable-diffusion-3.5-large(-turbo) model_index components, their published configs

@@ -1,6 +1,10 @@
 """Markdown of ``gpu_check.json`` (``gpu_check.md``): environment, one table per section, self-checks, targets."""
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+
 
 def _f(x, fmt: str = ".3g", none: str = "-") -> str:
     return none if x is None else format(x, fmt)
@@ -135,3 +139,30 @@ def failed_checks(state: dict) -> list[str]:
                 if not c["ok"]:
                     out.append(f"{r['name']} / {k}: {c['detail']}")
     return out
+
+
+def environment(device: str) -> dict:
+    """GPU name, driver, CUDA, and the versions of the libraries measured."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    env: dict = {"device": device, "python": platform.python_version(), "platform": platform.platform(),
+                 "cpu_count": os.cpu_count(), "weights": "random (architecture sizes only; nothing downloaded)"}
+    for pkg in ("torch", "open_clip_torch", "diffusers", "transformers", "lightning", "faiss-cpu", "faiss-gpu",
+                "faiss-gpu-cu12", "timm", "webdataset", "numpy", "cultureclip"):
+        try:
+            env[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    import torch
+    env["torch_cuda"] = torch.version.cuda
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        env["cudnn"] = torch.backends.cudnn.version()
+        try:
+            q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=20)
+            env["driver"] = q.stdout.strip().splitlines()[0] if q.returncode == 0 and q.stdout.strip() else None
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            env["driver"] = f"unknown ({exc})"
+    return env

@@ -256,7 +256,10 @@ def main(argv=None) -> int:
     for name, seconds in args.budget:
         if name not in SECTIONS:
             p.error(f"--budget: unknown section {name!r}; known: {SECTIONS}")
-        budgets[name] = float(seconds)
+        try:
+            budgets[name] = float(seconds)
+        except ValueError:
+            p.error(f"--budget {name}: seconds must be a number, got {seconds!r}")
     total = args.total_budget or (sum(budgets.values()) if args.dry_run else TOTAL_BUDGET)
     (out / PARTIAL).mkdir(parents=True, exist_ok=True)
     for name in args.sections:

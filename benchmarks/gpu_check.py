@@ -95,6 +95,24 @@ def publish(out: Path, state: dict) -> None:
     _write_atomic(out / MD_NAME, md)
 
 
+def keep_previous(out: Path) -> Optional[Path]:
+    """Rename an earlier run's ``gpu_check.json``/``.md`` in ``out`` after its start time, so a new run never
+    overwrites figures already taken; returns the renamed JSON."""
+    old = out / JSON_NAME
+    if not old.is_file():
+        return None
+    try:
+        stamp = json.loads(old.read_text()).get("started", "")
+    except json.JSONDecodeError:
+        stamp = ""
+    tag = "".join(c for c in stamp if c.isdigit())[:14] or str(int(old.stat().st_mtime))
+    for name in (JSON_NAME, MD_NAME):
+        src = out / name
+        if src.is_file():
+            os.replace(src, out / f"{src.stem}-{tag}{src.suffix}")
+    return out / f"{old.stem}-{tag}{old.suffix}"
+
+
 def read_rows(out: Path, section: str) -> list[dict]:
     path = out / PARTIAL / f"{section}.jsonl"
     if not path.is_file():
@@ -262,6 +280,7 @@ def main(argv=None) -> int:
             p.error(f"--budget {name}: seconds must be a number, got {seconds!r}")
     total = args.total_budget or (sum(budgets.values()) if args.dry_run else TOTAL_BUDGET)
     (out / PARTIAL).mkdir(parents=True, exist_ok=True)
+    keep_previous(out)
     for name in args.sections:
         (out / PARTIAL / f"{name}.jsonl").unlink(missing_ok=True)
     start = time.monotonic()

@@ -125,3 +125,20 @@ def test_cli_stops_a_section_at_its_budget_and_runs_the_next(tmp_path):
     assert not any(r["status"] == "ok" for r in train["rows"])
     assert render["status"] == "done" and all(r["status"] == "ok" for r in render["rows"]), render
     assert "## train: " in (out / gpu_check.MD_NAME).read_text()
+
+
+def test_a_rerun_into_the_same_folder_keeps_the_earlier_figures(dry_run, tmp_path):
+    """A second run starts its own report; the first one's files are renamed after its start time, not lost."""
+    first_out, first = dry_run
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in (gpu_check.JSON_NAME, gpu_check.MD_NAME):
+        (out / name).write_bytes((first_out / name).read_bytes())
+    # the second run measures only the evaluation section, with another budget
+    assert gpu_check.main(["--dry-run", "--in-process", "--out", str(out), "--sections", "eval",
+                           "--budget", "eval", "30"]) == 0
+    second = json.loads((out / gpu_check.JSON_NAME).read_text())
+    assert set(second["sections"]) == {"eval"} and second["sections"]["eval"]["budget_s"] == 30
+    stamp = "".join(c for c in first["started"] if c.isdigit())
+    kept = json.loads((out / f"gpu_check-{stamp}.json").read_text())
+    assert kept == first and (out / f"gpu_check-{stamp}.md").read_text() == (first_out / gpu_check.MD_NAME).read_text()

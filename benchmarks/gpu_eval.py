@@ -33,7 +33,7 @@ def run_eval(sec) -> None:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     model_name = "cultureclip-tiny" if dry else "ViT-B-32-quickgelu"
-    n_images, n_texts, batch, workers, repeats = (8, 8, 4, 0, 1) if dry else (4096, 4096, 256, 12, 2)
+    n_images, n_texts, batch, workers, repeats = (8, 8, 4, 0, 1) if dry else (2048, 4096, 256, 12, 2)
 
     def embed() -> dict:
         from cultureclip.model import CultureCLIP

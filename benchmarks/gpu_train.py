@@ -3,8 +3,8 @@
 ViT-B/32 with random weights, LoRA (the paper's recipe) and full fine-tuning, batch 256 and 128 pairs,
 eager and compiled; a ViT-B/16-SigLIP2-size row where the installed loss has the sigmoid family.
 
-The twin shards are the toy set written first at 256 px (16 CPU workers decode and crop them to 224 px as
-a real run's loader does), so the data path is in every timed step.
+The twin shards are the toy set written first at 256 px (14 loader workers on a 16-core machine decode and
+crop them to 224 px as a real run's loader does), so the data path is in every timed step.
 """
 from __future__ import annotations
 
@@ -123,14 +123,16 @@ def run_train(sec, compiled: bool = False) -> None:
                 "variant": "cultureclip", "lr": LR[r["method"]],
                 "lora": dict(PAPER_LORA) if r["method"] == "lora" else None}
         skip = r.get("skip") or (None if sigmoid_ok or not r.get("siglip2") else sigmoid_why)
-        model_cfg = (_tiny_sigmoid_config() if dry else siglip2_size_config()) if r.get("siglip2") and not skip \
-            else None  # the dry run: SigLIP-shaped tiny towers, the same code path
-        cfg = BenchConfig(twin_dir=twin_dir, plain_dir=plain_dir, model="b16-sigmoid-size" if r.get("siglip2")
-                          else r["model"], batch_size=r["batch"], steps=r["steps"], warmup=r["warmup"],
-                          workers=r["workers"], precision=info["precision"], device=device, variant="cultureclip",
-                          lr=info["lr"], lora=info["lora"], compile=r["compile"], optimizer_impl="auto",
-                          count_open_clip_flops=True, model_cfg=model_cfg,
-                          loss_family="sigmoid" if r.get("siglip2") else None)
+
+        def bench_config(r=r, info=info) -> BenchConfig:  # built inside the row: a failure here is the row's
+            model_cfg = (_tiny_sigmoid_config() if dry else siglip2_size_config()) if r.get("siglip2") \
+                else None  # the dry run: SigLIP-shaped tiny towers, the same code path
+            return BenchConfig(twin_dir=twin_dir, plain_dir=plain_dir, model="b16-sigmoid-size" if r.get("siglip2")
+                               else r["model"], batch_size=r["batch"], steps=r["steps"], warmup=r["warmup"],
+                               workers=r["workers"], precision=info["precision"], device=device,
+                               variant="cultureclip", lr=info["lr"], lora=info["lora"], compile=r["compile"],
+                               optimizer_impl="auto", count_open_clip_flops=True, model_cfg=model_cfg,
+                               loss_family="sigmoid" if r.get("siglip2") else None)
         # seconds a side needs at least: a row that starts and overruns is killed with the section, rows that
         # cannot start are listed as skipped (optimistic, so no row that would fit is left out)
         need = (3 if dry else 10) * (3 if r["compile"] else 1) * (2 if r.get("siglip2") else 1)
@@ -140,7 +142,7 @@ def run_train(sec, compiled: bool = False) -> None:
             if skip:
                 sec.emit({"name": name, "side": side, **info, "status": "skipped", "reason": skip})
                 continue
-            row = sec.attempt(name, lambda: measure_side(side, cfg, peak_name), need, side=side, **info)
+            row = sec.attempt(name, lambda: measure_side(side, bench_config(), peak_name), need, side=side, **info)
             done[side] = row
         if all(done.get(s, {}).get("status") == "ok" for s in ("ours", "open_clip")):
             sec.emit({"name": f"{config} / ours vs open_clip", "kind": "comparison", **info, "status": "ok",

@@ -40,25 +40,21 @@ def train_table(rows: list[dict]) -> list[str]:
 
 
 def render_table(rows: list[dict]) -> list[str]:
-    lines = []
+    head, table = [], ["| row | images | bare diffusers images/s | our stage images/s | stage overhead | "
+                       "peak MiB bare / stage | self-checks |", "|---" * 7 + "|"]
     for r in rows:
         if r.get("kind") == "build" and r["status"] == "ok":
             params = ", ".join(f"{k} {v / 1e6:.0f}M" for k, v in r["parameters"].items())
-            lines += [f"Pipeline: {params} parameters, {r['dtype']}, weights **random**, T5 {r['t5']}; built in "
-                      f"{r['build_s']} s" + (f", {r['weights_mib']:.0f} MiB on the GPU" if r.get("weights_mib") else ""),
-                      ""]
-    lines += ["| row | images | bare diffusers images/s | our stage images/s | stage overhead | peak MiB bare / "
-              "stage | self-checks |", "|---" * 7 + "|"]
-    for r in rows:
-        if r.get("kind") == "build" and r["status"] == "ok":
-            continue
-        if r["status"] != "ok":
-            lines.append(f"| {r['name']} | {_not_ok(r)} |" + " |" * 5)
-            continue
-        lines.append(f"| {r['name']} ({r['size']} px, {r['steps']} steps) | {r['images']} | "
-                     f"{r['bare_images_per_s']:.2f} | {r['stage_images_per_s']:.2f} | {r['stage_overhead']:+.1%} | "
-                     f"{_f(r['bare_peak_mem_mib'], '.0f')} / {_f(r['stage_peak_mem_mib'], '.0f')} | {_checks(r)} |")
-    return lines
+            head += [f"Pipeline: {params} parameters, {r['dtype']}, weights **random**, T5 {r['t5']}; built in "
+                     f"{r['build_s']} s" + (f", {r['weights_mib']:.0f} MiB on the GPU" if r.get("weights_mib") else ""),
+                     ""]
+        elif r["status"] != "ok":
+            table.append(f"| {r['name']} | {_not_ok(r)} |" + " |" * 5)
+        else:
+            table.append(f"| {r['name']} ({r['size']} px, {r['steps']} steps) | {r['images']} | "
+                         f"{r['bare_images_per_s']:.2f} | {r['stage_images_per_s']:.2f} | {r['stage_overhead']:+.1%} | "
+                         f"{_f(r['bare_peak_mem_mib'], '.0f')} / {_f(r['stage_peak_mem_mib'], '.0f')} | {_checks(r)} |")
+    return head + table
 
 
 def eval_table(rows: list[dict]) -> list[str]:

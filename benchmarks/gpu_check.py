@@ -7,8 +7,8 @@ overhead against bare diffusers, embedding and FAISS throughput. Random weights 
     python benchmarks/gpu_check.py --out gpu_check --sections train render
     python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check   # tiny sizes on a CPU, seconds (tests)
 
-Each section (``train``, ``render``, ``eval``) runs in its own process under a time budget (killed at the
-budget, its finished rows kept); every finished row is written to ``gpu_check.json`` and ``gpu_check.md``
+Each section (``train``, ``compile``: the training rows with torch.compile, ``render``, ``eval``) runs in its
+own process under a time budget (killed at the budget, its finished rows kept); every finished row is written to ``gpu_check.json`` and ``gpu_check.md``
 at once, so a run cut short still leaves its figures. A row that fails is recorded with its error and the
 others still run. docs/benchmarks.md explains every figure and the targets.
 """

@@ -315,5 +315,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    # as the section processes get it (_pythonpath): helpers beside this script, then this tree's cultureclip
+    sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
     sys.exit(main())

@@ -17,6 +17,7 @@ Validation logs the twin metrics of :mod:`cultureclip.metrics` as ``val/<name>``
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Any, Optional, Sequence
 
@@ -33,6 +34,7 @@ from cultureclip.optim import param_groups
 from cultureclip.step_stats import FiniteWatch, Throughput, tune_towers
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature so that s <= 100
+log = logging.getLogger("cultureclip")
 VAL_METRICS = (metrics.TWIN_ACC, metrics.CONCEPT_TOP1, metrics.TWIN_CONFUSION)
 
 
@@ -81,6 +83,7 @@ class CultureCLIPModule(L.LightningModule):
         self.total_steps, self.val_concepts, self.val_shards = total_steps, list(val_concepts), list(val_shards)
         self.automatic_optimization = False
         self.encoder, self.loss = encoder, loss
+        self._resolve_temperature(encoder, loss)
         self.val_loss_fn = loss.twin_only()  # validation batches hold twins only
         self.val_loss_fn.gather = False  # eval batches may be uneven across ranks; metrics sync instead
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -100,6 +103,41 @@ class CultureCLIPModule(L.LightningModule):
         self._teacher = FrozenImageTower(encoder.model.visual) if loss.lambda_distill > 0 else None
         self._val_skipped = 0
         self._val_pairs = 0
+
+    def _resolve_temperature(self, encoder: CultureCLIP, loss: CultureCLIPLoss) -> None:
+        """Fix the loss family from the model and decide what may move the scale and the bias.
+
+        A trained ``logit_scale`` is clamped after each step at the larger of ln 100 (CLIP's cap) and the
+        starting model's own value (SigLIP models start near 4.72, above ln 100); a frozen one is never
+        touched. Under the softmax family a ``logit_bias`` has no effect on the loss (it cancels), so it
+        is frozen rather than left trainable without a gradient.
+        """
+        family = loss.resolve_family(encoder.logit_bias is not None)
+        bias = encoder.logit_bias
+        if family == "softmax" and bias is not None and bias.requires_grad:
+            bias.requires_grad_(False)
+            log.info("loss.family=softmax: the model's logit_bias cancels in a softmax and is frozen")
+        self.max_logit_scale = max(MAX_LOGIT_SCALE, float(encoder.logit_scale.detach()))
+
+    def clamp_temperature(self) -> None:
+        """After an optimizer step: keep a trained ``logit_scale`` in ``[0, max_logit_scale]``; a frozen one
+        (LoRA, or locked) is never touched, so its value stays exactly the model's."""
+        if self.encoder.logit_scale.requires_grad:
+            with torch.no_grad():
+                self.encoder.logit_scale.clamp_(0, self.max_logit_scale)
+
+    def temperature(self, detach: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(s, b)``: the exponentiated logit scale and the logit bias (None without one)."""
+        scale, bias = self.encoder.logit_scale.exp(), self.encoder.logit_bias
+        if detach:
+            return scale.detach(), None if bias is None else bias.detach()
+        return scale, bias
+
+    def _flop_temperature(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        # the bias detached: torch.autograd.grad under the FLOP counter's module hooks fails on a parameter
+        # that enters the graph as a bare leaf outside any module; adding a scalar costs no counted FLOPs
+        scale, bias = self.temperature()
+        return scale, None if bias is None else bias.detach()
 
     # ------------------------------------------------------------------ encoding
     def encode(self, batch: dict, keys: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -159,7 +197,7 @@ class CultureCLIPModule(L.LightningModule):
         """FLOPs of one optimizer step on this device, from the first micro-batch (model left untouched)."""
         keys = self.loss.required_keys
         fwd, fwd_bwd = flops.count_train_flops(
-            self.encoder, lambda: self.loss(self.encode(mb, keys), self.encoder.logit_scale.exp())["loss"])
+            self.encoder, lambda: self.loss(self.encode(mb, keys), *self._flop_temperature())["loss"])
         # with accumulation every micro-batch is encoded twice: once without gradient, once with
         self._step_flops = fwd_bwd if self.accum_freq == 1 else self.accum_freq * (fwd + fwd_bwd)
 
@@ -187,8 +225,7 @@ class CultureCLIPModule(L.LightningModule):
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
-        with torch.no_grad():
-            self.encoder.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        self.clamp_temperature()
         self._log_train(out, opt)
         return out["loss"].detach()
 
@@ -203,7 +240,7 @@ class CultureCLIPModule(L.LightningModule):
         backward = backward or self.manual_backward
         keys = self.loss.required_keys
         if len(micro) == 1:
-            out = self.loss(self.encode(micro[0], keys), self.encoder.logit_scale.exp())
+            out = self.loss(self.encode(micro[0], keys), *self.temperature())
             self._record_finite(out)
             backward(out["loss"])
             return out
@@ -213,9 +250,8 @@ class CultureCLIPModule(L.LightningModule):
             fresh = self.encode(mb, keys)
             feats = {k: torch.cat([fresh[k] if i == j else cache[i][k] for i in range(len(micro))])
                      for k in keys}  # [accum * B, D]
-            # the temperature gets its gradient once, not once per micro-batch
-            scale = self.encoder.logit_scale.exp()
-            out = self.loss(feats, scale if j == 0 else scale.detach())
+            # the temperature and bias get their gradient once, not once per micro-batch
+            out = self.loss(feats, *self.temperature(detach=j > 0))
             if j == len(micro) - 1:
                 self._record_finite(out)  # the same loss value for every j: record (and check) it once
             # skip DDP's gradient all-reduce until the last micro-batch of the step
@@ -239,6 +275,8 @@ class CultureCLIPModule(L.LightningModule):
         self.speed.window["steps"] += 1
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, on_step=True)
         self.log("train/logit_scale", self.encoder.logit_scale.exp().detach(), on_step=True)
+        if self.encoder.logit_bias is not None:
+            self.log("train/logit_bias", self.encoder.logit_bias.detach().reshape(()), on_step=True)
         self.log("train/lr", _host(opt.param_groups[0]["lr"]), on_step=True)
         skipped = _host(self._skipped_total)
         if world > 1:  # all-reduced on the device; a non-blocking copy does not wait for the device
@@ -291,7 +329,7 @@ class CultureCLIPModule(L.LightningModule):
         if schema.is_skip_report(batch):
             return
         f = self.encode(batch, schema.FEATURE_KEYS)
-        out = self.val_loss_fn(f, self.encoder.logit_scale.exp())
+        out = self.val_loss_fn(f, *self.temperature())
         b = f[schema.POS_IMAGE].shape[0]
         self._val_pairs += b
         self.val_loss.update(out["loss"], weight=b)

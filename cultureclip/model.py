@@ -32,6 +32,7 @@ from cultureclip.checkpoint_io import (CONFIG_NAME, TRAINING_CKPT_KEY, WEIGHTS_N
                                        CheckpointMismatchError, UnsafeCheckpointError)
 from cultureclip.data.spec import DataSpec
 from cultureclip.interop import HF_PREFIX  # light: the hf extra is imported only when used
+from cultureclip.text_tokenizer import save_tokenizer, tokenizer_for
 from cultureclip.text_length import encode_prefix, trim_plan, trimmed_length, unique_texts
 
 io.register_shipped_configs()  # e.g. "cultureclip-tiny"
@@ -102,15 +103,14 @@ class CultureCLIP(nn.Module):
                 cache_dir=cache_dir, **kwargs)
         if is_file:
             io.load_weights_strict(model, Path(pretrained), cfg)
-        tokenizer = open_clip.get_tokenizer(name, context_length=cfg["text_cfg"].get("context_length"))
-        return cls(model, pre_train, pre_val, tokenizer, cfg, name)
+        return cls(model, pre_train, pre_val, tokenizer_for(cfg, cache_dir=cache_dir), cfg, name)
 
     @classmethod
     def _from_dir(cls, path: Path, **kwargs) -> "CultureCLIP":
         saved, weights = io.read_saved_dir(path)
         with io.quiet_random_init():
             obj = cls.from_config(saved["model_cfg"], name=saved.get("name", path.name),
-                                  preprocess_cfg=saved.get("preprocess_cfg"), **kwargs)
+                                  preprocess_cfg=saved.get("preprocess_cfg"), local_dir=_hf_dir(path), **kwargs)
         io.load_weights_strict(obj.model, weights, obj.model_cfg)
         return obj
 
@@ -141,30 +141,59 @@ class CultureCLIP(nn.Module):
 
     @classmethod
     def from_config(cls, model_cfg: dict, name: str = "custom", preprocess_cfg: Optional[dict] = None,
-                    device: Union[str, torch.device] = "cpu", precision: str = "fp32") -> "CultureCLIP":
-        """Build an arbitrary open_clip architecture with random weights (never downloads).
+                    device: Union[str, torch.device] = "cpu", precision: str = "fp32",
+                    local_dir: Optional[Union[str, os.PathLike]] = None) -> "CultureCLIP":
+        """Build an arbitrary open_clip architecture with random weights (never downloads weights).
 
         ``model_cfg`` has open_clip's model-config layout (``embed_dim``, ``vision_cfg``, ``text_cfg``,
         ...). The config is registered with open_clip under ``name`` plus a digest of the config (so
-        configs never overwrite each other there), and its tokenizer resolves as usual.
+        configs never overwrite each other there); the tokenizer comes from the config
+        (:func:`cultureclip.text_tokenizer.tokenizer_for`), never from the name.
+
+        A Hugging Face text tower (``text_cfg.hf_model_name``) is built from its ``config.json``: from
+        ``local_dir`` when given (a saved model directory, which holds it), else from
+        ``hf_model_name`` itself, a local folder or a Hub id (the Hub is reached only for a Hub id).
         """
         cfg = deepcopy(dict(model_cfg))
         text_cfg = cfg.get("text_cfg", {})
         if "hf_model_name" in text_cfg and text_cfg.get("hf_model_pretrained", True):
             text_cfg["hf_model_pretrained"] = False  # from_config promises no download
-        key = io.register_config(name, cfg)
+        build = deepcopy(cfg)
+        if "hf_model_name" in text_cfg and local_dir is not None:
+            # open_clip's HFTextEncoder reads AutoConfig.from_pretrained(hf_model_name): point it at the
+            # saved config.json for this build only (the recorded architecture stays as saved)
+            build["text_cfg"]["hf_model_name"] = str(local_dir)
+        key = io.register_config(name, build)
         pp = preprocess_cfg or {}
         model, pre_train, pre_val = open_clip.create_model_and_transforms(
             key, pretrained=None, device=device, precision=precision, pretrained_text=False,
             image_mean=pp.get("mean"), image_std=pp.get("std"), image_interpolation=pp.get("interpolation"),
             image_resize_mode=pp.get("resize_mode"))
-        tokenizer = open_clip.get_tokenizer(key, context_length=text_cfg.get("context_length"))
-        return cls(model, pre_train, pre_val, tokenizer, cfg, name)
+        return cls(model, pre_train, pre_val, tokenizer_for(cfg, local_dir=local_dir), cfg, name)
 
     # ------------------------------------------------------------------ encoders
     @property
     def logit_scale(self) -> nn.Parameter:
         return self.model.logit_scale
+
+    @property
+    def logit_bias(self) -> Optional[nn.Parameter]:
+        """The learned bias of a sigmoid-trained model (SigLIP's ``logit_bias``), or None."""
+        return getattr(self.model, "logit_bias", None)
+
+    @torch.no_grad()
+    def match_probabilities(self, cos: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Probabilities from cosine similarities ``cos`` in the model's own calibration.
+
+        Softmax over ``dim`` of ``s * cos`` for a softmax-trained model; for a model with a
+        ``logit_bias`` the independent per-pair ``sigmoid(s * cos + b)`` it was trained with (these
+        need not sum to 1). Either way the ranking is the ranking of ``cos``.
+        """
+        scale = self.logit_scale.detach().exp().float().to(cos.device)
+        bias = self.logit_bias
+        if bias is None:
+            return (scale * cos.float()).softmax(dim=dim)
+        return torch.sigmoid(scale * cos.float() + bias.detach().float().to(cos.device))
 
     @property
     def context_length(self) -> int:
@@ -300,9 +329,36 @@ class CultureCLIP(nn.Module):
         if format == "transformers":
             from cultureclip.interop.hf_io import save_transformers
             return save_transformers(self, state, directory)
-        config = {"model_cfg": self.model_cfg, "preprocess_cfg": self.checkpoint_metadata()["preprocess_cfg"],
+        directory = Path(directory)
+        model_cfg = self._save_text_files(directory)
+        config = {"model_cfg": model_cfg, "preprocess_cfg": self.checkpoint_metadata()["preprocess_cfg"],
                   "name": self.name}
-        return io.write_saved_dir(Path(directory), state, self.model_cfg, config)
+        return io.write_saved_dir(directory, state, model_cfg, config)
+
+    def _save_text_files(self, directory: Path) -> dict:
+        """Write what the text side needs offline into ``directory``; returns the config to record.
+
+        A Hugging Face tokenizer's files and a Hugging Face text tower's ``config.json`` go into the
+        model directory itself, where open_clip's ``local-dir:`` looks for the tokenizer; the recorded
+        ``hf_model_name``/``hf_tokenizer_name`` then name that directory, so plain open_clip rebuilds the
+        tower and tokenizer from these files, without the Hub (``from_pretrained`` reads them from the
+        directory wherever it is moved).
+        """
+        cfg = deepcopy(self.model_cfg)
+        text_cfg = cfg.get("text_cfg", {})
+        directory.mkdir(parents=True, exist_ok=True)
+        if save_tokenizer(self.tokenizer, directory):
+            text_cfg["hf_tokenizer_name"] = str(directory.resolve())
+        hf_config = getattr(getattr(self.model, "text", None), "config", None)
+        if "hf_model_name" in text_cfg and hf_config is not None:
+            hf_config.save_pretrained(str(directory))
+            text_cfg["hf_model_name"] = str(directory.resolve())
+        return cfg
+
+
+def _hf_dir(path: Path) -> Optional[Path]:
+    """``path`` when it holds a Hugging Face text tower's ``config.json`` (written by ``save_pretrained``)."""
+    return path if (path / "config.json").is_file() else None
 
 
 def build_encoder(name: str, pretrained: Optional[str] = None, lora: Optional[dict] = None,

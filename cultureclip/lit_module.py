@@ -98,6 +98,7 @@ class CultureCLIPModule(L.LightningModule):
         self._step_flops: Optional[int] = None  # FLOPs of one optimizer step on this device
         self._peak: Optional[float] = None  # the device's peak FLOP/s for the run's precision
         self._skipped_total = 0
+        self._grads_checked = False
         self._replay_skipped_total = 0
         # distillation target: the starting weights, copied now, before any checkpoint is restored
         self._teacher = FrozenImageTower(encoder.model.visual) if loss.lambda_distill > 0 else None
@@ -112,12 +113,35 @@ class CultureCLIPModule(L.LightningModule):
         touched. Under the softmax family a ``logit_bias`` has no effect on the loss (it cancels), so it
         is frozen rather than left trainable without a gradient.
         """
+        decoder = getattr(encoder.model, "text_decoder", None)  # CoCa's captioning decoder
+        if decoder is not None and any(p.requires_grad for p in decoder.parameters()):
+            decoder.requires_grad_(False)
+            log.info("CoCa: the text decoder is frozen (the twin loss is contrastive and never runs it)")
         family = loss.resolve_family(encoder.logit_bias is not None)
         bias = encoder.logit_bias
         if family == "softmax" and bias is not None and bias.requires_grad:
             bias.requires_grad_(False)
             log.info("loss.family=softmax: the model's logit_bias cancels in a softmax and is frozen")
         self.max_logit_scale = max(MAX_LOGIT_SCALE, float(encoder.logit_scale.detach()))
+
+    def check_gradients_reached(self) -> None:
+        """Raise naming every trainable parameter that the loss gave no gradient (after the first backward).
+
+        Such a parameter never trains, and under DDP it stops the run at the next step with a message
+        that names no parameter; freeze it instead, or use a loss that reaches it.
+        """
+        missing = [n for n, p in self.encoder.named_parameters() if p.requires_grad and p.grad is None]
+        if missing:
+            shown = ", ".join(missing[:12]) + (f", ... ({len(missing)} in all)" if len(missing) > 12 else "")
+            raise RuntimeError(f"{len(missing)} trainable parameters got no gradient from loss {self.loss.variant!r} "
+                               f"(family {self.loss.family}): {shown}. Freeze them (requires_grad_(False)) or "
+                               f"pick a loss/config that uses them.")
+
+    def log_trainable(self) -> None:
+        """Log the trainable parameter count per tower (start of fit)."""
+        counts = self.encoder.trainable_by_tower()
+        log.info("trainable parameters: %s (loss family %s)",
+                 ", ".join(f"{k} {v:,}" for k, v in counts.items()), self.loss.family)
 
     def clamp_temperature(self) -> None:
         """After an optimizer step: keep a trained ``logit_scale`` in ``[0, max_logit_scale]``; a frozen one
@@ -167,6 +191,8 @@ class CultureCLIPModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
+        if self.global_rank == 0:
+            self.log_trainable()
         if self._teacher is not None:
             self._teacher.to(self.device)
         cuda = self.device.type == "cuda"
@@ -196,8 +222,16 @@ class CultureCLIPModule(L.LightningModule):
     def _count_flops(self, mb: dict) -> None:
         """FLOPs of one optimizer step on this device, from the first micro-batch (model left untouched)."""
         keys = self.loss.required_keys
-        fwd, fwd_bwd = flops.count_train_flops(
-            self.encoder, lambda: self.loss(self.encode(mb, keys), *self._flop_temperature())["loss"])
+        try:
+            fwd, fwd_bwd = flops.count_train_flops(
+                self.encoder, lambda: self.loss(self.encode(mb, keys), *self._flop_temperature())["loss"])
+        except (RuntimeError, AssertionError) as e:
+            # torch's FLOP counter cannot take the gradient through a module that receives a parameter as
+            # its input (e.g. timm's attention-pool latent); the count is telemetry, training goes on
+            self.count_step_flops = False
+            rank_zero_warn(f"FLOP count skipped (torch's FLOP counter failed on this model: {e}); "
+                           f"train/tflops and train/mfu are not logged")
+            return
         # with accumulation every micro-batch is encoded twice: once without gradient, once with
         self._step_flops = fwd_bwd if self.accum_freq == 1 else self.accum_freq * (fwd + fwd_bwd)
 
@@ -220,6 +254,9 @@ class CultureCLIPModule(L.LightningModule):
         out = self.backward_over(micro)
         if self.grad_clip_norm:
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
+        if not self._grads_checked:  # the first step: before DDP would fail on the second with its own message
+            self.check_gradients_reached()
+            self._grads_checked = True
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched = self.lr_schedulers()

@@ -110,7 +110,7 @@ class CultureCLIP(nn.Module):
         saved, weights = io.read_saved_dir(path)
         with io.quiet_random_init():
             obj = cls.from_config(saved["model_cfg"], name=saved.get("name", path.name),
-                                  preprocess_cfg=saved.get("preprocess_cfg"), local_dir=_hf_dir(path), **kwargs)
+                                  preprocess_cfg=saved.get("preprocess_cfg"), local_dir=path, **kwargs)
         io.load_weights_strict(obj.model, weights, obj.model_cfg)
         return obj
 
@@ -150,16 +150,17 @@ class CultureCLIP(nn.Module):
         configs never overwrite each other there); the tokenizer comes from the config
         (:func:`cultureclip.text_tokenizer.tokenizer_for`), never from the name.
 
-        A Hugging Face text tower (``text_cfg.hf_model_name``) is built from its ``config.json``: from
-        ``local_dir`` when given (a saved model directory, which holds it), else from
-        ``hf_model_name`` itself, a local folder or a Hub id (the Hub is reached only for a Hub id).
+        ``local_dir``: a saved model directory. A Hugging Face text tower (``text_cfg.hf_model_name``) is
+        built from the ``config.json`` there when it has one, else from ``hf_model_name`` itself (a local
+        folder, or a Hub id: the Hub is reached only for a Hub id); tokenizer files there win over
+        ``hf_tokenizer_name`` the same way.
         """
         cfg = deepcopy(dict(model_cfg))
         text_cfg = cfg.get("text_cfg", {})
         if "hf_model_name" in text_cfg and text_cfg.get("hf_model_pretrained", True):
             text_cfg["hf_model_pretrained"] = False  # from_config promises no download
         build = deepcopy(cfg)
-        if "hf_model_name" in text_cfg and local_dir is not None:
+        if "hf_model_name" in text_cfg and local_dir is not None and (Path(local_dir) / "config.json").is_file():
             # open_clip's HFTextEncoder reads AutoConfig.from_pretrained(hf_model_name): point it at the
             # saved config.json for this build only (the recorded architecture stays as saved)
             build["text_cfg"]["hf_model_name"] = str(local_dir)
@@ -270,7 +271,8 @@ class CultureCLIP(nn.Module):
         return {"image": m.visual, "text": text}
 
     def add_lora(self, r: int = 4, alpha: float = 16, dropout: float = 0.1, targets: str = "qv",
-                 towers: Sequence[str] = ("image", "text"), layers: Union[str, Sequence[int]] = "all") -> int:
+                 towers: Sequence[str] = ("image", "text"), layers: Union[str, Sequence[int]] = "all",
+                 mlp: bool = False) -> int:
         """Put LoRA adapters on the attention of the chosen towers and freeze everything else.
 
         Returns the number of trainable parameters (the adapters). See :func:`cultureclip.lora.add_lora`.
@@ -283,12 +285,23 @@ class CultureCLIP(nn.Module):
             raise ValueError("LoRA adapters are already in place; merge_lora() first to stack another set")
         self.requires_grad_(False)
         self.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets,
-                            "towers": list(towers), "layers": layers if isinstance(layers, str) else list(layers)}
+                            "towers": list(towers), "layers": layers if isinstance(layers, str) else list(layers),
+                            "mlp": bool(mlp)}
         wrapped = lora_lib.add_lora({t: available[t] for t in towers}, r=r, alpha=alpha, dropout=dropout,
-                                    targets=targets, layers=layers)
+                                    targets=targets, layers=layers, mlp=mlp)
         for w in wrapped:
             w.lora.requires_grad_(True)
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def trainable_by_tower(self) -> dict[str, int]:
+        """Trainable parameter counts per tower (``image``, ``text``) and ``other`` (temperature, bias,
+        anything outside the towers, e.g. CoCa's text decoder)."""
+        counts = {name: 0 for name in (*self.towers(), "other")}
+        owner = {id(p): name for name, tower in self.towers().items() for p in tower.parameters()}
+        for p in self.parameters():
+            if p.requires_grad:
+                counts[owner.get(id(p), "other")] += p.numel()
+        return counts
 
     def merge_lora(self) -> int:
         """Fold adapters into the base weights (outputs unchanged); returns how many modules were merged."""
@@ -354,11 +367,6 @@ class CultureCLIP(nn.Module):
             hf_config.save_pretrained(str(directory))
             text_cfg["hf_model_name"] = str(directory.resolve())
         return cfg
-
-
-def _hf_dir(path: Path) -> Optional[Path]:
-    """``path`` when it holds a Hugging Face text tower's ``config.json`` (written by ``save_pretrained``)."""
-    return path if (path / "config.json").is_file() else None
 
 
 def build_encoder(name: str, pretrained: Optional[str] = None, lora: Optional[dict] = None,

@@ -168,3 +168,47 @@ def test_lock_tower_for_full_finetune(tiny_model):
     tiny_model.lock(image=True)
     assert not any(p.requires_grad for p in tiny_model.model.visual.parameters())
     assert all(p.requires_grad for p in tiny_model.model.transformer.parameters())
+
+
+def test_siglip2_architecture_takes_lora_on_both_towers():
+    # the released ViT-B-16-SigLIP2 (timm image tower with fused qkv, native non-causal text tower), shapes only
+    import open_clip
+    from cultureclip.lora import add_lora
+    with torch.device("meta"):
+        model = open_clip.create_model("ViT-B-16-SigLIP2", pretrained=None, device="meta")
+    wrapped = add_lora({"image": model.visual, "text": model.text}, r=4, targets="qv")
+    n = sum(p.numel() for w in wrapped for p in w.lora.parameters())
+    assert n == 2 * 12 * 2 * 4 * (768 + 768)  # towers x layers x (q, v) x r x (in + out)
+    image_sites = [w for w in wrapped if any(w is m for m in model.visual.modules())]
+    assert len(image_sites) == 12 and all(sorted(w.lora) == ["q", "v"] for w in image_sites)
+
+
+def test_fused_qkv_adapter_equals_the_linear_with_hand_merged_weight():
+    from cultureclip.lora_linear import LoRALinear
+    torch.manual_seed(0)
+    qkv = nn.Linear(8, 24)
+    rows = {"q": slice(0, 8), "v": slice(16, 24)}
+    wrapper = LoRALinear(copy.deepcopy(qkv), rows, r=2, alpha=6, dropout=0.0)
+    randomize_lora(wrapper)
+    w = qkv.weight.detach().clone()
+    for name, s in rows.items():
+        a, b = wrapper.lora[name].lora_A.detach(), wrapper.lora[name].lora_B.detach()
+        w[s] += 3.0 * b @ a  # alpha / r = 3
+    x = torch.randn(5, 3, 8)
+    expected = x @ w.T + qkv.bias.detach()
+    torch.testing.assert_close(wrapper(x), expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(wrapper(x)[..., 8:16], qkv(x)[..., 8:16])  # the k slice is untouched
+    assert set(wrapper.state_dict()) >= {"weight", "bias"}  # the base weights keep their names
+    merged = wrapper.merged_original()
+    assert type(merged) is nn.Linear
+    torch.testing.assert_close(merged(x), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_a_tower_without_attention_asks_for_mlp():
+    import open_clip
+    from cultureclip.lora import add_lora
+    with torch.device("meta"):
+        model = open_clip.create_model("convnext_base", pretrained=None, device="meta")
+    with pytest.raises(ValueError, match="lora.mlp: true"):
+        add_lora({"image": model.visual}, targets="qv")
+    assert add_lora({"image": model.visual}, targets="qv", mlp=True)

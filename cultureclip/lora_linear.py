@@ -13,8 +13,8 @@ adapted by swapping the Linear for :class:`LoRALinear`, which
 Which Linear plays which role is read from the module tree (:func:`linear_sites`), by attribute name:
 ``qkv`` (fused), ``q_proj``/``query`` -> q, ``k_proj``/``key`` -> k, ``v_proj``/``value`` -> v,
 ``o_proj``/``out_proj``, ``proj`` beside a ``qkv``/``q_proj``, or ``dense`` in ``attention.output`` -> o;
-with ``mlp``: ``fc1``/``fc2``, ``c_fc``/``c_proj`` inside an ``mlp``, and BERT-style ``intermediate.dense``
-/ ``output.dense``. The layer index of a site is the first number in its module path
+T5's ``q``/``k``/``v``/``o``; with ``mlp``: ``fc1``/``fc2``, ``c_fc``/``c_proj`` inside an ``mlp``, BERT-style
+``intermediate.dense`` / ``output.dense`` and T5's ``wi``/``wo``. The layer index of a site is the first number in its module path
 (``trunk.blocks.3.attn.qkv`` -> 3).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import nn
 
 ROLE_BY_NAME = {"q_proj": "q", "query": "q", "k_proj": "k", "key": "k", "v_proj": "v", "value": "v",
                 "o_proj": "o", "out_proj": "o"}
-MLP_NAMES = ("fc1", "fc2")
+MLP_NAMES = ("fc1", "fc2", "wi", "wi_0", "wi_1", "wo")  # timm/CLIP-style, T5-style
 MLP_ROLE = "mlp"
 
 
@@ -114,6 +114,8 @@ def _roles(parent_name: str, parent: nn.Module, attr: str, linear: nn.Linear, ta
         third = linear.out_features // 3
         return {t: slice(i * third, (i + 1) * third) for i, t in enumerate("qkv") if t in targets}
     role = ROLE_BY_NAME.get(attr)
+    if attr in ("q", "k", "v", "o") and all(hasattr(parent, n) for n in "qkvo"):  # T5/mT5 attention
+        role = attr
     if attr == "proj" and (hasattr(parent, "qkv") or hasattr(parent, "q_proj")):
         role = "o"
     if attr == "dense" and parent_name.endswith("attention.output"):

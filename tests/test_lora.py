@@ -212,3 +212,19 @@ def test_a_tower_without_attention_asks_for_mlp():
     with pytest.raises(ValueError, match="lora.mlp: true"):
         add_lora({"image": model.visual}, targets="qv")
     assert add_lora({"image": model.visual}, targets="qv", mlp=True)
+
+
+def test_hugging_face_text_towers_expose_their_q_v_and_mlp_sites():
+    # the encoders open_clip's HF text towers wrap: mT5 (q/k/v/o, wi/wo) and NLLB's M2M100 (q_proj/v_proj, fc1/fc2)
+    from transformers import M2M100Config, MT5Config, MT5EncoderModel
+    from transformers.models.m2m_100.modeling_m2m_100 import M2M100Encoder
+    from cultureclip.lora_linear import linear_sites
+    mt5 = MT5EncoderModel(MT5Config(vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2))
+    nllb = M2M100Encoder(M2M100Config(vocab_size=100, d_model=16, encoder_layers=2, encoder_attention_heads=2,
+                                      encoder_ffn_dim=32))
+    for tower, mlp_names in ((mt5, {"wi_0", "wi_1", "wo"}), (nllb, {"fc1", "fc2"})):
+        sites = {(attr, index): sorted(rows) for _, attr, index, rows in linear_sites(tower, "qv", mlp=True)}
+        attention = {k: v for k, v in sites.items() if v != ["mlp"]}
+        assert sorted(v[0] for v in attention.values()) == ["q", "q", "v", "v"]  # 2 layers x (q, v)
+        assert {a for a, _ in sites if sites[(a, _)] == ["mlp"]} == mlp_names
+        assert not linear_sites(tower, "qv", mlp=False) == []  # attention without MLPs too

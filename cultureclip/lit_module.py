@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from typing import Any, Optional, Sequence
 
 import lightning as L
@@ -28,12 +27,12 @@ from torchmetrics import MeanMetric
 
 from cultureclip import flops, metrics, schema
 from cultureclip.data.resumable import restore_rng_states, rng_states
+from cultureclip.family_setup import MAX_LOGIT_SCALE, check_gradients_reached, prepare_for_loss  # noqa: F401
 from cultureclip.loss import CultureCLIPLoss, FrozenImageTower
 from cultureclip.model import TRAINING_CKPT_KEY, CultureCLIP
 from cultureclip.optim import param_groups
 from cultureclip.step_stats import FiniteWatch, Throughput, tune_towers
 
-MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature so that s <= 100
 log = logging.getLogger("cultureclip")
 VAL_METRICS = (metrics.TWIN_ACC, metrics.CONCEPT_TOP1, metrics.TWIN_CONFUSION)
 
@@ -83,7 +82,7 @@ class CultureCLIPModule(L.LightningModule):
         self.total_steps, self.val_concepts, self.val_shards = total_steps, list(val_concepts), list(val_shards)
         self.automatic_optimization = False
         self.encoder, self.loss = encoder, loss
-        self._resolve_temperature(encoder, loss)
+        self.max_logit_scale = prepare_for_loss(encoder, loss)  # family, frozen parts, temperature cap
         self.val_loss_fn = loss.twin_only()  # validation batches hold twins only
         self.val_loss_fn.gather = False  # eval batches may be uneven across ranks; metrics sync instead
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -105,37 +104,9 @@ class CultureCLIPModule(L.LightningModule):
         self._val_skipped = 0
         self._val_pairs = 0
 
-    def _resolve_temperature(self, encoder: CultureCLIP, loss: CultureCLIPLoss) -> None:
-        """Fix the loss family from the model and decide what may move the scale and the bias.
-
-        A trained ``logit_scale`` is clamped after each step at the larger of ln 100 (CLIP's cap) and the
-        starting model's own value (SigLIP models start near 4.72, above ln 100); a frozen one is never
-        touched. Under the softmax family a ``logit_bias`` has no effect on the loss (it cancels), so it
-        is frozen rather than left trainable without a gradient.
-        """
-        decoder = getattr(encoder.model, "text_decoder", None)  # CoCa's captioning decoder
-        if decoder is not None and any(p.requires_grad for p in decoder.parameters()):
-            decoder.requires_grad_(False)
-            log.info("CoCa: the text decoder is frozen (the twin loss is contrastive and never runs it)")
-        family = loss.resolve_family(encoder.logit_bias is not None)
-        bias = encoder.logit_bias
-        if family == "softmax" and bias is not None and bias.requires_grad:
-            bias.requires_grad_(False)
-            log.info("loss.family=softmax: the model's logit_bias cancels in a softmax and is frozen")
-        self.max_logit_scale = max(MAX_LOGIT_SCALE, float(encoder.logit_scale.detach()))
-
     def check_gradients_reached(self) -> None:
-        """Raise naming every trainable parameter that the loss gave no gradient (after the first backward).
-
-        Such a parameter never trains, and under DDP it stops the run at the next step with a message
-        that names no parameter; freeze it instead, or use a loss that reaches it.
-        """
-        missing = [n for n, p in self.encoder.named_parameters() if p.requires_grad and p.grad is None]
-        if missing:
-            shown = ", ".join(missing[:12]) + (f", ... ({len(missing)} in all)" if len(missing) > 12 else "")
-            raise RuntimeError(f"{len(missing)} trainable parameters got no gradient from loss {self.loss.variant!r} "
-                               f"(family {self.loss.family}): {shown}. Freeze them (requires_grad_(False)) or "
-                               f"pick a loss/config that uses them.")
+        """Raise naming every trainable parameter that the loss gave no gradient (after the first backward)."""
+        check_gradients_reached(self.encoder, f"loss {self.loss.variant!r} (family {self.loss.family})")
 
     def log_trainable(self) -> None:
         """Log the trainable parameter count per tower (start of fit)."""

@@ -32,7 +32,7 @@ from cultureclip.checkpoint_io import (CONFIG_NAME, TRAINING_CKPT_KEY, WEIGHTS_N
                                        CheckpointMismatchError, UnsafeCheckpointError)
 from cultureclip.data.spec import DataSpec
 from cultureclip.interop import HF_PREFIX  # light: the hf extra is imported only when used
-from cultureclip.text_tokenizer import save_tokenizer, tokenizer_for
+from cultureclip.text_tokenizer import save_text_files, tokenizer_for
 from cultureclip.text_length import encode_prefix, trim_plan, trimmed_length, unique_texts
 
 io.register_shipped_configs()  # e.g. "cultureclip-tiny"
@@ -343,30 +343,11 @@ class CultureCLIP(nn.Module):
             from cultureclip.interop.hf_io import save_transformers
             return save_transformers(self, state, directory)
         directory = Path(directory)
-        model_cfg = self._save_text_files(directory)
+        model_cfg = save_text_files(self.model_cfg, self.tokenizer, getattr(self.model, "text", None), directory)
         config = {"model_cfg": model_cfg, "preprocess_cfg": self.checkpoint_metadata()["preprocess_cfg"],
                   "name": self.name}
         return io.write_saved_dir(directory, state, model_cfg, config)
 
-    def _save_text_files(self, directory: Path) -> dict:
-        """Write what the text side needs offline into ``directory``; returns the config to record.
-
-        A Hugging Face tokenizer's files and a Hugging Face text tower's ``config.json`` go into the
-        model directory itself, where open_clip's ``local-dir:`` looks for the tokenizer; the recorded
-        ``hf_model_name``/``hf_tokenizer_name`` then name that directory, so plain open_clip rebuilds the
-        tower and tokenizer from these files, without the Hub (``from_pretrained`` reads them from the
-        directory wherever it is moved).
-        """
-        cfg = deepcopy(self.model_cfg)
-        text_cfg = cfg.get("text_cfg", {})
-        directory.mkdir(parents=True, exist_ok=True)
-        if save_tokenizer(self.tokenizer, directory):
-            text_cfg["hf_tokenizer_name"] = str(directory.resolve())
-        hf_config = getattr(getattr(self.model, "text", None), "config", None)
-        if "hf_model_name" in text_cfg and hf_config is not None:
-            hf_config.save_pretrained(str(directory))
-            text_cfg["hf_model_name"] = str(directory.resolve())
-        return cfg
 
 
 def build_encoder(name: str, pretrained: Optional[str] = None, lora: Optional[dict] = None,

@@ -11,6 +11,7 @@ contains "siglip" gets ``SigLipTokenizer`` (and downloads a SentencePiece model)
 """
 from __future__ import annotations
 
+from copy import deepcopy
 from pathlib import Path
 from typing import Optional, Union
 
@@ -54,3 +55,24 @@ def save_tokenizer(tokenizer, directory: Path) -> bool:
         return False
     inner.save_pretrained(str(directory))
     return True
+
+
+def save_text_files(model_cfg: dict, tokenizer, text_tower, directory: Path) -> dict:
+    """Write what the text side needs offline into a model ``directory``; returns the config to record.
+
+    A Hugging Face tokenizer's files and a Hugging Face text tower's ``config.json`` go into the model
+    directory itself, where open_clip's ``local-dir:`` looks for the tokenizer; the recorded
+    ``hf_model_name``/``hf_tokenizer_name`` then name that directory, so plain open_clip rebuilds the
+    tower and tokenizer from these files without the Hub (``CultureCLIP.from_pretrained`` reads them from
+    the directory wherever it is moved).
+    """
+    cfg = deepcopy(model_cfg)
+    text_cfg = cfg.get("text_cfg", {})
+    directory.mkdir(parents=True, exist_ok=True)
+    if save_tokenizer(tokenizer, directory):
+        text_cfg["hf_tokenizer_name"] = str(directory.resolve())
+    hf_config = getattr(text_tower, "config", None)
+    if "hf_model_name" in text_cfg and hf_config is not None:
+        hf_config.save_pretrained(str(directory))
+        text_cfg["hf_model_name"] = str(directory.resolve())
+    return cfg

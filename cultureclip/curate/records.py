@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from cultureclip import schema
-from cultureclip.rundir import RunDirLock, RunDirLocked
+from cultureclip.rundir import RunDirLock, RunDirLocked, raise_if_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,9 @@ def write_atomic(path: PathLike, data: Union[bytes, str]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        raise_if_disk_full(exc, str(path), "the partial file was removed")  # the bare errno names no file
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

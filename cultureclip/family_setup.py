@@ -14,6 +14,8 @@ import math
 
 from torch import nn
 
+from cultureclip.errors import ConfigError
+
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature so that s <= 100
 log = logging.getLogger("cultureclip")
 
@@ -39,9 +41,10 @@ def unreached_parameters(module: nn.Module) -> list[str]:
 
 
 def check_gradients_reached(module: nn.Module, what: str) -> None:
-    """Raise naming every trainable parameter of ``module`` without a gradient; ``what`` names the loss."""
+    """Raise :class:`~cultureclip.errors.ConfigError` (the entry points print it as one line) naming every
+    trainable parameter of ``module`` without a gradient; ``what`` names the loss."""
     missing = unreached_parameters(module)
     if missing:
         shown = ", ".join(missing[:12]) + (f", ... ({len(missing)} in all)" if len(missing) > 12 else "")
-        raise RuntimeError(f"{len(missing)} trainable parameters got no gradient from {what}: {shown}. Freeze them "
+        raise ConfigError(f"{len(missing)} trainable parameters got no gradient from {what}: {shown}. Freeze them "
                            f"(requires_grad_(False)) or pick a loss/config that uses them.")

@@ -92,7 +92,7 @@ def run_all(out: Path, n_twins: int, render_cfg: dict, chat: ChatConfig) -> tupl
     """The render stage's planning and the runner, with the null backend (render.run_pairs without pixels)."""
     pairs = load_pairs(out, "render")
     upstream = (pairs_store(out),)
-    r = run_stage(Store(out / "render", "render"), render.render_jobs(pairs, render_cfg), null_render,
+    r = run_stage(Store(out / "render", "render"), lambda: render.render_jobs(pairs, render_cfg), null_render,
                   part_size=render_cfg["part_size"], upstream=upstream,
                   fingerprint=render.plan_fingerprint(render_cfg, 0, upstream))
     del pairs
@@ -103,7 +103,7 @@ def judge_all(out: Path, chat: ChatConfig):
     pairs = load_pairs(out, "judge")
     rstore = Store(out / "render", "render")
     rstore.require_complete("judge", upstream=(pairs_store(out),))
-    jobs = judge.judge_jobs(pairs, rstore.records(), chat, rstore.root)  # a generator: only keyed dicts are kept
+    jobs = lambda: judge.judge_jobs(pairs, rstore.records(), chat, rstore.root)  # noqa: E731 (streamed, as judge.run)
     upstream = (rstore, pairs_store(out))
     fp = fingerprint({"model": chat.model, "temperature": chat.temperature}, judge.PROMPTS, upstream)
     return run_stage(Store(out / "judge", "judge"), jobs, null_judge, part_size=PART_SIZE, upstream=upstream,

@@ -234,3 +234,27 @@ def test_the_range_lock_is_taken_before_finished_keys_are_read(tmp_path, monkeyp
     monkeypatch.setattr(Store, "index", index)
     run_stage(store, _jobs(3), _square())
     assert seen == [True]
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_streamed_jobs_plan_like_a_list_and_make_dicts_only_for_the_unfinished(tmp_path, num_shards):
+    made = []
+
+    def jobs():  # a fresh generator per call, as a stage hands it over
+        for j in _jobs(10) + _jobs(2):  # two duplicates
+            made.append(j.inputs["i"])
+            yield j
+
+    listed, streamed = Store(tmp_path / "l", "t"), Store(tmp_path / "s", "t")
+    for shard in range(num_shards):
+        a = run_stage(listed, list(_jobs(10) + _jobs(2)), _square(fail={4}), shard_index=shard, num_shards=num_shards)
+        b = run_stage(streamed, jobs, _square(fail={4}), shard_index=shard, num_shards=num_shards)
+        assert (a.jobs_total, a.jobs_in_range, a.ok, a.errors) == (b.jobs_total, b.jobs_in_range, b.ok, b.errors)
+        assert a.extra == b.extra == {"duplicate_jobs": 2}
+    key = lambda r: r[schema.REC_KEY]  # noqa: E731
+    assert sorted(listed.records(), key=key) == sorted(streamed.records(), key=key)
+    assert listed.view() == streamed.view()
+    seen = []
+    made.clear()
+    rerun = run_stage(streamed, jobs, _square(seen=seen))
+    assert seen == [4] and rerun.processed == 1 and len(made) == 2 * 12  # two passes over the generator

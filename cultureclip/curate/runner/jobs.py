@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 from cultureclip import schema
 from cultureclip.curate.runner.keys import job_key
@@ -44,23 +44,32 @@ class Job:
         return job_key(stage, self.inputs, self.model, prompt_hashes, self.settings, self.reads)
 
 
-def keyed(stage: str, jobs: Iterable[Job]) -> tuple[list[dict], int]:
-    """The job dicts ``process`` gets (``{**extra, **inputs, "key": key}``), each key once, sorted by key,
-    and how many duplicate jobs (same key: the same work) were merged. ``jobs`` may be a generator: only
-    the job dicts are kept (a million jobs fit)."""
+def iter_keyed(stage: str, jobs: Iterable[Job]) -> Iterator[tuple[str, Job]]:
+    """``(key, job)`` of every job, in the order given (each prompt file read once)."""
     from cultureclip.curate.prompts import texts
-    out: dict[str, dict] = {}
-    read: dict[tuple, dict] = {}  # each prompt file read once per plan
-    dup = 0
+    read: dict[tuple, dict] = {}
     for job in jobs:
         names = tuple(job.prompts)
         if names not in read:  # the key hashes each text's sha256: the same content, ~1 kB less JSON per job
             read[names] = {n: hashlib.sha256(t.encode("utf-8")).hexdigest() for n, t in texts(names).items()}
-        k = job.key(stage, read[names])
+        yield job.key(stage, read[names]), job
+
+
+def job_dict(key: str, job: Job) -> dict:
+    """What ``process`` gets for a job: ``{**extra, **inputs, "key": key}``."""
+    return {**job.extra, **job.inputs, schema.REC_KEY: key}
+
+
+def keyed(stage: str, jobs: Iterable[Job]) -> tuple[list[dict], int]:
+    """The job dicts ``process`` gets, each key once, sorted by key, and how many duplicate jobs (same key:
+    the same work) were merged. ``jobs`` may be a generator: only the job dicts are kept."""
+    out: dict[str, dict] = {}
+    dup = 0
+    for k, job in iter_keyed(stage, jobs):
         if k in out:
             dup += 1
             continue
-        out[k] = {**job.extra, **job.inputs, schema.REC_KEY: k}
+        out[k] = job_dict(k, job)
     return [out[k] for k in sorted(out)], dup
 
 

@@ -15,10 +15,10 @@ import os
 import time
 from collections import Counter
 from dataclasses import asdict
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from cultureclip import schema
-from cultureclip.curate.runner.jobs import Job, Outcome, StageReport, job_id, job_range, keyed
+from cultureclip.curate.runner.jobs import Job, Outcome, StageReport, iter_keyed, job_dict, job_id, keyed
 from cultureclip.curate.runner.keys import digest
 from cultureclip.curate.runner.store import (ERRORS, KINDS, MANIFESTS, PARTS, REJECTED, REPORTS, Index, Store,
                                              record_line, write_atomic)
@@ -88,15 +88,18 @@ def plan(store: Store, jobs: Iterable[Job], upstream: Sequence[Store] = (),
     return keyed_jobs, dup
 
 
-def run_stage(store: Store, jobs: Iterable[Job], process: Process, *, shard_index: int = 0, num_shards: int = 1,
-              retry_errors: bool = True, part_size: int = 512, part_seconds: float = 30.0,
-              log_every: float = 30.0, upstream: Sequence[Store] = (), fingerprint: Optional[str] = None,
-              keyed_jobs: Optional[list[dict]] = None) -> StageReport:
+def run_stage(store: Store, jobs: Union[Iterable[Job], Callable[[], Iterable[Job]]], process: Process, *,
+              shard_index: int = 0, num_shards: int = 1, retry_errors: bool = True, part_size: int = 512,
+              part_seconds: float = 30.0, log_every: float = 30.0, upstream: Sequence[Store] = (),
+              fingerprint: Optional[str] = None, keyed_jobs: Optional[list[dict]] = None) -> StageReport:
     """Plan ``jobs`` (keys, view) and run ``process`` over this range's unfinished ones.
 
     Args:
         store: the stage's store.
-        jobs: every job of the stage (all ranges); a generator is fine.
+        jobs: every job of the stage (all ranges): a list or a generator, or a function returning a fresh
+            iterator of them. With a function the plan streams: a first pass keeps only the keys (view,
+            ranges, finished keys), a second makes the job dicts of this range's unfinished jobs as
+            ``process`` consumes them, so memory holds keys, not a million job dicts.
         process: takes an iterator of job dicts and yields exactly one Outcome per job.
         shard_index, num_shards: which contiguous range of the key-sorted jobs this process does.
         retry_errors: redo jobs that ended in an error in an earlier run (rejections are never redone).
@@ -114,11 +117,20 @@ def run_stage(store: Store, jobs: Iterable[Job], process: Process, *, shard_inde
         an unknown key, twice for one key, or none for some job (a bug in the stage).
     """
     job = job_id(shard_index, num_shards)
-    if keyed_jobs is None:
-        keyed_jobs, dup = plan(store, jobs, upstream, fingerprint)
+    streaming = keyed_jobs is None and callable(jobs)
+    dup = 0
+    if streaming:  # pass 1: the keys only
+        all_keys = [k for k, _ in iter_keyed(store.stage, jobs())]
+        keys = sorted(set(all_keys))
+        dup = len(all_keys) - len(keys)
+        del all_keys
+        store.write_view(keys, upstream, fingerprint)
     else:
-        dup = 0
-    mine = job_range(keyed_jobs, shard_index, num_shards)
+        if keyed_jobs is None:
+            keyed_jobs, dup = plan(store, jobs, upstream, fingerprint)
+        keys = [j[schema.REC_KEY] for j in keyed_jobs]
+    n = len(keys)
+    mine = keys[n * shard_index // num_shards: n * (shard_index + 1) // num_shards]  # = job_range's slice
     lock = RunDirLock(store.root / ".jobs" / job)
     try:
         lock.acquire()
@@ -128,16 +140,28 @@ def run_stage(store: Store, jobs: Iterable[Job], process: Process, *, shard_inde
     try:  # done keys are read under the lock: a process that finished the range just before is seen
         index = store.index()
         writer = _Writer(store, job, index)
-        todo = [j for j in mine if not index.finished(j[schema.REC_KEY])
-                and (retry_errors or j[schema.REC_KEY] not in index.errors)]
-        report = StageReport(stage=store.stage, job=job, jobs_total=len(keyed_jobs), jobs_in_range=len(mine),
-                             done_before=sum(index.finished(j[schema.REC_KEY]) for j in mine))
+        todo = {k for k in mine if not index.finished(k) and (retry_errors or k not in index.errors)}
+        report = StageReport(stage=store.stage, job=job, jobs_total=n, jobs_in_range=len(mine),
+                             done_before=sum(index.finished(k) for k in mine))
         if dup:
             report.extra["duplicate_jobs"] = dup
-        _loop(store, todo, process, writer, index, report, part_size, part_seconds, log_every)
+        if streaming:  # pass 2: the job dicts of this range's unfinished jobs, made as process takes them
+            todo_jobs = _stream(store.stage, jobs, todo)
+        else:
+            todo_jobs = iter([j for j in keyed_jobs if j[schema.REC_KEY] in todo])
+            del keyed_jobs
+        _loop(store, todo_jobs, set(todo), process, writer, index, report, part_size, part_seconds, log_every)
     finally:
         lock.release()
     return report
+
+
+def _stream(stage: str, jobs: Callable[[], Iterable[Job]], todo: set) -> Iterator[dict]:
+    left = set(todo)
+    for key, job in iter_keyed(stage, jobs()):
+        if key in left:
+            left.discard(key)
+            yield job_dict(key, job)
 
 
 def fingerprint(settings: Mapping, prompts: Sequence[str] = (), upstream: Sequence[Store] = ()) -> str:
@@ -176,8 +200,8 @@ def save_report(store: Store, report: StageReport) -> None:
     write_atomic(store.root / REPORTS / f"{report.job}.json", json.dumps(asdict(report), indent=1))
 
 
-def _loop(store, todo, process, writer, index, report, part_size, part_seconds, log_every) -> None:
-    pending = {j[schema.REC_KEY] for j in todo}
+def _loop(store, todo, pending, process, writer, index, report, part_size, part_seconds, log_every) -> None:
+    n_todo = len(pending)
     buf: dict[str, list] = {PARTS: [], REJECTED: [], ERRORS: []}
     errors: Counter = Counter()
     rejected: Counter = Counter()
@@ -189,7 +213,7 @@ def _loop(store, todo, process, writer, index, report, part_size, part_seconds, 
             rows.clear()
 
     try:
-        for outcome in process(iter(todo)) if todo else ():
+        for outcome in process(todo) if pending else ():
             if outcome.key not in pending:
                 raise RuntimeError(f"stage {store.stage}: outcome for key {outcome.key} that is not pending "
                                    f"(unknown, or returned twice)")
@@ -213,7 +237,7 @@ def _loop(store, todo, process, writer, index, report, part_size, part_seconds, 
                 last_part = now
             if now - last_log >= log_every:
                 log.info("%s %s: %d/%d done (%d rejected, %d errors)", store.stage, writer.job, report.processed,
-                         len(todo), sum(rejected.values()), sum(errors.values()))
+                         n_todo, sum(rejected.values()), sum(errors.values()))
                 last_log = now
     finally:
         flush()  # finished outcomes are kept even when the run stops with an exception

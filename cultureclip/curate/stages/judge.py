@@ -282,7 +282,7 @@ def run(cfg: Mapping, ctx: Any) -> StageReport:
         return done
     pairs = load_pairs(ctx.out_dir, STAGE)
     counts: dict = {}
-    jobs = judge_jobs(pairs, render_store.records(), chat, render_store.root, counts)
+    jobs = lambda: judge_jobs(pairs, render_store.records(), chat, render_store.root, counts)  # noqa: E731 (streamed)
     client = LazyChatClient(chat)
     try:
         report = run_stage(store, jobs, make_process(client), shard_index=ctx.shard_index,

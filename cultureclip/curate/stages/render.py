@@ -133,7 +133,8 @@ def run_pairs(pairs: list[dict], cfg: Mapping, ctx: Context, pipeline: Any = Non
         device = t2i.resolve_device(s["device"], ctx.shard_index)
         process = make_process(s, render_dir, (lambda: pipeline) if pipeline is not None
                                else (lambda: get_pipeline(s, device)), stats)
-    report = run_stage(store, render_jobs(pairs, s, ctx.seed), process, shard_index=ctx.shard_index,
+    # the jobs as a function: the runner streams them (keys first, then the dicts of the unfinished ones)
+    report = run_stage(store, lambda: render_jobs(pairs, s, ctx.seed), process, shard_index=ctx.shard_index,
                        num_shards=ctx.num_shards, retry_errors=ctx.retry_errors, part_size=s["part_size"],
                        upstream=upstream, fingerprint=fp)
     report.extra.update({k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()})

@@ -117,7 +117,8 @@ def export_reading(out: Path) -> int:
     rstore.require_complete("export", upstream=(pairs_store(out),))
     jstore.require_complete("export", upstream=(rstore, pairs_store(out)))
     renders = {r[schema.REC_KEY]: {f: r.get(f) for f in export.RENDER_FIELDS} for r in rstore.records()}
-    judged = sorted(jstore.records(), key=lambda j: j[schema.REC_KEY])
+    judged = sorted(({f: j.get(f) for f in export.JUDGE_FIELDS} for j in jstore.records()),
+                    key=lambda j: j[schema.REC_KEY])
     rows = export.build_pairs(pairs, renders, judged, export.check_rule(None), 10, 0)
     export.split_twins(sorted({r[schema.TWIN_ID] for r in rows}), 0.1, 0)
     return len(rows)

@@ -13,7 +13,7 @@ import json
 import logging
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from cultureclip import schema
 from cultureclip.curate import registry
@@ -70,7 +70,7 @@ def rate(passed: int, total: int) -> Optional[float]:
 
 
 def group_tables(pairs: Sequence[Mapping], renders: Mapping[str, Mapping], judged: Sequence[Mapping],
-                 passes: Callable[[Mapping], bool], exported: Sequence[Mapping]) -> dict:
+                 passes: Callable[[Mapping], bool], exported: Iterable[Mapping]) -> dict:
     """Per-category and per-country counts: twin pairs, images rendered, judged, passed, pairs exported.
 
     A twin pair counts under both of its countries; an image under its own side's country. A field that

@@ -102,13 +102,16 @@ class _Images:
         return path
 
 
+JUDGE_FIELDS = (schema.REC_KEY, schema.RENDER_KEY, schema.TWIN_ID, schema.SIDE, schema.IMAGE_SHA256, *schema.SCORES,
+                schema.PICKS_OWN, schema.TWIN_CHOICE, schema.REASON, schema.MODEL_ID)  # what export and its card use
 RENDER_FIELDS = (schema.REC_KEY, schema.CAPTION, schema.CATEGORY, schema.COUNTRY, schema.IMAGE_FILE,
                  schema.IMAGE_SHA256, schema.MODEL_ID)
 
 
 def build_pairs(pairs: list[dict], renders: Mapping[str, dict], judged: list[dict], rule: Mapping,
                 pairs_per_twin: Optional[int], seed: int) -> list[dict]:
-    """The exported pairs (unsorted): ``{pair_id, twin_id, pos_render, neg_render, meta}`` each."""
+    """The exported pairs (unsorted): ``{pair_id, twin_id, pos, neg}`` each (render keys; the json of a
+    pair is made when it is written, :func:`pair_meta`, so a million rows hold no copies of it)."""
     by_twin = {p[schema.TWIN_ID]: p for p in pairs}
     good: dict[str, dict[str, list[str]]] = defaultdict(lambda: {schema.POS_PREFIX: [], schema.NEG_PREFIX: []})
     for j in judged:
@@ -130,18 +133,23 @@ def build_pairs(pairs: list[dict], renders: Mapping[str, dict], judged: list[dic
         if pairs_per_twin is not None and len(combos) > pairs_per_twin:
             rng = random.Random(seed_from_key(digest({"export-sample": tid, "seed": seed})))
             combos = rng.sample(combos, pairs_per_twin)
-        twin = by_twin[tid]
         for pos, neg in combos:
-            meta = {schema.POS_CAPTION: renders[pos][schema.CAPTION], schema.NEG_CAPTION: renders[neg][schema.CAPTION]}
-            for name in (schema.POS_CONCEPT, schema.NEG_CONCEPT, schema.POS_COUNTRY, schema.NEG_COUNTRY,
-                         schema.CATEGORY, schema.POS_CONTEXT, schema.NEG_CONTEXT, schema.POS_FEATURES,
-                         schema.NEG_FEATURES):
-                if twin.get(name):  # absent, null or empty: left out of the json
-                    meta[name] = twin[name]
             pair_id = digest({"pair": {schema.TWIN_ID: tid, "pos": pos, "neg": neg}})
-            meta[schema.PAIR_ID] = pair_id
-            out.append({schema.PAIR_ID: pair_id, schema.TWIN_ID: tid, "pos": pos, "neg": neg, "meta": meta})
+            out.append({schema.PAIR_ID: pair_id, schema.TWIN_ID: tid, "pos": pos, "neg": neg})
     return out
+
+
+def pair_meta(row: Mapping, renders: Mapping[str, Mapping], by_twin: Mapping[str, Mapping]) -> dict:
+    """The json of one exported pair: both captions, and the twin pair's fields that are known."""
+    twin = by_twin[row[schema.TWIN_ID]]
+    meta = {schema.POS_CAPTION: renders[row["pos"]][schema.CAPTION],
+            schema.NEG_CAPTION: renders[row["neg"]][schema.CAPTION]}
+    for name in (schema.POS_CONCEPT, schema.NEG_CONCEPT, schema.POS_COUNTRY, schema.NEG_COUNTRY, schema.CATEGORY,
+                 schema.POS_CONTEXT, schema.NEG_CONTEXT, schema.POS_FEATURES, schema.NEG_FEATURES):
+        if twin.get(name):  # absent, null or empty: left out of the json
+            meta[name] = twin[name]
+    meta[schema.PAIR_ID] = row[schema.PAIR_ID]
+    return meta
 
 
 def split_twins(twin_ids: Sequence[str], val_fraction: float, seed: int) -> set[str]:
@@ -149,12 +157,13 @@ def split_twins(twin_ids: Sequence[str], val_fraction: float, seed: int) -> set[
     return {t for t in twin_ids if in_val(t, seed, val_fraction)}
 
 
-def _write_split(folder: Path, rows: list[dict], renders: Mapping, images: _Images, cfg: Mapping) -> dict:
+def _write_split(folder: Path, rows: list[dict], renders: Mapping, images: _Images, cfg: Mapping,
+                 by_twin: Mapping) -> dict:
     writer = TwinShardWriter(folder, maxcount=cfg["maxcount"], resize=cfg["resize"])
     try:
         for row in sorted(rows, key=lambda r: r[schema.PAIR_ID]):
             writer.write(row[schema.PAIR_ID], images.path(renders[row["pos"]]), images.path(renders[row["neg"]]),
-                         row["meta"])
+                         pair_meta(row, renders, by_twin))
     finally:
         sizes = writer.close()
     for path in folder.glob("shard-*.tar"):  # webdataset opens its first shard eagerly: drop it if empty
@@ -212,7 +221,8 @@ def run(cfg: Optional[Mapping], ctx) -> StageReport:
     by_twin = {p[schema.TWIN_ID]: p for p in pairs}
     # each store read once; of a render record only what export uses is kept (a million records fit)
     renders = {r[schema.REC_KEY]: {f: r.get(f) for f in RENDER_FIELDS} for r in render_store.records()}
-    judged = sorted(judge_store.records(), key=lambda j: j[schema.REC_KEY])
+    judged = sorted(({f: j.get(f) for f in JUDGE_FIELDS} for j in judge_store.records()),
+                    key=lambda j: j[schema.REC_KEY])
     images = _Images(out_dir)
     rule = cfg["rule"]
     rows = build_pairs(pairs, renders, judged, rule, cfg["pairs_per_twin"], ctx.seed)
@@ -225,7 +235,8 @@ def run(cfg: Optional[Mapping], ctx) -> StageReport:
     try:
         by_split = {TRAIN: [r for r in rows if r[schema.TWIN_ID] not in val_twins],
                     VAL: [r for r in rows if r[schema.TWIN_ID] in val_twins]}
-        sizes = {split: _write_split(tmp / split, by_split[split], renders, images, cfg) for split in (TRAIN, VAL)}
+        sizes = {split: _write_split(tmp / split, by_split[split], renders, images, cfg, by_twin)
+                 for split in (TRAIN, VAL)}
         n_val = sum(sizes[VAL].values())
         report = StageReport(stage=NAME, job=job_id(0, 1), jobs_total=len(pairs), jobs_in_range=len(pairs),
                              processed=len(pairs), ok=len(twins),
@@ -241,7 +252,8 @@ def run(cfg: Optional[Mapping], ctx) -> StageReport:
                 "rule": rule, "stages": stages,
                 "judge": {"images_judged": len(judged), "images_passed": n_pass,
                           "pass_rate": C.rate(n_pass, len(judged)), "histograms": hist},
-                "groups": C.group_tables(pairs, renders, judged, lambda j: passes(j, rule), [r["meta"] for r in rows]),
+                "groups": C.group_tables(pairs, renders, judged, lambda j: passes(j, rule),
+                                         (pair_meta(r, renders, by_twin) for r in rows)),
                 "gallery": _gallery(judged, renders, rule, images, tmp, cfg, by_twin),
                 "histogram_png": None,
                 "sections": C.module_sections(out_dir, [name for name in stages if name != NAME])}

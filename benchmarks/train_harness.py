@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import open_clip
+import open_clip.loss as open_clip_loss
 import torch
 import webdataset as wds
 
@@ -294,8 +295,8 @@ def bench_open_clip(cfg: BenchConfig) -> dict:
     memory: list[float] = []
     opt.register_step_post_hook(lambda *_: (ends.append(_now(device)), memory.append(memory_now_mib(device))))
     # SigLIP-style models (a logit_bias) train with open_clip's sigmoid loss, as open_clip_train picks it
-    loss = _Recorded(open_clip.SigLipLoss() if getattr(model, "logit_bias", None) is not None
-                     else open_clip.ClipLoss())
+    loss = _Recorded(open_clip_loss.SigLipLoss() if getattr(model, "logit_bias", None) is not None
+                     else open_clip.ClipLoss())  # open_clip exports ClipLoss at top level, SigLipLoss only in .loss
     if cfg.compile and device == "cuda":  # open_clip_train's --torchcompile
         model = torch.compile(model)
     if device == "cuda":

@@ -39,7 +39,7 @@ def test_dry_run_trains_both_sides_on_the_same_images(dry_run):
     rows = _rows(state, "train")
     ours = next(r for r in rows if r.get("side") == "ours" and r["status"] == "ok")
     theirs = next(r for r in rows if r.get("side") == "open_clip" and r["config"] == ours["config"])
-    [comp] = [r for r in rows if r.get("kind") == "comparison"]
+    [comp] = [r for r in rows if r.get("kind") == "comparison" and r["config"] == ours["config"]]
     steps, warmup, batch = ours["steps"], ours["warmup"], ours["batch_pairs"]
     # the paper's LoRA recipe on both sides: r=4 adapters on q and v of every block of both towers,
     # A [r, width] + B [width, r] each: 2 targets * 2 * r * width parameters per block
@@ -60,6 +60,9 @@ def test_dry_run_trains_both_sides_on_the_same_images(dry_run):
         assert r["status"] in ("ok", "skipped") and (r["status"] == "ok" or r["reason"]), r
         if r["config"].startswith("SigLIP2") and r["method"] == "lora" and not supported:
             assert r["reason"] == why and "family" in why
+    if supported:  # the sigmoid twin loss is there: the SigLIP-shaped row trains on both sides
+        sig = [r for r in rows if r["config"].startswith("SigLIP2") and r["method"] == "lora" and r.get("side")]
+        assert {r["side"] for r in sig if r["status"] == "ok"} == {"ours", "open_clip"}, sig
     assert all(r["status"] == "skipped" and "CUDA" in r["reason"] for r in _rows(state, "compile"))
 
 

@@ -86,7 +86,7 @@ def write_pairs(path: Path, rows: list) -> Path:
     return path
 
 
-def test_change_a_caption_and_features_then_switch_back(tmp_path):
+def test_change_a_caption_and_features_then_switch_back(tmp_path, monkeypatch):
     """Fast representative: re-import a corrected caption file (one caption, one side's features edited)."""
     rows = [json.loads(x) for x in Path(resolvers.data_file("curate_demo_pairs.jsonl")).read_text().splitlines()[:2]]
     v1 = write_pairs(tmp_path / "v1.jsonl", rows)
@@ -117,6 +117,11 @@ def test_change_a_caption_and_features_then_switch_back(tmp_path):
                                          r"rejected \(0 failed , \d+ not run yet"):
         chain(tmp_path, a, "stage=judge")
     # switching back (with settings that do not change any output) reruns nothing, and gives the first export
+    from cultureclip.curate.stages import render
+
+    def no_model(*args):
+        raise AssertionError("a rerun with nothing to do loaded the text-to-image model")
+    monkeypatch.setattr(render, "get_pipeline", no_model)
     back = chain(tmp_path, a, f"input={v1}", "render.batch_size=1", "judge.chat.concurrency=2")
     assert {s: r.processed for s, r in back.items() if s != "export"} == {"render": 0, "judge": 0}
     assert export_bytes(a) == original

@@ -71,7 +71,8 @@ def null_judge(todo):
             **{f: j[f] for f in (schema.RENDER_KEY, schema.TWIN_ID, schema.SIDE, schema.CATEGORY, schema.CONCEPT,
                                  schema.COUNTRY, schema.TWIN_CONCEPT, schema.TWIN_COUNTRY, schema.IMAGE_SHA256)},
             schema.SCORE_AUTHENTICITY: 2 + k % 4, schema.SCORE_CONSISTENCY: 4, schema.SCORE_FIDELITY: 4,
-            schema.TWIN_CHOICE: j[schema.CONCEPT], schema.PICKS_OWN: True, schema.REASON: "null", schema.MODEL_ID: "null"})
+            schema.TWIN_CHOICE: j[schema.CONCEPT], schema.PICKS_OWN: True, schema.REASON: "null",
+            schema.MODEL_ID: "null"})
 
 
 def rss_mb() -> float:

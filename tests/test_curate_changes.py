@@ -147,7 +147,8 @@ CHANGES = {  # name -> (seed items, extra overrides, prompt files to edit)
     "prompt_file": (None, [], {"judge_twin": " Look closely."}),
     "caption_prompt_file": (None, [], {"captions": " Keep them short."}),
     "setting_that_matters": (None, ["seed=7", "twins.min_similarity=4"], {}),
-    "setting_that_does_not": (None, ["render.part_size=5", "judge.part_size=7", "chat.concurrency=2", "captions.chunk=3"], {}),
+    "setting_that_does_not": (None, ["render.part_size=5", "judge.part_size=7", "chat.concurrency=2",
+                                     "captions.chunk=3"], {}),
     "added_input": (lambda items: items + [SEED[12]], [], {}),
     "removed_input": (lambda items: items[1:], [], {}),
 }

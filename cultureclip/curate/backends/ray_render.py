@@ -3,9 +3,9 @@
 The driver is the render stage itself — it plans the jobs, opens the same store, skips finished keys,
 writes parts — but its ``process`` (:func:`make_ray_process`) hands the unfinished jobs to
 ``ray.data.from_items(...).map_batches(RenderActor, ...)``: each actor loads the pipeline once and
-renders batches with the same code as one process (:func:`cultureclip.curate.backends.render_batches.
-make_process`), writing the PNGs itself, and sends back only the outcomes. So resumption, parts, manifests and error files are exactly those of a plain run, and a
-driver killed at any moment is resumed by the same command (images already written are reused).
+renders batches with the same code as one process (``render_batches.make_process``), writing the PNGs
+itself, and sends back only the outcomes. So resumption, parts, manifests and error files are exactly
+those of a plain run, and a driver killed at any moment is resumed by the same command (images already written are reused).
 
 ``out_dir`` must be on a file system that every node sees at the same path (NFS, Lustre, a
 mounted bucket): actors write images there. Ray is optional: ``pip install 'cultureclip[ray]'``.

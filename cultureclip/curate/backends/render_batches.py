@@ -73,7 +73,7 @@ def _is_device_fault(exc: BaseException) -> bool:
 
 
 def make_process(s: Mapping, render_dir: Path, pipeline: Callable[[], Any], stats: dict):
-    """The ``process`` function of :func:`cultureclip.curate.runner.run_stage`: renders jobs in batches, yields Outcomes.
+    """The ``process`` of :func:`cultureclip.curate.runner.run_stage`: renders jobs in batches, yields Outcomes.
 
     ``pipeline()`` returns the pipeline; it is called only when an image must actually be rendered,
     so a rerun with everything done never loads the model. ``stats`` collects ``backend_seconds``
@@ -114,7 +114,8 @@ def make_process(s: Mapping, render_dir: Path, pipeline: Callable[[], Any], stat
     def start(batch: list[Mapping], pool) -> list:
         """Render a batch and start writing its images; returns (job, error or future) pairs."""
         results, tries = attempt(batch, s["batch_size"]), 1
-        if s["batch_size"] > 1 and all(isinstance(r, Exception) and not isinstance(r, t2i.RenderRejected) for r in results):
+        if s["batch_size"] > 1 and all(isinstance(r, Exception) and not isinstance(r, t2i.RenderRejected)
+                                       for r in results):
             log.warning("render batch of %d failed (%s); retrying image by image", len(batch), results[0])
             # still padded to the full batch shape: an image's pixels never depend on the shape it ran in
             results, tries = [attempt([j], s["batch_size"])[0] for j in batch], 2

@@ -197,8 +197,8 @@ def run(cfg: Optional[Mapping], ctx) -> StageReport:
 
     Args:
         cfg: the ``export`` settings (see ``DEFAULTS``): ``pairs_per_twin`` (null: all combinations),
-            ``val_fraction``, ``split_seed`` (of the split rule), ``maxcount`` (pairs per shard), ``resize`` (shorter side, JPEG; null
-            keeps the rendered PNG), ``rule`` (``min_score``, ``min_mean``, ``require_twin_check``),
+            ``val_fraction``, ``split_seed`` (of the split rule), ``maxcount`` (pairs per shard),
+            ``resize`` (shorter side, JPEG; null keeps the rendered PNG), ``rule`` (``min_score``, ``min_mean``, ``require_twin_check``),
             ``gallery_size``, ``thumbnail_size``, ``plots`` (the score histogram PNG; its numbers are
             in ``card.json`` either way).
         ctx: the run's :class:`~cultureclip.curate.registry.Context` (``num_shards`` must be 1).

@@ -87,7 +87,8 @@ def pairs_store(out_dir: PathLike) -> Store:
     """
     path = Path(out_dir) / SOURCE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no twin caption sets in {out_dir}: import them (input=...) or run stage={CAPTIONS_STAGE}")
+        raise FileNotFoundError(f"no twin caption sets in {out_dir}: import them (input=...) or run "
+                                f"stage={CAPTIONS_STAGE}")
     name = json.loads(path.read_text())["pairs"]
     return Store(Path(out_dir) / name, name)
 

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Annotated, Any, Iterable, Iterator, Literal, Mapping, Optional, Sequence
 
 from cultureclip import schema
-from cultureclip.curate.backends.chat import ChatAnswer, ChatClient, ChatConfig, LazyChatClient, effective_chat, image_part
+from cultureclip.curate.backends.chat import (ChatAnswer, ChatClient, ChatConfig, LazyChatClient, effective_chat,
+                                              image_part)
 from cultureclip.curate.prompts import load as load_prompt
 from cultureclip.curate.runner import Job, Outcome, StageReport, Store, fingerprint, run_stage, save_report, up_to_date
 from cultureclip.curate.sanitize import bound
@@ -148,11 +149,10 @@ def scores_messages(job: Mapping, image: dict) -> list[dict]:
         details += f"Context: {job[schema.CONTEXT]}\n"
     if job.get(schema.FEATURES):
         details += f"Key visual features: {'; '.join(job[schema.FEATURES])}\n"
-    text = load_prompt("judge_scores").format(concept=job[schema.CONCEPT], category=job[schema.CATEGORY], details=details,
-                                from_country=f" from {country}" if country else "",
-                                for_country=f" for {country}" if country else "",
-                                a=schema.SCORE_AUTHENTICITY, c=schema.SCORE_CONSISTENCY, f=schema.SCORE_FIDELITY,
-                                r=schema.REASON)
+    text = load_prompt("judge_scores").format(
+        concept=job[schema.CONCEPT], category=job[schema.CATEGORY], details=details,
+        from_country=f" from {country}" if country else "", for_country=f" for {country}" if country else "",
+        a=schema.SCORE_AUTHENTICITY, c=schema.SCORE_CONSISTENCY, f=schema.SCORE_FIDELITY, r=schema.REASON)
     return [{"role": "user", "content": [image, {"type": "text", "text": text}]}]
 
 
@@ -252,7 +252,8 @@ def _plain(value: Any) -> Any:
 def chat_config(cfg: Mapping, ctx: Any) -> ChatConfig:
     """The judge's chat settings: ``cfg.chat`` overridden key by key by the run's non-null ``ctx.chat``
     (:func:`~cultureclip.curate.backends.chat.effective_chat`)."""
-    return ChatConfig.from_mapping(effective_chat(_plain(cfg.get("chat") or {}), _plain(getattr(ctx, "chat", None) or {})))
+    run_chat = _plain(getattr(ctx, "chat", None) or {})
+    return ChatConfig.from_mapping(effective_chat(_plain(cfg.get("chat") or {}), run_chat))
 
 
 def run(cfg: Mapping, ctx: Any) -> StageReport:

@@ -28,8 +28,8 @@ from cultureclip.curate.stages import upstream as up
 from cultureclip.curate.stages.settings import typed
 from cultureclip.curate.stages.dedup import load_deduped
 from cultureclip.curate.runner import Job, Outcome, run_stage
-from cultureclip.curate.stages.twins_prompts import (PROMPTS, TWIN_FIELDS, candidate_messages, schemas, standin_responders,
-                                              verdict_messages)
+from cultureclip.curate.stages.twins_prompts import (PROMPTS, TWIN_FIELDS, candidate_messages, schemas,  # noqa: F401
+                                                     standin_responders, verdict_messages)
 
 NAME = "twins"
 __all__ = ["run", "mine", "load_twins", "card_section", "standin_responders"]

@@ -28,9 +28,14 @@ IMAGES_DIR = "images"
 _PIPELINES: dict[tuple, Any] = {}  # loaded once per process: reruns and stage=all reuse the model
 
 
+def image_file(key: str) -> str:
+    """Where the image of ``key`` lives, relative to the render folder: ``images/<key[:2]>/<key>.png``."""
+    return f"{IMAGES_DIR}/{key[:2]}/{key}.png"
+
+
 def image_path(render_dir: Path, key: str) -> Path:
-    """Where the image of ``key`` lives (``images/<key[:2]>/<key>.png`` under the render folder)."""
-    return Path(render_dir) / IMAGES_DIR / key[:2] / f"{key}.png"
+    """The image of ``key`` under the render folder (:func:`image_file`)."""
+    return Path(render_dir) / image_file(key)
 
 
 def get_pipeline(s: Mapping, device: str):
@@ -87,7 +92,7 @@ def make_process(s: Mapping, render_dir: Path, pipeline: Callable[[], Any], stat
         key = job[schema.REC_KEY]
         rec = {k: job[k] for k in (schema.CONCEPT, schema.COUNTRY, schema.CATEGORY, schema.CAPTION,
                                    schema.PROMPT, schema.SEED_INDEX)}
-        rec.update({schema.SEED: seed_from_key(key), schema.IMAGE_FILE: image_path(Path("."), key).as_posix(),
+        rec.update({schema.SEED: seed_from_key(key), schema.IMAGE_FILE: image_file(key),
                     schema.IMAGE_SHA256: hashlib.sha256(data).hexdigest(), schema.MODEL_ID: s["model"],
                     schema.WIDTH: s["width"],
                     schema.HEIGHT: s["height"], schema.STEPS: s["steps"], schema.GUIDANCE: s["guidance"],

@@ -28,6 +28,7 @@ from typing import Annotated, Any, Iterable, Iterator, Literal, Mapping, Optiona
 from cultureclip import schema
 from cultureclip.curate.backends.chat import (ChatAnswer, ChatClient, ChatConfig, LazyChatClient, effective_chat,
                                               image_part)
+from cultureclip.curate.backends.render_batches import image_file
 from cultureclip.curate.prompts import load as load_prompt
 from cultureclip.curate.runner import Job, Outcome, StageReport, Store, fingerprint, run_stage, save_report, up_to_date
 from cultureclip.curate.sanitize import bound
@@ -109,24 +110,26 @@ def judge_jobs(pairs: Sequence[Mapping], render_records: Iterable[Mapping], chat
         image sha256 and every pair field its prompts carry (concept, country, category, context, features,
         the twin's concept and country).
     """
-    wanted: dict[tuple, list] = {}  # caption identity -> [(pair, side)]: only these render records are kept
+    # caption identity -> ([(pair, side) using it], [its renders]): one table, keyed by the pairs' own strings,
+    # holding of each render only its key and sha256 (a million renders stay a few hundred MB)
+    slots: dict[tuple, tuple[list, list]] = {}
     for pair in pairs:
         for side, (fields, _) in SIDES.items():
             for caption in dict.fromkeys(pair[fields[4]]):  # unique, in order
                 ident = (pair[fields[0]], pair.get(fields[1]), pair[schema.CATEGORY], caption)
-                wanted.setdefault(ident, []).append((pair, side))
-    found: dict[tuple, list] = {}
+                slots.setdefault(ident, ([], []))[0].append((pair, side))
     for rec in render_records:
-        ident = (rec[schema.CONCEPT], rec.get(schema.COUNTRY), rec[schema.CATEGORY], rec[schema.CAPTION])
-        if ident in wanted:
-            found.setdefault(ident, []).append((rec[schema.REC_KEY], rec[schema.IMAGE_SHA256], rec[schema.IMAGE_FILE]))
+        slot = slots.get((rec[schema.CONCEPT], rec.get(schema.COUNTRY), rec[schema.CATEGORY], rec[schema.CAPTION]))
+        if slot is not None:
+            key, rel = rec[schema.REC_KEY], rec[schema.IMAGE_FILE]
+            slot[1].append((key, rec[schema.IMAGE_SHA256]) if rel == image_file(key) else
+                           (key, rec[schema.IMAGE_SHA256], rel))
     counts = counts if counts is not None else {}
     counts.update(captions=0, captions_without_image=0)
     root = str(render_dir) if render_dir is not None else ""
     settings = {"temperature": chat.temperature}  # one dict shared by every job
-    for ident, uses in wanted.items():
+    for uses, renders in slots.values():
         counts["captions"] += len(uses)
-        renders = found.get(ident, [])
         counts["captions_without_image"] += 0 if renders else len(uses)
         for pair, side in uses:
             fields, other = SIDES[side]
@@ -135,8 +138,8 @@ def judge_jobs(pairs: Sequence[Mapping], render_records: Iterable[Mapping], chat
                       schema.CONTEXT: pair.get(fields[2]), schema.FEATURES: list(pair.get(fields[3]) or []),
                       schema.TWIN_CONCEPT: pair[SIDES[other][0][0]], schema.TWIN_COUNTRY: pair.get(SIDES[other][0][1])}
             twin_labels(inputs)  # validates now, naming the pair, rather than mid-run
-            for render_key, sha, rel in renders:
-                image = os.path.join(root, rel)  # a string join: pathlib costs ~60 us per job at a million
+            for render_key, sha, *rel in renders:
+                image = os.path.join(root, rel[0] if rel else image_file(render_key))  # pathlib: ~60 us a job
                 yield Job(inputs={**inputs, schema.RENDER_KEY: render_key, schema.IMAGE_SHA256: sha},
                           model=chat.model, prompts=PROMPTS, settings=settings, extra={schema.IMAGE_FILE: image})
 

@@ -5,6 +5,8 @@ validates before and after fitting, and leaves ``model/`` and ``metrics.json`` i
 """
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -12,7 +14,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cultureclip import app, callbacks, resolvers
+from cultureclip import app, callbacks, resolvers, rundir
 from cultureclip.lit_module import CultureCLIPModule
 from cultureclip.optim import schedule_length
 
@@ -51,8 +53,14 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    with callbacks.exit_on_sigterm():  # pre-empted: exit status 143 and a "resume with" line
-        record, _ = train(cfg)
+    try:
+        with callbacks.exit_on_sigterm():  # pre-empted: exit status 143 and a "resume with" line
+            record, _ = train(cfg)
+    except rundir.RunDirError as exc:  # a run-name clash or a locked folder: one line, no traceback
+        if os.environ.get("CULTURECLIP_TRACEBACK"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     return record["after"].get("val/twin_acc", float("nan"))
 
 

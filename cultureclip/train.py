@@ -14,7 +14,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cultureclip import app, callbacks, resolvers, rundir
+from cultureclip import app, callbacks, logs, resolvers, rundir
 from cultureclip.lit_module import CultureCLIPModule
 from cultureclip.optim import schedule_length
 
@@ -53,6 +53,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    logs.quiet(logs.hydra_verbose())  # third-party INFO noise off unless hydra.verbose asks for it
     try:
         with callbacks.exit_on_sigterm():  # pre-empted: exit status 143 and a "resume with" line
             record, _ = train(cfg)

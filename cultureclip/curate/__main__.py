@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cultureclip import resolvers
+from cultureclip import logs, resolvers
 from cultureclip.curate import app
 
 resolvers.register()  # before @hydra.main composes the config
@@ -20,6 +20,7 @@ resolvers.register()  # before @hydra.main composes the config
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="curate")
 def main(cfg: DictConfig) -> None:
+    logs.quiet(logs.hydra_verbose())  # third-party INFO noise off unless hydra.verbose asks for it
     try:
         reports = app.run(OmegaConf.to_container(cfg, resolve=True))
     except (app.CurateError, ValueError, RuntimeError, OSError, ImportError) as exc:  # RecordError, StageMismatch...

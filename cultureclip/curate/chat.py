@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
+from cultureclip import logs
+
 log = logging.getLogger(__name__)
 
 PLACEHOLDER_KEY = "EMPTY"  # what local servers (vLLM, SGLang, Ollama) accept when no key is set
@@ -216,9 +218,9 @@ class ChatClient:
         import openai
         self.cfg = cfg if isinstance(cfg, ChatConfig) else ChatConfig.from_mapping(cfg)
         key = os.environ.get(self.cfg.api_key_env) or ""
-        if not key:
-            log.info("chat: %s is not set; sending the placeholder key (fine for local servers)",
-                     self.cfg.api_key_env)
+        if not key:  # the same fact for every stage and client of a run: said once
+            logs.once(log, logging.INFO, f"api_key_env:{self.cfg.api_key_env}",
+                      "chat: %s is not set; sending the placeholder key (fine for local servers)", self.cfg.api_key_env)
         self._secret = key  # only to scrub messages; never logged or returned
         self._client = openai.OpenAI(api_key=key or PLACEHOLDER_KEY, base_url=self.cfg.base_url,
                                      timeout=float(self.cfg.timeout_s), max_retries=0)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from cultureclip import schema
+from cultureclip.progress import Progress
 from cultureclip.rundir import RunDirLock, RunDirLocked
 
 log = logging.getLogger(__name__)
@@ -285,7 +286,8 @@ class StageStore:
             retry_errors: redo jobs that ended in an error in an earlier run (else they stay errors).
             part_size, part_seconds: a part is written after this many outcomes or seconds, whichever
                 comes first; at most that much work is redone after a crash.
-            log_every: seconds between progress lines.
+            log_every: seconds between plain progress lines when stderr is not a terminal
+                (:mod:`cultureclip.progress`).
 
         Returns:
             The :class:`StageReport`, also written to ``reports/<job>.json``.
@@ -324,7 +326,9 @@ class StageStore:
         good: list[dict] = []
         bad: list[dict] = []
         reasons: Counter = Counter()
-        start = last_part = last_log = time.monotonic()
+        start = last_part = time.monotonic()
+        # the stage report line (curate.app.format_report) is the summary: the bar itself goes when done
+        bar = Progress(f"{self.stage} {job}", total=len(todo), unit="jobs", every_s=log_every, summary=False)
 
         def flush() -> None:
             self._write_part(PARTS, job, good, manifest)
@@ -351,11 +355,9 @@ class StageStore:
                 if len(good) + len(bad) >= part_size or now - last_part >= part_seconds:
                     flush()
                     last_part = now
-                if now - last_log >= log_every:
-                    log.info("%s %s: %d/%d done (%d errors)", self.stage, job, report.processed, len(todo),
-                             sum(reasons.values()))
-                    last_log = now
+                bar.update(errors=int(outcome.record is None))
         finally:
+            bar.close()
             flush()  # finished outcomes are kept even when the run stops with an exception
             report.errors = sum(reasons.values())
             report.errors_by_reason = dict(sorted(reasons.items()))

@@ -74,7 +74,7 @@ def build_jobs(pool: list[dict], cfg: Mapping, model: str) -> list[dict]:
     k_mined = int(cfg.get("mined_candidates", 3))
     mined: dict[int, list[tuple[int, float]]] = {i: [] for i in range(len(pool))}
     if k_mined > 0 and len(pool) > 1:
-        feats = emb.embed([mine_text(c) for c in pool], cfg.get("embedding") or {})
+        feats = emb.embed([mine_text(c) for c in pool], cfg.get("embedding") or {}, desc="twins: embedding the pool")
         mined = mine(pool, feats, k_mined)
     jobs = []
     for i, c in enumerate(pool):

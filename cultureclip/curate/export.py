@@ -9,7 +9,8 @@ image as rendered (or shrunk with ``resize``), with the captions, concepts, coun
 contexts and features in the pair's json.
 
 Output, ``<out_dir>/export/``: ``train/`` and ``val/`` (shards + ``sizes.json``), ``card.md``,
-``card.json``, ``card/`` (plots, thumbnails), ``reports/`` and ``stage.json``. It is built in a hidden
+``card.json``, ``card/`` (plots, thumbnails), ``reports/``, ``stage.json``, and with ``formats=[wds,hf]``
+a Hugging Face ``datasets`` folder ``hf/`` (:mod:`cultureclip.curate.export_hf`). It is built in a hidden
 folder beside it and renamed into place at the end, so a crash leaves the previous export (or none),
 never half of one.
 """
@@ -30,6 +31,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from cultureclip import schema
 from cultureclip.curate import card as C
+from cultureclip.curate import export_hf
 from cultureclip.curate.importer import load_pairs
 from cultureclip.curate.judge_rule import check_rule, passes  # the judge's rule (re-exported by curate.judge)
 from cultureclip.curate.records import (STAGE_FILE, StageReport, StageStore, job_id, record_key, seed_from_key,
@@ -41,7 +43,9 @@ NAME, RENDER, JUDGE = "export", "render", "judge"
 TRAIN, VAL = "train", "val"
 DEFAULTS = {"pairs_per_twin": 10, "val_fraction": 0.1, "maxcount": 1000, "resize": None,
             "rule": {},  # overrides of the judge's pass rule (cultureclip.curate.judge_rule.DEFAULT_RULE)
-            "gallery_size": 24, "thumbnail_size": 128, "plots": True}
+            "gallery_size": 24, "thumbnail_size": 128, "plots": True,
+            "formats": ["wds"],  # "hf" adds a Hugging Face datasets folder, export/hf (cultureclip.curate.export_hf)
+            "hf": {}}  # its card: license, languages
 
 
 def _plain(obj: Any) -> Any:
@@ -60,6 +64,7 @@ def config(cfg: Optional[Mapping]) -> dict:
     if unknown:
         raise ValueError(f"unknown export settings {unknown}; known: {sorted(DEFAULTS)}")
     out = {**DEFAULTS, **given, "rule": check_rule(given.get("rule"))}
+    out["formats"] = export_hf.check_formats(out["formats"])
     k, f = out["pairs_per_twin"], out["val_fraction"]
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"export.pairs_per_twin must be a positive integer or null (all), got {k!r}")
@@ -249,6 +254,8 @@ def run(cfg: Optional[Mapping], ctx) -> StageReport:
             card["histogram_png"] = f"{C.CARD_ASSETS}/scores.png"
             C.plot_histograms(hist, tmp / card["histogram_png"])
         C.write_card(tmp, card)
+        if "hf" in cfg["formats"]:  # made from the shards and card just written
+            report.extra["hf_rows"] = export_hf.write(tmp, rows, renders, judged, cfg["hf"], ctx, (TRAIN, VAL))
         report.seconds = round(time.monotonic() - start, 3)
         write_atomic(tmp / "reports" / f"{report.job}.json", json.dumps(asdict(report), indent=1))
         write_atomic(tmp / STAGE_FILE, json.dumps({"stage": NAME, "settings": cfg}, indent=1, sort_keys=True))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from typing import Iterable, Iterator, Optional, TextIO, TypeVar
 
@@ -74,8 +75,12 @@ class Progress:
         self._lines = 0
         self._task = None
         self._closed = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
         if self.mode == "bar" and total != 0:
             self._start_bar()
+        elif self.mode == "lines" and total != 0:  # a line every every_s even while no item finishes
+            threading.Thread(target=self._heartbeat, name="progress-lines", daemon=True).start()
 
     @property
     def stream(self) -> TextIO:
@@ -89,7 +94,8 @@ class Progress:
                 _live["progress"] = _rich_progress(self.stream)
                 _live["progress"].start()
             _live["users"] += 1
-            self._task = _live["progress"].add_task(self.description, total=self.total, unit=self.unit, errors="")
+            self._task = _live["progress"].add_task(self.description, total=self.total, errors="", rate="?",
+                                                    eta="?" if self.total is not None else "")
         except (ImportError, LiveError):  # no rich, or (rich < 14) another live display on this console
             _live["progress"] = None
             self.mode = "lines"
@@ -111,27 +117,44 @@ class Progress:
         self.done += n
         self.errors += errors
         if self.mode == "bar" and self._task is not None:
-            _live["progress"].update(self._task, advance=n,
+            # rate and ETA over the whole run, as in the plain lines: rich's own speed looks at recent
+            # updates only and jumps when outcomes arrive in bursts (a batch of renders at once)
+            now = time.monotonic()
+            rate, eta = self.rate(now), self.eta(now)
+            _live["progress"].update(self._task, advance=n, rate=f"{rate:.3g} {self.unit}/s",
+                                     eta="" if self.total is None else f"ETA {_clock(eta)}",
                                      errors=f"{self.errors} errors" if self.errors else "")
         elif self.mode == "lines":
+            self._line_if_due()
+
+    def _line_if_due(self) -> None:
+        with self._lock:
             now = time.monotonic()
-            if now - self._last_line >= self.every_s:
+            if not self._closed and now - self._last_line >= self.every_s:
                 self._write(self.status(now))
                 self._last_line = now
                 self._lines += 1
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(max(0.5, self.every_s / 4)):
+            self._line_if_due()
 
     def rate(self, now: Optional[float] = None) -> float:
         """Items per second since the start."""
         elapsed = (now or time.monotonic()) - self.start
         return self.done / elapsed if elapsed > 0 else 0.0
 
+    def eta(self, now: Optional[float] = None) -> Optional[float]:
+        """Seconds left at the rate so far (None without a total or before the first item)."""
+        rate = self.rate(now)
+        return (self.total - self.done) / rate if self.total is not None and rate > 0 else None
+
     def status(self, now: Optional[float] = None) -> str:
         """The plain progress line: done/total, percent, rate, elapsed, ETA, errors."""
         now = now or time.monotonic()
-        rate = self.rate(now)
+        rate, eta = self.rate(now), self.eta(now)
         count = f"{self.done}/{self.total}" if self.total is not None else f"{self.done}"
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        eta = (self.total - self.done) / rate if self.total is not None and rate > 0 else None
         line = (f"{self.description}: {count} {self.unit}{pct}, {rate:.3g} {self.unit}/s, "
                 f"elapsed {_clock(now - self.start)}")
         if self.total is not None:
@@ -143,9 +166,11 @@ class Progress:
 
     def close(self) -> None:
         """Finish: keep or remove the bar, or write the final plain line (see ``summary``)."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
         if self.mode == "bar":
             self._end_bar()
         elif self.mode == "lines" and self.total != 0 and (self.summary or self._lines):
@@ -178,22 +203,12 @@ def track(items: Iterable[T], description: str, total: Optional[int] = None, uni
 
 
 def _rich_progress(stream: TextIO):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-    from rich.text import Text
-
-    class RateColumn(ProgressColumn):
-        """Items per second, with the task's unit."""
-
-        def render(self, task) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text("?" if speed is None else f"{speed:.3g} {task.fields.get('unit', 'items')}/s",
-                        style="progress.data.speed")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
 
     return RichProgress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        RateColumn(), TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(), TextColumn("[red]{task.fields[errors]}"),
-                        console=console(stream), speed_estimate_period=60.0)
+                        TextColumn("{task.fields[rate]}"), TextColumn("elapsed"), TimeElapsedColumn(),
+                        TextColumn("{task.fields[eta]}"), TextColumn("[red]{task.fields[errors]}"),
+                        console=console(stream))
 
 
 def console(stream: TextIO):

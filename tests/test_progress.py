@@ -149,3 +149,14 @@ def test_a_curation_stage_on_a_terminal_shows_rate_and_eta(tmp_path):
     assert proc.wait(timeout=120) == 0
     screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
     assert re.search(r"render 00000of00001.*\d+/40.*jobs/s.*ETA", screen), screen[-2000:]
+
+
+def test_plain_lines_keep_coming_while_no_item_finishes(monkeypatch):
+    monkeypatch.delenv(progress.MODE_ENV, raising=False)
+    out = io.StringIO()
+    with progress.Progress("judge 00000of00001", total=10, unit="jobs", every_s=0.3, stream=out):
+        import time
+        time.sleep(1.6)  # a slow server: nothing finishes, the log still shows the stage is alive
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 3 and lines[0].startswith("judge 00000of00001: 0/10 jobs (0%), 0 jobs/s, elapsed 0:00:0")
+    assert lines[-1].startswith("judge 00000of00001 done: 0 jobs")

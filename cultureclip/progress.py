@@ -10,7 +10,7 @@ On a terminal this draws a `rich <https://rich.readthedocs.io>`_ bar (done/total
 errors). When stderr is not a terminal (a SLURM log, a pipe, a test) it writes a plain line every
 ``every_s`` seconds instead, e.g. ``render 00000of00001: 52/130 jobs (40%), 5.8 jobs/s, elapsed 0:00:09,
 ETA 0:00:13, 0 errors``, and a final ``... done: ...`` line. Two environment variables override the
-defaults for a whole run: ``CULTURECLIP_PROGRESS`` (``bar``, ``lines`` or ``off``) and
+settings for a whole run: ``CULTURECLIP_PROGRESS`` (``bar``, ``lines`` or ``off``) and
 ``CULTURECLIP_PROGRESS_EVERY`` (seconds between plain lines, default 30).
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Progress:
         description: what is running, e.g. ``"render 00000of00001"`` (starts every plain line).
         total: items to do; None when unknown (no ETA then).
         unit: what an item is (``jobs``, ``batches``, ``texts``).
-        every_s: seconds between plain lines (default ``$CULTURECLIP_PROGRESS_EVERY`` or 30).
+        every_s: seconds between plain lines (default 30; ``$CULTURECLIP_PROGRESS_EVERY`` overrides it).
         summary: keep the finished bar / write a final line. False for short inner loops: their bar
             disappears when done and a plain final line is written only if a periodic one was.
         stream: where to write (default: ``sys.stderr`` at the time of writing).
@@ -67,7 +67,9 @@ class Progress:
                  every_s: Optional[float] = None, summary: bool = True, stream: Optional[TextIO] = None,
                  mode: Optional[str] = None) -> None:
         self.description, self.total, self.unit, self.summary = description, total, unit, summary
-        self.every_s = float(every_s if every_s is not None else os.environ.get(EVERY_ENV, DEFAULT_EVERY_S))
+        # the environment is the user's setting for the whole run: it wins over the caller's default
+        env_every = os.environ.get(EVERY_ENV)
+        self.every_s = float(env_every if env_every else every_s if every_s is not None else DEFAULT_EVERY_S)
         self._stream = stream
         self.mode = choose_mode(self.stream, mode)
         self.done = self.errors = 0

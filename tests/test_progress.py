@@ -68,7 +68,7 @@ def test_environment_chooses_mode_and_interval(clock, monkeypatch):
     assert out.getvalue() == ""
     monkeypatch.setenv(progress.MODE_ENV, "lines")
     monkeypatch.setenv(progress.EVERY_ENV, "0")
-    with progress.Progress("x", total=2, stream=out) as bar:
+    with progress.Progress("x", total=2, stream=out, every_s=60) as bar:  # the environment wins
         bar.update()
     assert out.getvalue().startswith("x: 1/2 items (50%)")
     monkeypatch.setenv(progress.MODE_ENV, "fancy")

@@ -231,11 +231,15 @@ class SkipCounter:
     def total(self) -> int:
         return sum(self.by_reason.values())
 
-    def add(self, reason: str, where: str, detail: str = "", count: int = 1) -> None:
-        """Count ``count`` skipped items for ``reason``; ``where`` names them (file:line, shard and key)."""
+    def add(self, reason: str, where: str, detail: str = "", count: int = 1, force_log: bool = False) -> None:
+        """Count ``count`` skipped items for ``reason``; ``where`` names them (file:line, shard and key).
+
+        ``force_log`` logs this one on its own line even past ``log_first`` (a whole damaged shard,
+        rare and worth naming, must not disappear into a summary of bad samples).
+        """
         self.by_reason[reason] = self.by_reason.get(reason, 0) + count
         self.example = f"{where} ({reason}): {detail}" if detail else f"{where} ({reason})"
-        if self.total <= self.log_first:
+        if force_log or self.total <= self.log_first:
             self.logger.warning("skipped %s", self.example)
             self._last_log = time.monotonic()
             return

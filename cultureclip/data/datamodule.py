@@ -12,7 +12,7 @@ import torch
 
 from cultureclip.data.pipeline import (  # noqa: F401  (read_concept_names: importable from here too)
     DEFAULT_MAX_CONSECUTIVE_SKIPS, build_twin_pipeline, count_pairs, expand_shards, make_loader, read_concept_names)
-from cultureclip.images import DEFAULT_MAX_PIXELS
+from cultureclip.images import DEFAULT_MAX_PIXELS, check_on_error
 from cultureclip.data.replay import (REPLAY_SEED_OFFSET, ReplayMixer, build_replay_pipeline, replay_batch_size,
                                      replay_loader)
 from cultureclip.data.resumable import IsolatedRNG, SkipFirstBatches, set_stream_epoch
@@ -99,6 +99,8 @@ class TwinDataModule(L.LightningDataModule):
             micro-batch) or ``ratio`` (replay samples per twin pair), ``num_workers`` (None: as the
             twin stream), ``shuffle_buffer``, ``toy_dir``/``toy_seed`` (build the toy general set
             of :mod:`cultureclip.data.toy_general` there in :meth:`prepare_data`).
+        on_error: a damaged or truncated twin shard (training, validation, the validation vocabulary):
+            ``"skip"`` counts it (``bad_shard``/``truncated_shard``), ``"raise"`` stops naming it.
 
     After :meth:`setup`, ``val_concepts`` holds the sorted concept names of the validation split.
     """
@@ -110,8 +112,10 @@ class TwinDataModule(L.LightningDataModule):
                  caption_context_length: Optional[int] = None, concept_context_length: Optional[int] = 16,
                  toy_dir: Optional[str] = None, toy_seed: int = 0, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
                  max_consecutive_skips: Optional[int] = DEFAULT_MAX_CONSECUTIVE_SKIPS,
-                 replay: Optional[Mapping[str, Any]] = None):
+                 replay: Optional[Mapping[str, Any]] = None, on_error: str = "skip"):
         super().__init__()
+        check_on_error(on_error)
+        self.on_error = on_error
         self.max_pixels, self.max_consecutive_skips = max_pixels, max_consecutive_skips
         self.spec = spec
         self.train_shards, self.val_shards = train_shards, val_shards
@@ -173,7 +177,7 @@ class TwinDataModule(L.LightningDataModule):
         if self.replay and not self.replay["urls"]:
             self.replay["urls"] = expand_shards(self.replay["shards"])
         if self.val_urls and not self.val_concepts:
-            self.val_concepts = read_concept_names(self.val_urls)
+            self.val_concepts = read_concept_names(self.val_urls, on_error=self.on_error)
 
     def _concept_ctx(self) -> Optional[int]:
         return self.concept_context_length if self.spec.supports_short_context else None
@@ -183,7 +187,7 @@ class TwinDataModule(L.LightningDataModule):
             self.train_urls, self.spec.preprocess_train, self.spec.tokenizer, self.batch_size, train=True,
             seed=self.seed, shuffle_buffer=self.shuffle_buffer, caption_context_length=self.caption_context_length,
             concept_context_length=self._concept_ctx(), max_pixels=self.max_pixels,
-            max_consecutive_skips=self.max_consecutive_skips)
+            max_consecutive_skips=self.max_consecutive_skips, on_error=self.on_error)
         # exact resume: the stream depends on (seed, epoch, rank, worker) only; a resumed run starts the
         # checkpoint's epoch and drops the batches it already trained on (cultureclip.data.resumable)
         pipeline.append(IsolatedRNG(self.seed))
@@ -219,7 +223,7 @@ class TwinDataModule(L.LightningDataModule):
         pipeline = build_twin_pipeline(
             self.val_urls, self.spec.preprocess_val, self.spec.tokenizer, self.val_batch_size, train=False,
             caption_context_length=self.caption_context_length, concept_context_length=self._concept_ctx(),
-            num_workers=workers, world_size=self.world_size, max_pixels=self.max_pixels)
+            num_workers=workers, world_size=self.world_size, max_pixels=self.max_pixels, on_error=self.on_error)
         # own generator: starting the loader draws no number from the process-wide RNG (exact resume)
         return make_loader(pipeline, num_workers=workers, world_size=self.world_size, generator=torch.Generator())
 

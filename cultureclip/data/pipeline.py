@@ -4,8 +4,9 @@ Built like open_clip_train's ``get_wds_dataset``: a list of stages ending in ``w
 each a module-level function or small class so that it pickles into workers (fork, forkserver, spawn)::
 
     shards   train: ResampledShards, endless | eval: SimpleShardList, split_by_node, split_by_worker
-    tar      TarSamples: one shard at a time; read errors and shards shorter than their sizes.json
-             entry are logged and counted, never raised
+    tar      TarSamples: one shard at a time; read errors, shards whose tar stream ends without the
+             end-of-archive marker and shards shorter than their sizes.json entry are logged and
+             counted (raised with on_error="raise")
     shuffle  train only: SeededShuffle
     decode   DecodeTwin: images (cultureclip.images: pixel cap, 8-bit RGB) + json -> tensors and
              texts; a bad sample is logged, counted, dropped
@@ -40,8 +41,8 @@ from cultureclip import schema
 from cultureclip.data.shards import read_sizes
 from cultureclip.data.stages import (  # noqa: F401  (re-exported: the stage names are part of the API)
     BAD_IMAGE, BAD_META, BAD_SHARD, MISSING_MEMBER, TOO_LARGE, TRUNCATED_SHARD, AttachSkipCount, DecodeTwin,
-    NoProgressError, ProgressGuard, SeededShuffle, SkipCounter, TarSamples, TwinCollate, _Skip, skip_where,
-    split_pair)
+    NoProgressError, ProgressGuard, SeededShuffle, ShardDamage, SkipCounter, TarSamples, TwinCollate, _Skip,
+    checked_pairs, skip_where, split_pair)
 from cultureclip.images import DEFAULT_MAX_PIXELS
 
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 1000
@@ -167,7 +168,8 @@ def build_twin_pipeline(urls: Union[str, Sequence[str]], preprocess: Callable[[I
                         partial_batches: Optional[bool] = None, num_workers: Optional[int] = None,
                         world_size: Optional[int] = None, skip_counter: Optional[SkipCounter] = None,
                         max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-                        max_consecutive_skips: Optional[int] = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> TwinPipeline:
+                        max_consecutive_skips: Optional[int] = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+                        on_error: str = "skip") -> TwinPipeline:
     """Build the twin-pair batch stream.
 
     Args:
@@ -188,6 +190,8 @@ def build_twin_pipeline(urls: Union[str, Sequence[str]], preprocess: Callable[[I
             own limit only); a larger image is skipped as ``too_large``.
         max_consecutive_skips: train only: this many skipped samples (or damaged/empty shards) in
             a row without one good pair raise :class:`NoProgressError` naming the shards; None: never.
+        on_error: a damaged or truncated shard: ``"skip"`` counts it (``bad_shard``/``truncated_shard``),
+            ``"raise"`` stops with :class:`ShardDamage` (a ValueError) naming it.
 
     Returns:
         A :class:`TwinPipeline` yielding dicts: ``POS_IMAGE``/``NEG_IMAGE`` float [B, 3, H, W];
@@ -207,7 +211,7 @@ def build_twin_pipeline(urls: Union[str, Sequence[str]], preprocess: Callable[[I
             check_shard_count(len(urls), num_workers, world_size)
         stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
     guard = ProgressGuard(max_consecutive_skips if train else None)  # an evaluation pass ends by itself
-    stages.append(TarSamples(counter, listed_sizes(urls), guard))
+    stages.append(TarSamples(counter, listed_sizes(urls), guard, on_error))
     if train and shuffle_buffer > 0:
         initial = shuffle_buffer // 5 if shuffle_initial is None else shuffle_initial
         stages.append(SeededShuffle(shuffle_buffer, max(1, initial), seed))
@@ -272,7 +276,7 @@ def make_loader(pipeline: wds.DataPipeline, num_workers: int = 0, epoch_length_b
 
 
 def read_concept_names(urls: Union[str, Sequence[str]], split: str = "validation",
-                       skip_counter: Optional[SkipCounter] = None) -> list[str]:
+                       skip_counter: Optional[SkipCounter] = None, on_error: str = "skip") -> list[str]:
     """Sorted concept names of a split, read from the json members (images are not decoded).
 
     Samples are read and checked as the pipeline reads them (:class:`TarSamples`, :func:`split_pair`):
@@ -283,19 +287,16 @@ def read_concept_names(urls: Union[str, Sequence[str]], split: str = "validation
         urls: shard urls or a spec for :func:`expand_shards`.
         split: the split's name for messages.
         skip_counter: counter to fill; a new one otherwise.
+        on_error: a damaged or truncated shard: ``"skip"`` (count it) or ``"raise"``.
 
     Raises:
         ValueError: no usable sample in the split; the message names its shards and the skip counts.
+        ShardDamage: a damaged or truncated shard, with ``on_error="raise"``.
     """
     urls = expand_shards(urls) if isinstance(urls, str) else list(urls)
     counter = skip_counter if skip_counter is not None else SkipCounter()
     names: set[str] = set()
-    for raw in TarSamples(counter, listed_sizes(urls))([{"url": u} for u in urls]):
-        try:
-            meta = split_pair(raw)[2]
-        except _Skip as skip:
-            counter.add(skip.args[0], skip_where(raw), skip.args[1])
-            continue
+    for _, meta in checked_pairs(urls, counter, listed_sizes(urls), on_error):
         names.update(meta[k] for k in schema.CONCEPT_KEYS)
     counter.flush()
     if not names:

@@ -12,17 +12,21 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 import webdataset as wds
+from webdataset.tariterators import group_by_keys
 from PIL import Image
 
 from cultureclip import schema
 from cultureclip.data.shards import validate_pair_meta
+from cultureclip.data.tarcheck import ShardDamage, shard_files  # noqa: F401  (ShardDamage re-exported)
 from cultureclip.images import (  # noqa: F401  (BAD_IMAGE, TOO_LARGE: reasons re-exported with the rest)
-    BAD_IMAGE, DEFAULT_MAX_PIXELS, TOO_LARGE, ImageDecodeError, SkipCounter, decode_image)
+    BAD_IMAGE, DEFAULT_MAX_PIXELS, TOO_LARGE, ImageDecodeError, SkipCounter, check_on_error, decode_image)
 
 
 # reasons a sample (or the rest of a shard) was skipped: keys of SkipCounter.by_reason
 BAD_SHARD = "bad_shard"  # tar read error; the shard's remaining samples are lost, count unknown
-TRUNCATED_SHARD = "truncated_shard"  # a shard ended cleanly with fewer pairs than sizes.json lists: the missing ones
+# a shard cut short (no end-of-archive marker) or with fewer pairs than sizes.json lists: the missing
+# pairs when sizes.json lists the shard, else one for the shard
+TRUNCATED_SHARD = "truncated_shard"
 MISSING_MEMBER = "missing_member"  # no pos image, no neg image or no json
 BAD_META = "bad_meta"  # json does not parse or lacks a required text
 # BAD_IMAGE: an image does not decode or the preprocess fails on it; TOO_LARGE: over the pixel cap
@@ -69,40 +73,70 @@ def _list_members(raw: Mapping) -> list[str]:
 class TarSamples:
     """Stage: shard dicts ``{"url": ...}`` -> raw samples ``{"__key__", "pos.jpg": bytes, ...}``.
 
-    Each shard gets its own ``wds.tarfile_samples`` call, so key grouping restarts at every shard:
-    the partial last sample of a truncated shard can never merge with a same-key sample of the next
-    shard (keys are unique within a writer, not across datasets joined with ``::``). A shard that
-    ends cleanly with fewer samples than ``expected`` (its ``sizes.json`` entry) is counted as
-    ``TRUNCATED_SHARD``, one per missing pair: a tar cut at a member boundary looks like a clean end.
+    Each shard is read on its own (:func:`cultureclip.data.tarcheck.shard_files`, then webdataset's
+    ``group_by_keys``), so key grouping restarts at every shard: the partial last sample of a
+    truncated shard can never merge with a same-key sample of the next shard (keys are unique within
+    a writer, not across datasets joined with ``::``). A shard whose stream ends without the tar
+    end-of-archive marker (cut at a member boundary, inside a header or inside a member's data) is
+    counted as ``TRUNCATED_SHARD``: one per pair missing against its ``sizes.json`` entry
+    (``expected``) when it has one, else one for the shard. A shard that ends properly with fewer
+    pairs than ``expected`` is counted the same way; any other read error is one ``BAD_SHARD``.
+
+    Args:
+        counter: the skip counter to fill.
+        expected: ``{url: pairs}`` from ``sizes.json`` (:func:`cultureclip.data.pipeline.listed_sizes`).
+        guard: stops an endless stream that reads only damaged or empty shards.
+        on_error: ``"skip"`` counts a damaged shard and goes on; ``"raise"`` raises
+            :class:`~cultureclip.data.tarcheck.ShardDamage` (a ValueError) naming it.
     """
 
     def __init__(self, counter: SkipCounter, expected: Optional[Mapping[str, int]] = None,
-                 guard: Optional[ProgressGuard] = None) -> None:
+                 guard: Optional[ProgressGuard] = None, on_error: str = "skip") -> None:
+        check_on_error(on_error)
         self.counter = counter
         self.expected = dict(expected or {})
         self.guard = guard or ProgressGuard()
+        self.on_error = on_error
+        self._warned: set = set()  # shards whose damage was logged on a line of its own
 
     def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
         for shard in shards:
-            url, errors, n = shard.get("url"), _ErrorList(), 0
-            for sample in wds.tarfile_samples([shard], handler=errors):
+            url, n, errors = shard.get("url"), 0, []
+            # the last, partial sample of a damaged shard is still yielded (and then counted by what it lacks)
+            files = _until_damage(shard_files(url, TRUNCATED_SHARD, BAD_SHARD), errors)
+            # a member grouping error (a duplicate name) skips that member
+            for sample in group_by_keys(files, handler=lambda exn: errors.append(exn) or True):
                 n += 1
                 yield sample
-            if errors:  # one count per damaged shard, however many errors it raised
-                self.counter.add(BAD_SHARD, f"shard {url}", f"damaged, skipped the rest of it: {errors[0]!r}")
-            elif url in self.expected and n < self.expected[url]:
-                self.counter.add(TRUNCATED_SHARD, f"shard {url}", f"it holds {n} of the {self.expected[url]} "
-                                 f"pairs its {schema.SIZES_FILE} lists", count=self.expected[url] - n)
-            if errors or n == 0:
+            damage = next((e for e in errors if isinstance(e, ShardDamage)), None)
+            if damage is None and errors:
+                damage = ShardDamage.of(url, BAD_SHARD, f"damaged, skipped members of it: {errors[0]!r}")
+            if damage is not None and self.on_error == "raise":
+                raise damage
+            listed = self.expected.get(url)
+            holds = f"it holds {n} of the {listed} pairs its {schema.SIZES_FILE} lists" if listed is not None else ""
+            missing = listed - n if listed is not None else 0
+            if damage is None and missing > 0:  # ended properly, but short of its sizes.json entry
+                damage = ShardDamage.of(url, TRUNCATED_SHARD, holds)
+                if self.on_error == "raise":
+                    raise damage
+            elif damage is not None and damage.reason == TRUNCATED_SHARD:
+                damage.detail += f"; {holds}" if missing > 0 else f"; {n} pair(s) read before the cut"
+            if damage is not None:  # a truncated shard counts its missing pairs when sizes.json knows them
+                count = max(missing, 1) if damage.reason == TRUNCATED_SHARD else 1
+                self.counter.add(damage.reason, f"shard {url}", damage.detail, count=count,
+                                 force_log=url not in self._warned)
+                self._warned.add(url)  # once per shard: a resampled stream meets the same shard again
+            if (damage is not None and damage.reason == BAD_SHARD) or n == 0:
                 self.guard.bad(url, self.counter)
 
 
-class _ErrorList(list):
-    """webdataset error handler: keep the error and go on (past the member, or to the shard's end)."""
-
-    def __call__(self, exn: Exception) -> bool:
-        self.append(exn)
-        return True
+def _until_damage(files: Iterator[dict], errors: list) -> Iterator[dict]:
+    """``files`` until one raises :class:`ShardDamage`, which is appended to ``errors``."""
+    try:
+        yield from files
+    except ShardDamage as exn:
+        errors.append(exn)
 
 
 class SeededShuffle(wds.PipelineStage):
@@ -145,6 +179,20 @@ def split_pair(raw: Mapping) -> tuple[tuple[str, bytes], tuple[str, bytes], dict
 
 def skip_where(raw: Mapping) -> str:
     return f"sample {raw.get(schema.KEY)} from {raw.get(schema.URL)}"
+
+
+def checked_pairs(urls: Iterable[str], counter: SkipCounter, expected: Optional[Mapping[str, int]] = None,
+                  on_error: str = "skip") -> Iterator[tuple[dict, dict]]:
+    """``(raw sample, checked meta)`` of every usable pair of ``urls``, read and checked as the pipeline
+    does (:class:`TarSamples` with the ``sizes.json`` counts ``expected``, :func:`split_pair`); images
+    are not decoded. Skips go into ``counter``."""
+    for raw in TarSamples(counter, expected, on_error=on_error)([{"url": u} for u in urls]):
+        try:
+            meta = split_pair(raw)[2]
+        except _Skip as skip:
+            counter.add(skip.args[0], skip_where(raw), skip.args[1])
+            continue
+        yield raw, meta
 
 
 class DecodeTwin:

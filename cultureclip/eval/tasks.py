@@ -80,7 +80,7 @@ def twins(model: CultureCLIP, shards: Union[str, Sequence[str]], batch_size: int
           max_predictions: Optional[int] = None, caption_context_length: Optional[int] = None,
           concept_context_length: Optional[int] = 16, toy_dir: Optional[str] = None, toy_seed: int = 0,
           task: str = "twins", dataset: Optional[str] = None, split: Optional[str] = None,
-          max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> TaskOutput:
+          max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, on_error: str = "skip") -> TaskOutput:
     """Fine-grained concept recognition on a twin-pair shard split (:mod:`cultureclip.eval.twins`).
 
     Args:
@@ -99,6 +99,8 @@ def twins(model: CultureCLIP, shards: Union[str, Sequence[str]], batch_size: int
         toy_seed: seed of that toy set.
         task, dataset, split: header labels; default dataset is the shard spec and split the shards' folder.
         max_pixels: larger images are skipped and counted (``too_large``); None: Pillow's limit only.
+        on_error: a damaged or truncated shard: ``"skip"`` counts it in ``n_skipped``
+            (``bad_shard``/``truncated_shard``), ``"raise"`` stops with an error naming it.
 
     Returns:
         ``(metrics, header, extra)``; ``extra`` holds ``shards`` (urls, to fetch images for the
@@ -113,7 +115,8 @@ def twins(model: CultureCLIP, shards: Union[str, Sequence[str]], batch_size: int
     concept_ctx = concept_context_length if model.supports_short_context else None
     pipeline = build_twin_pipeline(
         urls, model.preprocess_val, model.tokenizer, batch_size, train=False, num_workers=workers,
-        caption_context_length=caption_context_length, concept_context_length=concept_ctx, max_pixels=max_pixels)
+        caption_context_length=caption_context_length, concept_context_length=concept_ctx, max_pixels=max_pixels,
+        on_error=on_error)
     pairs = count_pairs(urls)  # from sizes.json; None for remote shards (the bar then shows no total)
     loader = track(make_loader(pipeline, num_workers=workers), f"twins {split or _split_name(urls)}",
                    total=None if pairs is None else math.ceil(pairs / batch_size), unit="batches", summary=False)

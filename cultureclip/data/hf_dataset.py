@@ -215,6 +215,9 @@ def hf_to_shards(folder: PathLike, out_dir: PathLike, maxcount: int = 1000, over
                     neg, _ = _image_bytes(row[schema.NEG_IMAGE], f"{where}: {schema.NEG_IMAGE}")
                     meta = {f: row[f] for f in META_FIELDS if row.get(f) is not None}
                     writer.write(key, pos, neg, meta)
+            for path in dest.glob("shard-*.tar"):  # webdataset opens its first shard eagerly: drop it if empty
+                if path.name not in writer.sizes:
+                    path.unlink()
             counts[split] = sum(writer.sizes.values())
         return counts
     finally:

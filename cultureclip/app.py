@@ -16,6 +16,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from cultureclip import rundir
+from cultureclip.errors import ConfigError
 from cultureclip.data.datamodule import check_replay, check_shard_specs
 from cultureclip.eval.results import package_versions
 
@@ -31,7 +32,7 @@ def check_train_config(cfg: DictConfig) -> None:
             f"the trainer's at 1). Lightning's accumulation gives each micro-batch only its own negatives; "
             f"optim.accum_freq keeps one negative pool over all micro-batches of an optimizer step.")
     if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise RuntimeError("this config trains on a GPU (trainer=gpu, which +experiment=cultwin selects) but no CUDA "
+        raise ConfigError("this config trains on a GPU (trainer=gpu, which +experiment=cultwin selects) but no CUDA "
                            "GPU is available here; add trainer=cpu to run the same recipe on the CPU")
     check_shard_specs(cfg.data.train_shards, cfg.data.get("val_shards"), cfg.data.get("toy_dir"))
     replay_on = (cfg.data.get("replay") or {}).get("shards") is not None

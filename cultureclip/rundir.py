@@ -210,6 +210,15 @@ class _RecordingWriter:
         self.f.flush()
 
 
+def raise_if_disk_full(cause: BaseException, what: str, after: str = "", source: Optional[BaseException] = None) -> None:
+    """Re-raise a full disk or a file-size limit (ENOSPC, EDQUOT, EFBIG) as an OSError naming ``what``
+    (the file being written) and saying ``after`` (what became of it); any other error: return."""
+    if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
+        hint = " (a file-size limit, see ulimit -f)" if cause.errno == errno.EFBIG else ""
+        raise OSError(cause.errno, f"{os.strerror(cause.errno)}{hint} while writing {what}"
+                                   f"{'; ' + after if after else ''}") from (source or cause)
+
+
 def save_atomic(save: Callable[[object], None], path: Union[str, Path],
                 opener: Callable[[Path], object] = lambda p: open(p, "wb")) -> None:
     """Write ``path`` through a temporary file in the same folder (fsync, rename).
@@ -233,10 +242,8 @@ def save_atomic(save: Callable[[object], None], path: Union[str, Path],
     except BaseException as exn:
         tmp.unlink(missing_ok=True)
         cause = writer.error if writer is not None and writer.error is not None else exn
-        if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
-            hint = " (a file-size limit, see ulimit -f)" if cause.errno == errno.EFBIG else ""
-            raise OSError(cause.errno, f"{os.strerror(cause.errno)}{hint} while writing checkpoint {path}; "
-                          f"the partial file was removed and earlier checkpoints are unchanged") from exn
+        raise_if_disk_full(cause, f"checkpoint {path}", "the partial file was removed and earlier checkpoints are "
+                                                        "unchanged", exn)
         raise
 
 

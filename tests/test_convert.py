@@ -294,3 +294,46 @@ def test_cli_pixel_cap_and_16bit_images(tmp_path):
     with Image.open(io.BytesIO(samples["pair000000002"][f"{schema.NEG_PREFIX}.jpg"])) as im:
         out = np.asarray(im.convert("L"), dtype=int)
     assert out.shape == (20, 27) and np.abs(out - (50000 >> 8)).max() <= 2  # scaled, not clipped to 255
+
+
+def _make_shards_main():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_shards_tool", ROOT / "tools" / "make_shards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_make_shards_refuses_image_paths_outside_the_image_root(tmp_path, capsys):
+    """--image-root root/images holds: '..' and absolute paths elsewhere are refused (naming the line and
+    the field) or skipped and counted; a symlink placed inside the root (a hub snapshot's layout) and a
+    '..' that stays inside still work; --allow-outside-root packs the outside file as before."""
+    main = _make_shards_main()
+    root = tmp_path / "root" / "images"
+    secret = _image(tmp_path / "outside" / "secret.png", (13, 17), color=(1, 2, 3), fmt="PNG")
+    good = _row(0, root)
+    (root / "snap").mkdir()
+    (root / "snap" / "linked.png").symlink_to(secret)  # a link the root's owner placed inside it
+    linked = {**_row(1, root), schema.POS_IMAGE_PATH: "snap/linked.png", schema.NEG_IMAGE_PATH: "snap/../n1.jpg"}
+    escape = {**_row(2, root), schema.POS_IMAGE_PATH: "../../outside/secret.png"}
+    absolute = {**_row(3, root), schema.NEG_IMAGE_PATH: str(secret)}
+    src = _jsonl(tmp_path / "rows.jsonl", [good, linked, escape, absolute])
+
+    assert main([str(src), "--out", str(tmp_path / "a"), "--image-root", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert f"rows.jsonl:3: {schema.POS_IMAGE_PATH} '../../outside/secret.png' is outside the image root" in err
+    assert not (tmp_path / "a" / schema.SIZES_FILE).exists()
+
+    assert main([str(src), "--out", str(tmp_path / "b"), "--image-root", str(root), "--on-error", "skip"]) == 0
+    samples, _ = _read(tmp_path / "b")
+    assert sorted(samples) == ["pair000000000", "pair000000001"]  # the two rows inside the root
+    assert _decoded_size(samples["pair000000001"][f"{schema.POS_PREFIX}.png"]) == (13, 17)  # through the link
+    report = json.loads((tmp_path / "b" / REPORT_FILE).read_text())
+    assert report["skipped_by_reason"] == {"outside_root": 2}
+    assert all(_decoded_size(s[f"{schema.POS_PREFIX}.png"]) != (13, 17) or k == "pair000000001"
+               for k, s in samples.items())
+
+    assert main([str(src), "--out", str(tmp_path / "c"), "--image-root", str(root), "--allow-outside-root"]) == 0
+    samples, _ = _read(tmp_path / "c")
+    assert len(samples) == 4 and _decoded_size(samples["pair000000002"][f"{schema.POS_PREFIX}.png"]) == (13, 17)
+    assert _decoded_size(samples["pair000000003"][f"{schema.NEG_PREFIX}.png"]) == (13, 17)

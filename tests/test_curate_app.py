@@ -50,7 +50,8 @@ def test_demo_config_composes(tmp_path):
     assert all(2 <= len(p[k]) <= 3 for p in pairs for k in (schema.POS_CAPTIONS, schema.NEG_CAPTIONS))
     default = compose_curate([f"paths.root_dir={tmp_path}"])
     assert default["render"]["model"] == "stabilityai/stable-diffusion-3.5-large-turbo"
-    assert default["chat"]["model"] == "Qwen/Qwen2.5-VL-7B-Instruct" and default["standin"] is False
+    assert default["judge"]["chat"]["model"] == "Qwen/Qwen2.5-VL-7B-Instruct" and default["standin"] is False
+    assert set(default["chat"].values()) == {None}  # run-wide overrides: none unless the command sets one
     assert app.stage_list(default["stage"], default) == ["concepts", "dedup", "twins", "captions", "render", "judge",
                                                          "export"]
     assert app.stage_list(default["stage"], {**default, "input": "x.jsonl"}) == ["render", "judge", "export"]
@@ -138,3 +139,32 @@ def test_demo_shards_train(demo_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((home / "runs" / "smoke-cultureclip-s0" / "metrics.json").read_text())
     assert metrics["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_authors_caption_rows_import_render_judge_export_train(tmp_path):
+    """The real-run path from the authors' files: the built-in rows in their caption-file and render-input
+    layouts (no countries, contexts or features; the category under ``metadata``) go import -> render ->
+    judge -> export as separate commands on the stand-ins, and the shards train."""
+    rows = Path(resolvers.data_file("curate_demo_pairs.jsonl")).read_text().splitlines()
+    ref = [r for r in rows if "pos_all_captions" in r or "pos_caption_id" in r]
+    assert len(ref) == 3 and not any("pos_country" in r for r in ref)
+    (tmp_path / "ref.jsonl").write_text("\n".join(ref) + "\n")
+    base = ["cultureclip.curate", "+experiment=curate_demo", f"paths.root_dir={tmp_path}"]
+    proc = _cli([*base, f"input={tmp_path / 'ref.jsonl'}", "stage=[render,judge]", "render.images_per_caption=1"],
+                tmp_path)
+    assert proc.returncode in (0, 2), proc.stderr[-3000:]
+    proc = _cli([*base, "stage=export", "export.val_fraction=0.5", "export.pairs_per_twin=null", "export.plots=false",
+                 "export.rule.min_score=1", "export.rule.min_mean=1.0", "export.rule.require_twin_check=false"],
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "data" / "curate_demo" / "export"
+    card = json.loads((out / "card.json").read_text())
+    assert card["groups"]["country"]["(none)"]["twin_pairs"] == 2 and card["judge"]["images_judged"] == 8
+    assert card["export"]["train_pairs"] == card["export"]["val_pairs"] == 4  # 2 x 2 captions per twin pair
+    meta = [json.loads(v["json"]) for v in {**read_shards(out / "train"), **read_shards(out / "val")}.values()]
+    assert {m["category"] for m in meta} == {"Symbol", "Cuisine"} and not any("pos_country" in m for m in meta)
+    proc = _cli(["cultureclip.train", "+experiment=smoke", "data=cultwin", f"data.train_shards={out / 'train'}",
+                 f"data.val_shards={out / 'val'}", "data.batch_size=2", "trainer.max_steps=2",
+                 f"paths.output_dir={tmp_path / 'runs'}", "callbacks=none"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]

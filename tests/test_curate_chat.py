@@ -10,6 +10,7 @@ pydantic = pytest.importorskip("pydantic")
 pytest.importorskip("openai")
 
 from cultureclip.curate.chat import ChatAnswer, ChatClient, ChatConfig, image_part, strict_json_schema  # noqa: E402
+from cultureclip.curate.preflight import ChatServerError  # noqa: E402
 from cultureclip.curate.standin import Fault, StandinServer, request_text  # noqa: E402
 
 
@@ -88,15 +89,18 @@ def test_retry_after_is_honoured():
         assert 1.0 <= gap < 1.5, gap  # backoff alone would retry after ~1 ms
 
 
-def test_client_errors_are_not_retried_and_connection_errors_are():
+def test_client_errors_are_not_retried_and_an_unreachable_server_stops_at_once():
     with StandinServer({"echo": echo}) as server, client_for(server) as client:
         ans = client.ask([{"role": "user", "content": "x y"}], Echo, name="unknown_schema")
         assert ans.error == "http_400" and ans.attempts == 1 and "unknown_schema" in ans.message
     with StandinServer({}) as server:
         url = server.url
     with client_for(type("S", (), {"url": url})(), max_attempts=2) as client:  # nobody listens there now
-        ans = ask(client, "x")
-        assert ans.error == "connection" and ans.attempts == 2
+        start = time.monotonic()
+        with pytest.raises(ChatServerError, match=f"cannot reach the chat server {url} \\(model 'm'\\)"):
+            ask(client, "x")  # the preflight request: no job is tried, no backoff
+        assert time.monotonic() - start < 2.0
+
 
 
 def test_ask_many_bounds_concurrency_and_returns_every_key():
@@ -125,8 +129,9 @@ def test_api_key_from_env_used_and_never_in_answers(monkeypatch):
         assert secret not in repr(client) and secret not in repr(client.cfg)
     with StandinServer({"echo": echo}, api_key=secret) as server, \
             client_for(server, api_key_env="CC_TEST_UNSET_KEY") as client:
-        ans = ask(client, "x")
-        assert ans.error == "http_401" and ans.attempts == 1
+        with pytest.raises(ChatServerError, match="refused model 'm': HTTP 401: .*invalid API key"):
+            ask(client, "x")  # a wrong key stops the run before any job
+        assert server.requests == 0
     # a server that echoes the key back in an error must not get it into the answer
     with StandinServer({"echo": lambda body: (_ for _ in ()).throw(RuntimeError(secret))}) as server, \
             client_for(server, api_key_env="CC_TEST_KEY", max_attempts=1) as client:
@@ -171,3 +176,37 @@ def test_standin_cli_serves_in_another_process():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_trickling_server_is_cut_off_at_the_total_deadline():
+    """One byte every 0.1 s (status line and headers included): every read comes in time, the answer
+    would take ~30 s. timeout_s is the whole request's deadline: each try ends at ~1 s, then the next."""
+    trickle = Fault("trickle", interval_s=0.1)
+    with StandinServer({"echo": echo}, faults=[trickle, trickle]) as server, \
+            client_for(server, timeout_s=1.0, max_attempts=2) as client:
+        start = time.monotonic()
+        ans = ask(client, "slowly")
+        took = time.monotonic() - start
+        assert ans.error == "timeout" and ans.attempts == 2 and "within 1.0 s" in ans.message
+        assert 2.0 <= took < 4.0, took
+    with StandinServer({"echo": echo}, faults=[Fault("trickle", interval_s=0.001)]) as server, \
+            client_for(server, timeout_s=10.0) as client:  # a trickle that ends in time is an answer
+        ans = ask(client, "patient")
+        assert ans.ok and ans.value.word == "patient" and ans.attempts == 1
+
+
+def test_preflight_fails_a_wrong_model_or_path_in_a_second():
+    """One tiny request before the first job: a model the server does not serve, or a base_url without
+    /v1, stops with the URL, the model and the server's answer; no job request is sent."""
+    with StandinServer({"echo": echo}, models=["served-model"]) as server:
+        for kw, expected in (({"model": "wrong-model"}, "refused model 'wrong-model': HTTP 404: .*does not exist"),
+                             ({"base_url": server.url[:-3], "model": "served-model"}, "HTTP 404: .*no route")):
+            start = time.monotonic()
+            with client_for(server, **kw) as client, pytest.raises(ChatServerError, match=expected) as info:
+                list(client.ask_many((i, [{"role": "user", "content": "say a"}], Echo, "echo") for i in range(50)))
+            assert time.monotonic() - start < 1.0 and server.requests == 0
+            assert (kw.get("base_url") or server.url) in str(info.value)
+        with client_for(server, model="served-model") as client:  # the right model: jobs run, one preflight
+            assert all(a.ok for _, a in client.ask_many((i, [{"role": "user", "content": f"say w{i}"}], Echo, "echo")
+                                                          for i in range(5)))
+        assert server.requests == 5 and server.preflights == 1

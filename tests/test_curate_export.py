@@ -52,10 +52,23 @@ def png_bytes(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def make_run(out: Path, fails=FAILS, judge: bool = True) -> dict:
+def reference_rows():
+    """The same twin pairs as the authors' caption file has them: no countries, features as one string,
+    contexts missing or blank, the category under ``metadata`` in half of the rows."""
+    rows = []
+    for i, (cat, pc, _, nc, _) in enumerate(TWINS):
+        row = {schema.POS_CONCEPT: pc, schema.NEG_CONCEPT: nc, schema.POS_FEATURES: f"{pc} feature, another",
+               schema.NEG_CONTEXT: "", schema.POS_CAPTION: f"{pc} caption 0", schema.NEG_CAPTION: f"{nc} caption 0",
+               schema.REF_POS_ALL_CAPTIONS: [f"{pc} caption {i}" for i in range(2)],
+               schema.REF_NEG_ALL_CAPTIONS: [f"{nc} caption {i}" for i in range(2)]}
+        rows.append({**row, schema.CATEGORY: cat} if i % 2 else {**row, schema.REF_METADATA: {schema.CATEGORY: cat}})
+    return rows
+
+
+def make_run(out: Path, fails=FAILS, judge: bool = True, rows=None) -> dict:
     """pairs (imported), render and (``judge``) judge stores as the stages write them; returns what went in."""
     src = out.parent / "pairs_in.jsonl"
-    src.write_text("\n".join(json.dumps(r) for r in caption_rows()) + "\n")
+    src.write_text("\n".join(json.dumps(r) for r in (rows or caption_rows())) + "\n")
     import_pairs([src], out)
     pairs = sorted(load_pairs(out), key=lambda p: [t[1] for t in TWINS].index(p[schema.POS_CONCEPT]))
     renders, judged = {}, {}
@@ -67,7 +80,7 @@ def make_run(out: Path, fails=FAILS, judge: bool = True) -> dict:
                 rel = f"images/{rkey[:2]}/{rkey}.png"
                 data = png_bytes(len(renders))
                 write_atomic(out / "render" / rel, data)
-                renders[rkey] = {schema.CONCEPT: pair[f"{side}_concept"], schema.COUNTRY: pair[f"{side}_country"],
+                renders[rkey] = {schema.CONCEPT: pair[f"{side}_concept"], schema.COUNTRY: pair.get(f"{side}_country"),
                                  schema.CATEGORY: pair[schema.CATEGORY], schema.CAPTION: caption,
                                  schema.IMAGE_FILE: rel, schema.IMAGE_SHA256: hashlib.sha256(data).hexdigest(),
                                  schema.MODEL_ID: "hand-made", schema.WIDTH: 32, schema.HEIGHT: 32}
@@ -253,3 +266,21 @@ def test_exported_shards_read_by_the_pipeline(run_dir):
             assert b[schema.CATEGORY][r] == pair[schema.CATEGORY]
             assert b[schema.POS_COUNTRY][r] == pair[schema.POS_COUNTRY]
             assert b[schema.POS_FEATURES][r] == pair[schema.POS_FEATURES] and b[schema.NEG_CONTEXT][r] is None
+
+
+def test_export_of_the_authors_caption_file_without_countries(tmp_path):
+    """The reference caption rows have no countries: export writes the shards, and the card counts every
+    pair, image and exported pair under "(none)" (it used to die with KeyError: 'pos_country')."""
+    out = tmp_path / "run"
+    made = make_run(out, rows=reference_rows())
+    assert all(p.get(schema.POS_COUNTRY) is None and p.get(schema.NEG_COUNTRY) is None for p in made["pairs"])
+    report = E.run({"pairs_per_twin": None, "val_fraction": 0.0, "plots": False}, Context(out_dir=out, seed=0))
+    expected = expected_pairs(made)
+    assert report.extra["train_pairs"] == len(expected) == len(read_shards(out / "export" / "train"))
+    card = json.loads((out / "export" / "card.json").read_text())
+    assert list(card["groups"][schema.COUNTRY]) == ["(none)"]
+    row = card["groups"][schema.COUNTRY]["(none)"]
+    assert row["twin_pairs"] == len(TWINS) and row["images_rendered"] == len(made["renders"])
+    assert row["images_judged"] == len(made["judged"]) and row["pairs_exported"] == len(expected)
+    assert sorted(card["groups"][schema.CATEGORY]) == sorted(t[0] for t in TWINS)
+    assert "| (none) | 4 |" in (out / "export" / "card.md").read_text()

@@ -242,11 +242,14 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "judge"
 
 def test_configs():
     from omegaconf import OmegaConf
-    ctx = Context(out_dir=Path("."), chat={"base_url": "http://127.0.0.1:1/v1", "model": "run-default"})
+    ctx = Context(out_dir=Path("."), chat={"base_url": None, "model": None})  # the run sets nothing
     chat = judge.chat_config(OmegaConf.load(CONF / "qwen25_vl.yaml"), ctx)
     assert (chat.model, chat.base_url, chat.concurrency) == ("Qwen/Qwen2.5-VL-7B-Instruct", "http://localhost:8000/v1", 64)
+    ctx = Context(out_dir=Path("."), chat={"base_url": "http://127.0.0.1:1/v1", "model": None})
     chat = judge.chat_config(OmegaConf.load(CONF / "standin.yaml"), ctx)
     assert (chat.model, chat.base_url) == ("standin-judge", "http://127.0.0.1:1/v1")  # the app's server url wins
+    chat = judge.chat_config(OmegaConf.load(CONF / "qwen25_vl.yaml"), ctx)
+    assert (chat.model, chat.base_url) == ("Qwen/Qwen2.5-VL-7B-Instruct", "http://127.0.0.1:1/v1")  # here too
     with pytest.raises(ValueError, match="unknown judge settings"):
         judge.run({"chats": {}}, ctx, pairs=[])
 
@@ -256,7 +259,7 @@ def test_standin_responders_and_card(tmp_path):
     pairs = make_pairs(3)
     make_render(tmp_path, pairs)
     with StandinServer(judge.standin_responders()) as server:
-        ctx = Context(out_dir=tmp_path, chat={"base_url": server.url, "model": "ignored"})
+        ctx = Context(out_dir=tmp_path, chat={"base_url": server.url})  # as the app sets it for the stand-in
         judge.run(OmegaConf.load(CONF / "standin.yaml"), ctx, pairs=pairs)
         make_render(tmp_path / "again", pairs)
         ctx.out_dir = tmp_path / "again"

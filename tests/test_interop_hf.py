@@ -186,6 +186,7 @@ def hf_base(tmp_path_factory):
 
 @pytest.mark.parametrize("targets,rslora,patterns", [
     (["q_proj", "v_proj"], False, {}),
+    (["self_attn.out_proj", "mlp.fc1", "vision_model.encoder.layers.0.self_attn.k_proj"], False, {}),  # dotted
     (["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "visual_projection", "text_projection"], True,
      {"rank_pattern": {"fc1": 2}, "alpha_pattern": {"text_model.encoder.layers.1.self_attn.q_proj": 5}})])
 def test_peft_adapter_merge_matches_peft(tmp_path, hf_base, targets, rslora, patterns):
@@ -247,6 +248,12 @@ def test_mismatched_adapters_are_refused(tmp_path, hf_base):
     with pytest.raises(AdapterMismatchError, match=r"\['w_proj'\] match no module"):
         _edit_config(adapter, target_modules=["q_proj", "v_proj", "w_proj"])
         load()
+    with pytest.raises(AdapterMismatchError, match=r"\['mlp\.q_proj'\] match no module"):  # a dotted entry: whole components
+        _edit_config(adapter, target_modules=["self_attn.q_proj", "v_proj", "mlp.q_proj"])
+        load()
+    with pytest.raises(AdapterMismatchError, match="not covered by target_modules"):  # "attn.q_proj" is no suffix
+        _edit_config(adapter, target_modules=["attn.q_proj", "v_proj"])  # of whole components of self_attn.q_proj
+        load()
     with pytest.raises(AdapterMismatchError, match="use_dora"):
         _edit_config(adapter, target_modules=["q_proj", "v_proj"], use_dora=True)
         load()
@@ -292,3 +299,18 @@ def test_preprocess_settings_carry_over(caplog):
     assert "256" in caplog.text
     with pytest.raises(ConversionError, match="longest"):
         hf_preprocessor_from_open_clip(dict(cfg, resize_mode="longest"), 224)
+
+
+@pytest.mark.parametrize("size,apart", [(224, False), (225, False), (226, False), (227, True), (229, False),
+                                        (231, True)])
+def test_the_two_centre_crops_differ_as_the_docs_say(size, apart):
+    """docs/interop.md: torchvision's crop starts at round(margin / 2), transformers' at margin // 2, so
+    the crops are one pixel apart exactly when the margin is 3 modulo 4."""
+    import numpy as np
+    from torchvision.transforms import CenterCrop
+    from transformers.image_transforms import center_crop
+    img = np.arange(size * size, dtype=np.float32).reshape(1, size, size)
+    ours = CenterCrop(224)(torch.from_numpy(img)).numpy()
+    theirs = center_crop(img, (224, 224), data_format="channels_first")
+    assert (ours[0, 0, 0] != theirs[0, 0, 0]) == apart == ((size - 224) % 4 == 3)
+    assert "3 modulo 4" in (REPO / "docs" / "interop.md").read_text()

@@ -19,6 +19,7 @@ from omegaconf import open_dict
 
 import cultureclip
 from cultureclip import resolvers, schema
+from cultureclip.errors import ConfigError
 from cultureclip.eval import tasks
 from cultureclip.lit_module import CultureCLIPModule
 from cultureclip.loss import VARIANTS, CultureCLIPLoss
@@ -137,7 +138,7 @@ def test_config_errors_are_clear(tmp_path, toy_root, monkeypatch, tiny_spec):
         train(cfg)
     # the recipe on a machine without a GPU: say so, and how to run it on the CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="no CUDA GPU.*add trainer=cpu"):
+    with pytest.raises(ConfigError, match="no CUDA GPU.*add trainer=cpu"):
         train(make_cfg(["+experiment=cultwin", *shards], tmp_path, toy_root))
 
 

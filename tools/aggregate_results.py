@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cultureclip import errors
 from cultureclip.eval.aggregate import ResultFileError, load_results, to_markdown, write_csv
 
 
@@ -31,8 +32,7 @@ def main(argv=None) -> int:
     try:
         results, skipped = load_results(args.results_dirs, skip_bad=args.skip_bad, recursive=args.recursive)
     except (ResultFileError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return errors.report(e)
     for message in skipped:
         print(f"skipped: {message}", file=sys.stderr)
     if not results:

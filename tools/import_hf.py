@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cultureclip import errors
+
 
 def main(argv=None) -> int:
     """Parse arguments, convert, merge, save; returns the exit status."""
@@ -37,8 +39,7 @@ def main(argv=None) -> int:
                                             allow_other_base=args.allow_other_base, cache_dir=args.cache_dir)
         out = model.save_pretrained(args.out)
     except (ConversionError, AdapterMismatchError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return errors.report(exc)
     merged = f" with adapter {args.adapter} merged" if args.adapter else ""
     print(f"wrote {out} from {args.base}{merged}")
     return 0

@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 
+from cultureclip import errors
 from cultureclip.data.convert import REPORT_FILE, convert_to_shards
 from cultureclip.data.hf_dataset import hf_to_shards, is_hf_dataset
 from cultureclip.data.shards import RecordError
@@ -39,6 +40,9 @@ def main(argv=None) -> int:
                         help="only check existing shards (a folder, brace pattern, glob or pipe:/URL), write nothing")
     parser.add_argument("--image-root", default=None,
                         help="folder for relative image paths (default: each input file's folder)")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="accept image paths that leave --image-root ('..', absolute paths elsewhere); by "
+                             "default such a row is a bad record (symlinks inside the root are always followed)")
     parser.add_argument("--maxcount", type=int, default=1000, help="pairs per shard")
     parser.add_argument("--resize", type=int, default=None, help="shrink the shorter image side to N px")
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
@@ -68,11 +72,11 @@ def main(argv=None) -> int:
         report = convert_to_shards(args.inputs, args.out, image_root=args.image_root,
                                    maxcount=args.maxcount, resize=args.resize,
                                    on_error=args.on_error, overwrite=args.overwrite,
-                                   max_pixels=args.max_pixels or None)
+                                   max_pixels=args.max_pixels or None,
+                                   allow_outside_root=args.allow_outside_root)
     except (RecordError, FileExistsError, OSError, ValueError) as exc:
         # the message names file:line and field; a traceback would add nothing for the user
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return errors.report(exc)
     reasons = ", ".join(f"{k} {v}" for k, v in report.skipped_by_reason.items())
     print(f"wrote {report.written} pairs in {len(report.sizes)} shards to {args.out}; "
           f"skipped {report.skipped}{f' ({reasons})' if reasons else ''} (details in {REPORT_FILE})")

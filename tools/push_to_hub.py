@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cultureclip import errors
+
 
 def main(argv=None) -> int:
     """Parse arguments, write the folder, optionally upload it; returns the exit status."""
@@ -42,8 +44,7 @@ def main(argv=None) -> int:
         out = write_hub_folder(args.run_dir, args.out, repo_id=args.repo_id, license=args.license,
                                base_model=args.base_model, tags=args.tag, model_dir=args.model_dir)
     except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return errors.report(exc)
     print(f"wrote {out} (model files + README.md)")
     if args.push:
         files = folder_files(out, HUB_FILES)

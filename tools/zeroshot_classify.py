@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from cultureclip import errors
 from cultureclip.eval.zeroshot import (DEFAULT_TEMPLATES, classify, load_classnames, load_templates,
                                        write_confusion, write_predictions)
 from cultureclip.images import DEFAULT_MAX_PIXELS, ImageDecodeError
@@ -55,8 +56,7 @@ def main(argv=None) -> int:
                           num_workers=args.workers, amp=not args.no_amp, on_error=args.on_error,
                           max_pixels=args.max_pixels or None)
     except (ValueError, OSError, ImageDecodeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)  # the message names the file/line; no traceback needed
-        return 1
+        return errors.report(exc)
     out = write_predictions(result, args.out)
     m = result.metrics
     print(f"classified {m['n']} images into {len(classnames)} classes; predictions in {out}")

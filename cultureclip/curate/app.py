@@ -88,8 +88,8 @@ def run(cfg: Mapping[str, Any], echo=print) -> list[StageReport]:
 
     Args:
         cfg: ``out_dir``, ``stage``, ``input`` (a file or list, imported first), ``on_error`` (of the
-            import), ``shard_index``, ``num_shards``, ``retry_errors``, ``seed``, ``chat`` (default
-            backend settings), ``standin`` (start the stand-in chat server and point ``chat.base_url``
+            import), ``shard_index``, ``num_shards``, ``retry_errors``, ``seed``, ``chat`` (run-wide
+            backend settings: each one not null wins over the stages' own), ``standin`` (start the stand-in chat server and point ``chat.base_url``
             at it), ``standin_latency_s``, and one group per stage (``render``, ``judge``, ``export``...).
         echo: where report lines go.
 

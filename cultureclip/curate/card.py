@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from cultureclip import schema
 from cultureclip.curate import registry
 from cultureclip.curate.records import STAGE_FILE, StageStore, write_atomic
+from cultureclip.curate.sanitize import markdown_cell as cell
+from cultureclip.rundir import raise_if_disk_full
 
 log = logging.getLogger(__name__)
 CARD_MD, CARD_JSON, CARD_ASSETS = "card.md", "card.json", "card"
@@ -72,26 +74,28 @@ def group_tables(pairs: Sequence[Mapping], renders: Mapping[str, Mapping], judge
                  passes: Callable[[Mapping], bool], exported: Sequence[Mapping]) -> dict:
     """Per-category and per-country counts: twin pairs, images rendered, judged, passed, pairs exported.
 
-    A twin pair counts under both of its countries; an image under its own side's country.
+    A twin pair counts under both of its countries; an image under its own side's country. A field that
+    is absent (the reference caption files have no countries; exported metadata leaves empty fields out)
+    counts under ``(none)``.
     """
     by_twin = {p[schema.TWIN_ID]: p for p in pairs}
     tables: dict[str, dict] = {schema.CATEGORY: defaultdict(Counter), schema.COUNTRY: defaultdict(Counter)}
     for p in pairs:
-        tables[schema.CATEGORY][p[schema.CATEGORY] or UNKNOWN]["twin_pairs"] += 1
-        for c in {p[schema.POS_COUNTRY] or UNKNOWN, p[schema.NEG_COUNTRY] or UNKNOWN}:
+        tables[schema.CATEGORY][p.get(schema.CATEGORY) or UNKNOWN]["twin_pairs"] += 1
+        for c in {p.get(schema.POS_COUNTRY) or UNKNOWN, p.get(schema.NEG_COUNTRY) or UNKNOWN}:
             tables[schema.COUNTRY][c]["twin_pairs"] += 1
     for r in renders.values():
         tables[schema.CATEGORY][r.get(schema.CATEGORY) or UNKNOWN]["images_rendered"] += 1
         tables[schema.COUNTRY][r.get(schema.COUNTRY) or UNKNOWN]["images_rendered"] += 1
     for j in judged:
         pair = by_twin[j[schema.TWIN_ID]]
-        country = pair[f"{j[schema.SIDE]}_{schema.COUNTRY}"] or UNKNOWN
-        for table, value in ((schema.CATEGORY, pair[schema.CATEGORY] or UNKNOWN), (schema.COUNTRY, country)):
+        country = pair.get(f"{j[schema.SIDE]}_{schema.COUNTRY}") or UNKNOWN
+        for table, value in ((schema.CATEGORY, pair.get(schema.CATEGORY) or UNKNOWN), (schema.COUNTRY, country)):
             tables[table][value]["images_judged"] += 1
             tables[table][value]["images_passed"] += int(passes(j))
     for e in exported:
-        tables[schema.CATEGORY][e[schema.CATEGORY] or UNKNOWN]["pairs_exported"] += 1
-        for c in {e[schema.POS_COUNTRY] or UNKNOWN, e[schema.NEG_COUNTRY] or UNKNOWN}:
+        tables[schema.CATEGORY][e.get(schema.CATEGORY) or UNKNOWN]["pairs_exported"] += 1
+        for c in {e.get(schema.POS_COUNTRY) or UNKNOWN, e.get(schema.NEG_COUNTRY) or UNKNOWN}:
             tables[schema.COUNTRY][c]["pairs_exported"] += 1
     out = {}
     for table, groups in tables.items():
@@ -129,8 +133,13 @@ def plot_histograms(hist: Mapping, path: Path) -> None:
         ax.set_ylabel("images")
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.1, top=0.88, wspace=0.35)  # tight_layout costs seconds
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=80)
+    except OSError as exc:
+        raise_if_disk_full(exc, str(path))
+        raise
+    finally:
+        plt.close(fig)
 
 
 def thumbnail(src: Path, dest: Path, size: int) -> None:
@@ -141,7 +150,11 @@ def thumbnail(src: Path, dest: Path, size: int) -> None:
         im = im.convert("RGB")
         im.thumbnail((size, size))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        im.save(dest, format="JPEG", quality=85)
+        try:
+            im.save(dest, format="JPEG", quality=85)
+        except OSError as exc:
+            raise_if_disk_full(exc, str(dest))
+            raise
 
 
 def _table_md(title: str, rows: Mapping[str, Mapping], first: str) -> list[str]:
@@ -149,7 +162,7 @@ def _table_md(title: str, rows: Mapping[str, Mapping], first: str) -> list[str]:
         return []
     cols = list(next(iter(rows.values())))
     lines = [f"### {title}", "", "| " + " | ".join([first, *cols]) + " |", "|" + "---|" * (len(cols) + 1)]
-    lines += ["| " + " | ".join([str(k), *("" if v is None else str(v) for v in row.values())]) + " |"
+    lines += ["| " + " | ".join([cell(k), *("" if v is None else cell(v) for v in row.values())]) + " |"
               for k, row in rows.items()]
     return lines + [""]
 
@@ -163,8 +176,8 @@ def render_markdown(card: Mapping[str, Any]) -> str:
              f"Pass rule: {card['rule']}.", "", "## Stages", "",
              "| stage | records | errors | pending | success rate | errors by reason |", "|---|---|---|---|---|---|"]
     for name, s in card["stages"].items():
-        lines.append(f"| {name} | {s['records']} | {s['errors']} | {s['pending']} | {s['success_rate']} | "
-                     f"{', '.join(f'{k}: {v}' for k, v in s['errors_by_reason'].items())} |")
+        lines.append(f"| {cell(name)} | {s['records']} | {s['errors']} | {s['pending']} | {s['success_rate']} | "
+                     f"{cell(', '.join(f'{k}: {v}' for k, v in s['errors_by_reason'].items()))} |")
     j = card["judge"]
     lines += ["", f"Judge: {j['images_passed']} of {j['images_judged']} judged images pass "
               f"(pass rate {j['pass_rate']}); twin check picks the image's own concept for "
@@ -179,8 +192,10 @@ def render_markdown(card: Mapping[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|"]
         for g in card["gallery"]:
             scores = "/".join(str(g[s]) for s in schema.SCORES)
-            lines.append(f"| ![]({g['thumbnail']}) | {g[schema.CONCEPT]} | {g[schema.TWIN_CONCEPT]} | {scores} | "
-                         f"{g[schema.TWIN_CHOICE]} | {'; '.join(g['failures'])} | {g[schema.REASON]} |")
+            # every cell is escaped: concept names come from data, the reason from the judge server
+            lines.append(f"| ![]({g['thumbnail']}) | {cell(g[schema.CONCEPT])} | {cell(g[schema.TWIN_CONCEPT])} | "
+                         f"{cell(scores)} | {cell(g[schema.TWIN_CHOICE])} | {cell('; '.join(g['failures']))} | "
+                         f"{cell(g[schema.REASON])} |")
         lines.append("")
     for section in card["sections"]:
         lines += [f"## {section['title']}", "", section["markdown"], ""]

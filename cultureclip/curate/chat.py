@@ -13,7 +13,8 @@ GIL is released), and a pool of ``concurrency`` threads bounds the requests in f
 construction. ``rate_limit`` (requests/s, retries included) is a token bucket shared by the threads.
 
 The API key is read from the environment variable named by ``api_key_env`` when the client is made;
-it is never stored in the config, logged, or put in an answer (messages are scrubbed of it).
+it is never stored in the config, logged, or put in an answer: every string of every answer and error
+message is scrubbed of it (:mod:`cultureclip.curate.sanitize`), also when the server echoes it.
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ from pathlib import Path
 from typing import Any, Hashable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from cultureclip import logs
+from cultureclip.curate.deadline import http_transport, request_deadline
+from cultureclip.curate.preflight import ChatServerError, preflight
+from cultureclip.curate.sanitize import bound, register_secret, scrub, scrub_tree
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ class ChatConfig:
             placeholder ``"EMPTY"`` is sent when it is unset).
         concurrency: requests in flight at most (:meth:`ChatClient.ask_many`).
         rate_limit: requests per second at most (retries included); ``None`` for no limit.
-        timeout_s: seconds per HTTP request.
+        timeout_s: seconds per HTTP request in all (connect, sending, and every byte of the answer).
         max_attempts: tries per request in all (the first included).
         temperature, max_tokens: sampling settings.
         extra_body: extra JSON fields for the server (e.g. vLLM's ``top_k``).
@@ -81,14 +85,34 @@ class ChatConfig:
     max_backoff_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if int(self.concurrency) < 1:
-            raise ValueError(f"chat concurrency must be >= 1, got {self.concurrency}")
-        if int(self.max_attempts) < 1:
-            raise ValueError(f"chat max_attempts must be >= 1, got {self.max_attempts}")
-        if self.rate_limit is not None and not float(self.rate_limit) > 0:
-            raise ValueError(f"chat rate_limit must be > 0 requests/s or null, got {self.rate_limit}")
-        if not self.base_url or not self.model:
-            raise ValueError("chat base_url and model must be set")
+        """Refuse bad settings here, before any request: a server must never be blamed for them."""
+        def number(name: str, low: float, kind: type = float, strict: bool = False, null: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and null:
+                return
+            try:
+                ok = not isinstance(value, bool) and math.isfinite(float(value)) and float(value) == kind(value)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok or (float(value) <= low if strict else float(value) < low):
+                what = "an integer" if kind is int else "a number"
+                raise ValueError(f"chat setting {name} must be {what} {'>' if strict else '>='} {low:g}"
+                                 f"{' or null' if null else ''}, got {value!r}: fix chat.{name} (or the stage's "
+                                 f"<stage>.chat.{name})")
+
+        number("concurrency", 1, int)
+        number("max_attempts", 1, int)
+        number("max_tokens", 1, int)
+        number("timeout_s", 0, strict=True)
+        number("rate_limit", 0, strict=True, null=True)
+        number("temperature", 0)
+        number("backoff_s", 0)
+        number("max_backoff_s", 0)
+        for name in ("base_url", "model", "api_key_env"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ValueError(f"chat setting {name} must be set (a non-empty string), got {getattr(self, name)!r}")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"chat setting base_url must start with http:// or https://, got {self.base_url!r}")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> "ChatConfig":
@@ -101,6 +125,17 @@ class ChatConfig:
         if data.get("extra_body") is not None:
             data["extra_body"] = dict(data["extra_body"])
         return cls(**data)
+
+
+def effective_chat(stage: Optional[Mapping[str, Any]], run: Optional[Mapping[str, Any]]) -> dict:
+    """A stage's chat settings: the stage's own (its config group's ``chat``), overridden key by key by
+    every setting of the run's ``chat`` group that is not null.
+
+    The run's group holds nulls unless the command line (or an experiment) sets a key, so
+    ``chat.base_url=...`` reaches every chat stage, ``judge.chat.base_url=...`` only the judge, and the
+    stage files keep their own defaults (the text stages' server and model, the judge's VLM).
+    """
+    return {**dict(stage or {}), **{k: v for k, v in dict(run or {}).items() if v is not None}}
 
 
 @dataclass
@@ -221,12 +256,34 @@ class ChatClient:
         if not key:  # the same fact for every stage and client of a run: said once
             logs.once(log, logging.INFO, f"api_key_env:{self.cfg.api_key_env}",
                       "chat: %s is not set; sending the placeholder key (fine for local servers)", self.cfg.api_key_env)
-        self._secret = key  # only to scrub messages; never logged or returned
+        self._secret = key  # only to scrub answers and messages; never logged or returned
+        register_secret(key)  # log records and the entry point's error line are scrubbed of it too
+        # timeout_s is the whole request's deadline (connect + every read), not each read's: see deadline.py
         self._client = openai.OpenAI(api_key=key or PLACEHOLDER_KEY, base_url=self.cfg.base_url,
-                                     timeout=float(self.cfg.timeout_s), max_retries=0)
+                                     timeout=float(self.cfg.timeout_s), max_retries=0,
+                                     http_client=openai.DefaultHttpxClient(transport=http_transport()))
         self._bucket = TokenBucket(self.cfg.rate_limit) if self.cfg.rate_limit else None
         self._schemas: dict[type, dict] = {}
         self._lock = threading.Lock()
+        self._preflight_lock = threading.Lock()
+        self._preflight: Optional[Union[bool, Exception]] = None  # True once passed, or the error it raised
+
+    def check_server(self) -> None:
+        """Before the first request: one tiny request that fails fast, naming the URL, the model and the
+        server's answer, when the server, model or key is wrong (:mod:`cultureclip.curate.preflight`).
+
+        Raises:
+            ChatServerError: the check failed (raised again on every later call).
+        """
+        with self._preflight_lock:  # the first of many threads checks; the others wait for its verdict
+            if self._preflight is None:
+                try:
+                    preflight(self._client, self.cfg.base_url, self.cfg.model, self.cfg.timeout_s, self._scrub)
+                    self._preflight = True
+                except ChatServerError as exc:
+                    self._preflight = exc
+            if isinstance(self._preflight, Exception):
+                raise self._preflight
 
     def __repr__(self) -> str:
         return f"ChatClient(base_url={self.cfg.base_url!r}, model={self.cfg.model!r})"
@@ -251,10 +308,10 @@ class ChatClient:
                 "json_schema": {"name": name or schema.__name__, "schema": body, "strict": True}}
 
     def _scrub(self, text: str) -> str:
-        text = str(text)
-        return text.replace(self._secret, "***") if self._secret else text
+        return bound(scrub(text, [self._secret]))
 
-    def _once(self, messages: Sequence[Mapping], schema: type, response_format: dict) -> Any:
+    def _once(self, messages: Sequence[Mapping], schema: type, response_format: dict,
+              stop: Optional[threading.Event] = None) -> Any:
         import openai
         import pydantic
         from openai.types.chat import ChatCompletion
@@ -268,11 +325,12 @@ class ChatClient:
             # in chat.completions.create) with the body serialised once by us: create() walks every
             # message through its type transforms, which costs more CPU than the request itself for
             # image messages of a few hundred kB.
-            completion = self._client.post("/chat/completions", cast_to=ChatCompletion,
-                                           content=json.dumps(body).encode("ascii"),
-                                           options={"headers": {"Content-Type": "application/json"}})
+            with request_deadline(float(self.cfg.timeout_s), stop):
+                completion = self._client.post("/chat/completions", cast_to=ChatCompletion,
+                                               content=json.dumps(body).encode("ascii"),
+                                               options={"headers": {"Content-Type": "application/json"}})
         except openai.APITimeoutError as exc:
-            raise _Retry("timeout", f"no answer within {self.cfg.timeout_s} s ({exc})") from None
+            raise _Retry("timeout", f"no complete answer within {self.cfg.timeout_s} s ({exc})") from None
         except openai.APIConnectionError as exc:
             raise _Retry("connection", f"connection error: {exc}") from None
         except openai.APIStatusError as exc:
@@ -299,28 +357,35 @@ class ChatClient:
         except ValueError as exc:
             reason = "truncated" if choice.finish_reason == "length" else "malformed_json"
             raise _Retry(reason, f"{exc}; answer starts {content[:200]!r}") from None
+        data = scrub_tree(data, [self._secret])  # a server that quotes the key back: never into a record
         try:
             return schema.model_validate(data)
         except pydantic.ValidationError as exc:
             raise _Retry("schema_violation", f"{exc.error_count()} errors: {exc.errors()[0]['loc']}: "
                                              f"{exc.errors()[0]['msg']}; answer {content[:200]!r}") from None
 
-    def ask(self, messages: Sequence[Mapping], schema: type, name: Optional[str] = None) -> ChatAnswer:
+    def ask(self, messages: Sequence[Mapping], schema: type, name: Optional[str] = None,
+            stop: Optional[threading.Event] = None) -> ChatAnswer:
         """Ask once (with bounded retries) for an answer that validates against ``schema``.
 
         Args:
             messages: chat messages in the OpenAI format (content parts may hold :func:`image_part`).
             schema: a pydantic model class; its strict JSON schema is sent as the response format.
             name: the schema name sent to the server (default: the class name).
+            stop: when set, the request in flight and any wait before a retry end at once (the answer
+                is then an ``interrupted`` error).
 
         Returns:
             A :class:`ChatAnswer`: the validated value, or the last error's reason and message.
         """
+        self.check_server()
         response_format = self._response_format(schema, name)
         last: Optional[_Retry] = None
         for attempt in range(1, int(self.cfg.max_attempts) + 1):
+            if stop is not None and stop.is_set():
+                return ChatAnswer(value=None, error="interrupted", message="the run is stopping", attempts=attempt - 1)
             try:
-                value = self._once(messages, schema, response_format)
+                value = self._once(messages, schema, response_format, stop)
                 return ChatAnswer(value=value, error=None, message="", attempts=attempt)
             except _Retry as exc:
                 last = exc
@@ -333,7 +398,10 @@ class ChatClient:
                 else:
                     delay = min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2 ** (attempt - 1))
                     delay *= 0.5 + random.random()  # jitter: retries of many threads do not collide
-                time.sleep(delay)
+                if stop is not None:
+                    stop.wait(delay)
+                else:
+                    time.sleep(delay)
         raise AssertionError(f"unreachable: {last}")  # pragma: no cover
 
     # ------------------------------------------------------------------ many requests
@@ -348,6 +416,7 @@ class ChatClient:
         import queue
         limit = int(self.cfg.concurrency)
         pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="chat")
+        stop = threading.Event()  # set when the caller stops early (Ctrl-C, SIGTERM, an error downstream)
         done: "queue.SimpleQueue[tuple[Hashable, Future]]" = queue.SimpleQueue()
         source = iter(requests)
         running = 0
@@ -360,13 +429,21 @@ class ChatClient:
                     except StopIteration:
                         exhausted = True
                         break
-                    future = pool.submit(self.ask, messages, schema, *rest)
+                    future = pool.submit(self.ask, messages, schema, *rest, stop=stop)
                     future.add_done_callback(lambda f, k=key: done.put((k, f)))
                     running += 1
                 if not running:
                     return
-                key, future = done.get()
+                while True:  # a timed wait: a blocking one would hold Ctrl-C back on some platforms
+                    try:
+                        key, future = done.get(timeout=0.5)
+                        break
+                    except queue.Empty:
+                        continue
                 running -= 1
                 yield key, future.result()
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            # Stopping early: requests in flight and retry waits end within deadline.POLL_S, so the
+            # caller writes what finished at once instead of waiting out timeouts and Retry-After sleeps.
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 from cultureclip import schema
 from cultureclip.curate import upstream as up
+from cultureclip.curate.chat import effective_chat
 from cultureclip.curate.concepts_io import read_seed, read_wit, wiki_request, wiki_responder
 from cultureclip.curate.records import Outcome, StageStore, record_key
 
@@ -156,8 +157,9 @@ def run(cfg: Mapping, ctx: Any):
     wiki_client, wiki_model = up.chat_client({"chat": wiki_chat}, ctx) if "wiki" in sources else (None, "")
     jobs = build_jobs(cfg, model, wiki_model)
     # the models of both sources whether used now or not, so that adding a source later to the same folder works
-    chat = {**up.plain(getattr(ctx, "chat", None) or {}), **(cfg.get("chat") or {})}
-    settings = {"model": chat.get("model"), "wiki_model": {**chat, **wiki_chat}.get("model"),
+    run_chat = up.plain(getattr(ctx, "chat", None) or {})
+    settings = {"model": effective_chat(cfg.get("chat"), run_chat).get("model"),
+                "wiki_model": effective_chat(wiki_chat, run_chat).get("model"),
                 "prompt_version": PROMPT_VERSION, "categories": [c.value for c in allowed]}
     store = StageStore(ctx.stage_dir(NAME), NAME, settings)
     schema_cls = _schemas() if client is not None else None

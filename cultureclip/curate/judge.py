@@ -22,11 +22,12 @@ import hashlib
 import logging
 from collections import Counter, deque
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
+from typing import Annotated, Any, Iterator, Literal, Mapping, Optional, Sequence
 
 from cultureclip import schema
-from cultureclip.curate.chat import ChatAnswer, ChatClient, ChatConfig, image_part
+from cultureclip.curate.chat import ChatAnswer, ChatClient, ChatConfig, effective_chat, image_part
 from cultureclip.curate.records import Outcome, StageReport, StageStore, record_key
+from cultureclip.curate.sanitize import bound
 from cultureclip.curate.judge_rule import DEFAULT_RULE, card_section, check_rule, passes  # noqa: F401 (API)
 from cultureclip.curate.standin import request_images
 
@@ -58,11 +59,18 @@ Which one does it show? Answer with JSON only, giving the name exactly as listed
 
 
 # ---------------------------------------------------------------------------------------------- schemas
+def _strict_int(value: Any) -> Any:
+    if type(value) is not int:  # bool is an int subclass; floats and strings are not scores either
+        raise ValueError(f"a score must be an integer, got {type(value).__name__} {value!r}")
+    return value
+
+
 @functools.lru_cache(maxsize=1)
 def scores_model() -> type:
     """The pydantic model of the scores answer (built on use: pydantic is an optional extra)."""
     import pydantic
-    score = (Literal[1, 2, 3, 4, 5], ...)
+    # Literal alone takes true and 1.0 for 1 (they compare equal): a score must be a JSON integer
+    score = (Annotated[Literal[1, 2, 3, 4, 5], pydantic.BeforeValidator(_strict_int)], ...)
     return pydantic.create_model("JudgeScores", __config__=pydantic.ConfigDict(extra="forbid"),
                                  **{name: score for name in schema.SCORES}, **{schema.REASON: (str, ...)})
 
@@ -187,7 +195,7 @@ def judge_record(job: Mapping, scores: Any, twin: Any, model: str) -> dict:
             schema.TWIN_CONCEPT: job[schema.TWIN_CONCEPT], schema.TWIN_COUNTRY: job[schema.TWIN_COUNTRY],
             schema.IMAGE_SHA256: job[schema.IMAGE_SHA256],
             **{name: getattr(scores, name) for name in schema.SCORES},
-            schema.TWIN_CHOICE: picked, schema.PICKS_OWN: own, schema.REASON: getattr(scores, schema.REASON),
+            schema.TWIN_CHOICE: picked, schema.PICKS_OWN: own, schema.REASON: bound(getattr(scores, schema.REASON)),
             schema.MODEL_ID: model, schema.PROMPT_VERSION: PROMPT_VERSION}
 
 
@@ -263,8 +271,9 @@ def _plain(value: Any) -> Any:
 
 
 def chat_config(cfg: Mapping, ctx: Any) -> ChatConfig:
-    """The judge's chat settings: the run's defaults (``ctx.chat``) overridden key by key by ``cfg.chat``."""
-    return ChatConfig.from_mapping({**_plain(getattr(ctx, "chat", None) or {}), **_plain(cfg.get("chat") or {})})
+    """The judge's chat settings: ``cfg.chat`` overridden key by key by the run's non-null ``ctx.chat``
+    (:func:`~cultureclip.curate.chat.effective_chat`)."""
+    return ChatConfig.from_mapping(effective_chat(_plain(cfg.get("chat") or {}), _plain(getattr(ctx, "chat", None) or {})))
 
 
 def run(cfg: Mapping, ctx: Any, pairs: Optional[Sequence[Mapping]] = None) -> StageReport:

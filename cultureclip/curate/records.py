@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 
 from cultureclip import schema
 from cultureclip.progress import Progress
-from cultureclip.rundir import RunDirLock, RunDirLocked
+from cultureclip.rundir import RunDirLock, RunDirLocked, raise_if_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,9 @@ def write_atomic(path: PathLike, data: Union[bytes, str]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        raise_if_disk_full(exc, str(path), "the partial file was removed")  # the bare errno names no file
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

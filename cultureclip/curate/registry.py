@@ -36,8 +36,9 @@ class Context:
         shard_index, num_shards: this process's job range (:func:`cultureclip.curate.records.job_range`).
         retry_errors: redo jobs that failed in an earlier run.
         seed: the run's base seed (render seeds and export sampling derive from it and the record keys).
-        chat: the default OpenAI-compatible backend settings (``base_url``, ``model``, ``api_key_env``, ...),
-            which a stage's own ``chat`` settings override key by key.
+        chat: the run-wide OpenAI-compatible backend settings (``base_url``, ``model``, ``api_key_env``, ...):
+            every one that is not None overrides the stage's own ``chat`` setting of that key
+            (:func:`cultureclip.curate.chat.effective_chat`); the stand-in's URL goes here.
         extra: anything an entry point wants to hand to the stages (e.g. a started stand-in server).
     """
 

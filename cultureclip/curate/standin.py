@@ -24,7 +24,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 STAGE_MODULES = ("cultureclip.curate.judge",)  # stage modules whose standin_responders() the CLI serves
 
-FAULT_KINDS = ("429", "500", "503", "slow", "malformed", "schema", "garbage")
+FAULT_KINDS = ("429", "500", "503", "slow", "malformed", "schema", "garbage", "trickle", "patch")
+KEY_PLACEHOLDER = "{api_key}"  # in a patch's strings: replaced by the bearer token the request carried
+_TRICKLE_HEADER = "X-Standin-Trickle"  # internal: tells the handler to send the answer byte by byte
 SCHEMA_VIOLATION = {"not_in_schema": True}  # every closed schema with a required field rejects it
 
 
@@ -36,7 +38,11 @@ class Fault:
         kind: ``"429"`` / ``"500"`` / ``"503"`` (that status), ``"slow"`` (answer after ``delay_s``,
             meant to exceed the client's timeout), ``"malformed"`` (content that is not JSON),
             ``"schema"`` (JSON that violates the requested schema), ``"garbage"`` (HTTP 200 whose body
-            is not a chat completion at all).
+            is not a chat completion at all), ``"trickle"`` (a valid answer sent one byte every
+            ``interval_s``, status line and headers included: every read returns in time, the whole
+            answer does not), ``"patch"`` (the responder's answer with ``patch`` merged into it: a
+            boolean score, a reason holding Markdown, or the caller's key echoed back through
+            :data:`KEY_PLACEHOLDER`).
         retry_after: for 429/503, the ``Retry-After`` header in seconds (omitted when None).
         delay_s: for ``slow``, the delay before answering.
     """
@@ -44,6 +50,8 @@ class Fault:
     kind: str
     retry_after: Optional[float] = None
     delay_s: float = 5.0
+    interval_s: float = 1.0
+    patch: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -95,14 +103,19 @@ class StandinServer:
         api_key: when set, requests must carry ``Authorization: Bearer <api_key>`` (else 401).
         keep_bodies: keep every chat request body in :attr:`bodies`.
         port: the port to bind; 0 (default) for a free one.
+        models: when given, the only model ids served (a request for another gets vLLM's 404 "does not
+            exist"); None (default): any model id is answered.
     """
 
     def __init__(self, responders: Mapping[str, Callable[[dict], Any]], latency_s: float = 0.0,
                  faults: Faults = None, host: str = "127.0.0.1", model: str = "standin",
-                 api_key: Optional[str] = None, keep_bodies: bool = True, port: int = 0) -> None:
+                 api_key: Optional[str] = None, keep_bodies: bool = True, port: int = 0,
+                 models: Optional[Sequence[str]] = None) -> None:
         self.responders = dict(responders)
         self.latency_s, self.faults, self.host, self.model = float(latency_s), faults, host, model
         self._api_key, self.keep_bodies, self.port = api_key, keep_bodies, int(port)
+        self.models = None if models is None else list(models)
+        self.preflights = 0  # requests without a response format (a client's preflight): answered, not counted
         self.lock = threading.Lock()
         self.requests = 0  # chat requests received
         self.in_flight = 0
@@ -153,8 +166,9 @@ class StandinServer:
             spec = self.faults[index] if index < len(self.faults) else None
         return Fault(spec) if isinstance(spec, str) else spec
 
-    def answer(self, body: dict) -> tuple[int, dict, dict]:
-        """(status, headers, JSON payload) for one chat request; counts it."""
+    def answer(self, body: dict, api_key: str = "") -> tuple[int, dict, dict]:
+        """(status, headers, JSON payload) for one chat request; counts it. ``api_key`` is the bearer
+        token the request carried (a ``patch`` fault may echo it)."""
         with self.lock:
             index = self.requests
             self.requests += 1
@@ -164,7 +178,7 @@ class StandinServer:
             if self.keep_bodies:
                 self.bodies.append(body)
         try:
-            status, headers, payload = self._answer(index, body)
+            status, headers, payload = self._answer(index, body, api_key)
         finally:
             with self.lock:
                 self.in_flight -= 1
@@ -172,7 +186,7 @@ class StandinServer:
             self.statuses[status] += 1
         return status, headers, payload
 
-    def _answer(self, index: int, body: dict) -> tuple[int, dict, dict]:
+    def _answer(self, index: int, body: dict, api_key: str = "") -> tuple[int, dict, dict]:
         name = schema_name(body)
         with self.lock:
             self.by_schema[name] += 1
@@ -198,6 +212,8 @@ class StandinServer:
         except Exception as exc:  # a responder bug must be visible to the client, not hang it
             return 500, {}, _error(f"stand-in responder {name!r} failed: {type(exc).__name__}: {exc}",
                                    "server_error")
+        if fault is not None and fault.kind == "patch":
+            answer = {**answer, **_with_key(fault.patch or {}, api_key)}
         if fault is not None and fault.kind == "schema":
             content = json.dumps(SCHEMA_VIOLATION)
         elif fault is not None and fault.kind == "malformed":
@@ -205,7 +221,8 @@ class StandinServer:
         else:
             content = json.dumps(answer, ensure_ascii=False)
         prompt_tokens = len(request_text(body)) // 4 + 256 * len(request_images(body))
-        return 200, {}, {
+        headers = {_TRICKLE_HEADER: f"{fault.interval_s:g}"} if fault is not None and fault.kind == "trickle" else {}
+        return 200, headers, {
             "id": f"chatcmpl-standin-{index}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", self.model),
             "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
@@ -213,6 +230,14 @@ class StandinServer:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(content) // 4,
                       "total_tokens": prompt_tokens + len(content) // 4},
         }
+
+
+def _with_key(value: Any, api_key: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(KEY_PLACEHOLDER, api_key)
+    if isinstance(value, dict):
+        return {k: _with_key(v, api_key) for k, v in value.items()}
+    return [_with_key(v, api_key) for v in value] if isinstance(value, list) else value
 
 
 def _error(message: str, kind: str) -> dict:
@@ -229,6 +254,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, payload: dict, headers: Optional[Mapping[str, str]] = None) -> None:
         data = json.dumps(payload).encode("utf-8")
+        headers = dict(headers or {})
+        trickle = headers.pop(_TRICKLE_HEADER, None)
+        if trickle is not None:
+            self._trickle(status, data, float(trickle))
+            return
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -239,6 +269,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): nothing to do
             self.close_connection = True
+
+    def _trickle(self, status: int, data: bytes, interval_s: float) -> None:
+        head = (f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                f"\r\n").encode("ascii")
+        self.close_connection = True
+        try:
+            for i, byte in enumerate(head + data):
+                if i:
+                    time.sleep(interval_s)
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up: what it should do
+            pass
 
     def _authorised(self) -> bool:
         key = self.standin._api_key
@@ -258,7 +301,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, stats)
         elif self.path.rstrip("/") == "/v1/models":
             self._send(200, {"object": "list", "data": [
-                {"id": self.standin.model, "object": "model", "created": 0, "owned_by": "cultureclip-standin"}]})
+                {"id": m, "object": "model", "created": 0, "owned_by": "cultureclip-standin"}
+                for m in (self.standin.models or [self.standin.model])]})
         else:
             self._send(404, _error(f"no route {self.path}", "invalid_request_error"))
 
@@ -275,7 +319,20 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError as exc:
             self._send(400, _error(f"request body is not JSON: {exc}", "invalid_request_error"))
             return
-        status, headers, payload = self.standin.answer(body)
+        auth = self.headers.get("Authorization") or ""
+        model = body.get("model") if isinstance(body, dict) else None
+        if self.standin.models is not None and model not in self.standin.models:
+            self._send(404, _error(f"The model `{model}` does not exist.", "NotFoundError"))
+            return
+        if isinstance(body, dict) and "response_format" not in body:  # a client's preflight: one tiny answer
+            with self.standin.lock:
+                self.standin.preflights += 1
+            self._send(200, {"id": "chatcmpl-standin-preflight", "object": "chat.completion", "created": 0,
+                             "model": model or self.standin.model, "choices": [{
+                                 "index": 0, "finish_reason": "length", "logprobs": None,
+                                 "message": {"role": "assistant", "content": "ok"}}]})
+            return
+        status, headers, payload = self.standin.answer(body, auth.removeprefix("Bearer "))
         self._send(status, payload, headers)
 
 

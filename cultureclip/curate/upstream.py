@@ -128,8 +128,10 @@ def load_demo_world() -> dict:
 
 
 def chat_settings(cfg: Mapping, ctx: Any) -> dict:
-    """The run's chat defaults (``ctx.chat``) overridden key by key by the stage's own ``chat`` group."""
-    settings = {**plain(getattr(ctx, "chat", None) or {}), **plain(cfg.get("chat") or {})}
+    """The stage's own ``chat`` group overridden key by key by the run's non-null ``ctx.chat`` settings
+    (:func:`cultureclip.curate.chat.effective_chat`)."""
+    from cultureclip.curate.chat import effective_chat
+    settings = effective_chat(plain(cfg.get("chat") or {}), plain(getattr(ctx, "chat", None) or {}))
     if not settings.get("model") or not settings.get("base_url"):
         raise ValueError(f"the chat backend needs base_url and model (got {sorted(settings)}): set chat.base_url "
                          f"and chat.model, or the stage's own chat group")

@@ -131,11 +131,24 @@ def _image_paths(row: dict, where: str) -> list[tuple[str, object]]:
     return [(column, row[column]) for column in columns]
 
 
+def _inside(base: Path, value: str) -> bool:
+    """Whether ``base / value`` stays inside ``base`` as written: ``..`` and absolute paths cannot leave
+    it, while symlinks that the root's owner placed inside it are followed, not judged (a Hugging Face
+    hub snapshot links every file to a blob outside its folder)."""
+    root = os.path.normpath(os.path.abspath(base))
+    return os.path.commonpath([root, os.path.normpath(os.path.join(root, value))]) == root
+
+
 def _load_image(column: str, value: object, base: Path, resize: Optional[int], where: str,
-                max_pixels: Optional[int]) -> tuple[bytes, str]:
-    """Encode one image, turning any failure into a RecordError naming the column and path."""
+                max_pixels: Optional[int], contain: bool = False) -> tuple[bytes, str]:
+    """Encode one image, turning any failure into a RecordError naming the column and path; with
+    ``contain``, a path outside ``base`` is a bad record (reason ``outside_root``)."""
     if not isinstance(value, str) or not value.strip():
         raise RecordError(f"{where}: field {column!r} must be a non-empty path, got {value!r}")
+    if contain and not _inside(base, value):
+        raise RecordError(f"{where}: {column} {value!r} is outside the image root {str(base)!r}; fix the path, or "
+                          f"allow paths outside the root (--allow-outside-root, allow_outside_root=True)",
+                          reason="outside_root")
     path = base / value  # an absolute value replaces base
     if not path.is_file():
         raise RecordError(f"{where}: {column} {str(path)!r}: image file not found", reason="missing_image")
@@ -172,7 +185,8 @@ def _existing_outputs(out_dir: Path) -> list[Path]:
 def convert_to_shards(inputs: Sequence[PathLike], out_dir: PathLike, image_root: Optional[PathLike] = None,
                       maxcount: int = 1000, resize: Optional[int] = None, on_error: str = "raise",
                       key_prefix: str = "pair", overwrite: bool = False,
-                      max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> ConvertReport:
+                      max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+                      allow_outside_root: bool = False) -> ConvertReport:
     """Convert record files into twin shards in ``out_dir``.
 
     Args:
@@ -189,6 +203,9 @@ def convert_to_shards(inputs: Sequence[PathLike], out_dir: PathLike, image_root:
             (they are removed only once the new conversion has succeeded).
         max_pixels: pixel cap per image, checked from the file header before decoding (None:
             Pillow's own limit only); a larger image is a bad record (reason ``too_large``).
+        allow_outside_root: with ``image_root`` given, an image path that leaves it (``..``, an
+            absolute path elsewhere) is a bad record (reason ``outside_root``) unless this is True.
+            Symlinks inside the root are followed either way.
 
     Returns:
         A :class:`ConvertReport`.
@@ -216,7 +233,8 @@ def convert_to_shards(inputs: Sequence[PathLike], out_dir: PathLike, image_root:
         # the writer does no resizing: images are encoded here once, so errors name their field
         writer = TwinShardWriter(tmp, maxcount=maxcount)
         try:
-            _convert(inputs, writer, image_root, resize, on_error, key_prefix, report, max_pixels)
+            _convert(inputs, writer, image_root, resize, on_error, key_prefix, report, max_pixels,
+                     contain=image_root is not None and not allow_outside_root)
         except BaseException:
             with contextlib.suppress(Exception):  # only to release the file; tmp is deleted below
                 writer.close()
@@ -248,7 +266,7 @@ def _pair_meta(row: dict, where: str) -> dict:
     return meta
 
 
-def _convert(inputs, writer, image_root, resize, on_error, key_prefix, report, max_pixels) -> None:
+def _convert(inputs, writer, image_root, resize, on_error, key_prefix, report, max_pixels, contain=False) -> None:
     seen: dict[str, str] = {}  # key -> where it was first used, to name both rows of a duplicate
     counter = SkipCounter(logger=log)
     n = -1
@@ -265,7 +283,7 @@ def _convert(inputs, writer, image_root, resize, on_error, key_prefix, report, m
                     raise RecordError(f"{where}: duplicate {schema.PAIR_ID} / key {key!r}, "
                                       f"already used at {seen[key]}")
                 # both images are decoded before anything is written: no half-written pair
-                pos, neg = (_load_image(c, v, base, resize, where, max_pixels)[0] for c, v in images)
+                pos, neg = (_load_image(c, v, base, resize, where, max_pixels, contain)[0] for c, v in images)
             except RecordError as exc:
                 if on_error == "raise":
                     raise

@@ -15,6 +15,7 @@ from PIL import Image
 
 from cultureclip import schema
 from cultureclip.images import DEFAULT_MAX_PIXELS, image_to_bytes
+from cultureclip.rundir import raise_if_disk_full
 
 SHARD_MTIME = 1_700_000_000  # 2023-11-14, any fixed integer works
 ImageLike = Union[Image.Image, bytes, str, os.PathLike]
@@ -110,16 +111,26 @@ class TwinShardWriter:
             f"{schema.NEG_PREFIX}.{neg_ext}": neg_bytes,
             schema.META: json.dumps(meta, ensure_ascii=False).encode("utf-8"),
         }
-        self._writer.write(sample)
+        try:
+            self._writer.write(sample)
+        except OSError as exc:  # a full disk says only "[Errno 28]": name the shard
+            raise_if_disk_full(exc, f"shard {self._writer.fname}")
+            raise
         self._keys.add(key)
         name = os.path.basename(self._writer.fname)
         self.sizes[name] = self.sizes.get(name, 0) + 1
 
     def close(self) -> dict[str, int]:
         """Finish the last shard and write ``sizes.json``; returns the sizes."""
-        self._writer.close()
         tmp = self.out_dir / (schema.SIZES_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.sizes, indent=1, sort_keys=True))
+        current = getattr(self._writer, "fname", None)  # the shard whose end is flushed now
+        try:
+            self._writer.close()
+            current = tmp
+            tmp.write_text(json.dumps(self.sizes, indent=1, sort_keys=True))
+        except OSError as exc:
+            raise_if_disk_full(exc, f"shard {current}" if current != tmp else str(tmp))
+            raise
         os.replace(tmp, self.out_dir / schema.SIZES_FILE)
         return self.sizes
 

@@ -100,9 +100,12 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
 
 
 def _target_matches(targets: Any, module: str) -> bool:
-    if isinstance(targets, str):  # a regular expression over the full module name
+    """PEFT's rule (``peft.tuners.tuners_utils.check_target_module_exists``): a string is a regular
+    expression over the full module name; a list entry matches a module named exactly so or ending in
+    ``"." + entry``, so dotted entries (``"self_attn.out_proj"``) match a suffix of whole components."""
+    if isinstance(targets, str):
         return re.fullmatch(targets, module) is not None
-    return module.split(".")[-1] in set(targets or ()) or module in set(targets or ())
+    return any(module == t or module.endswith(f".{t}") for t in (targets or ()))
 
 
 def adapter_deltas(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
@@ -157,8 +160,8 @@ def merge_adapter(state: dict[str, torch.Tensor], adapter: Union[str, os.PathLik
     if unmatched:
         raise AdapterMismatchError(f"adapter weights for {unmatched[:4]} are not covered by target_modules {targets}")
     if isinstance(targets, (list, tuple, set)):
-        base_leaves = {k.rsplit(".", 2)[-2] for k in state if k.endswith(".weight") and "." in k}
-        missing = sorted(t for t in targets if t.split(".")[-1] not in base_leaves)
+        base_modules = [k[:-len(".weight")] for k in state if k.endswith(".weight")]
+        missing = sorted(t for t in targets if not any(_target_matches([t], m) for m in base_modules))
         if missing:
             raise AdapterMismatchError(f"target_modules {missing} match no module of the base model {base_name!r}")
         unused = sorted(t for t in targets if not any(_target_matches([t], m) for m in deltas))

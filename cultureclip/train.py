@@ -5,8 +5,6 @@ validates before and after fitting, and leaves ``model/`` and ``metrics.json`` i
 """
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import hydra

@@ -47,9 +47,9 @@ def test_once_logs_a_notice_once_per_key(caplog):
 
 
 def test_a_missing_api_key_variable_is_said_once_for_many_clients(caplog, monkeypatch):
-    from cultureclip.curate.chat import ChatClient
+    from cultureclip.curate import chat
     monkeypatch.delenv("CC_TEST_ONCE_KEY", raising=False)
-    with caplog.at_level(logging.INFO, logger="cultureclip.curate.chat"):
+    with caplog.at_level(logging.INFO, logger=chat.log.name):
         for _ in range(3):
-            ChatClient({"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": "CC_TEST_ONCE_KEY"})
+            chat.ChatClient({"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": "CC_TEST_ONCE_KEY"})
     assert sum("CC_TEST_ONCE_KEY is not set" in r.getMessage() for r in caplog.records) == 1

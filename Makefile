@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-all clean
+.PHONY: install demo test test-slow test-all gpu-check clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ test-slow: install
 
 test-all: install
 	$(PY) -m pytest -q
+
+# GPU evidence (docs/benchmarks.md): under 8 minutes on one CUDA GPU; writes gpu_check/gpu_check.{json,md}
+gpu-check: install
+	PYTHONPATH=. $(PY) benchmarks/gpu_check.py --out gpu_check
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

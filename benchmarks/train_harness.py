@@ -31,15 +31,17 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import open_clip
+import open_clip.loss as open_clip_loss
 import torch
 import webdataset as wds
 
 from cultureclip import schema
 from cultureclip.data.pipeline import build_twin_pipeline, make_loader
 from cultureclip.data.shards import read_sizes
+from cultureclip.checkpoint_io import register_config
 from cultureclip.loss import CultureCLIPLoss
-from cultureclip.model import CultureCLIP  # also registers cultureclip-tiny with open_clip
-from cultureclip.optim import param_groups, warmup_schedule
+from cultureclip.model import CultureCLIP, build_encoder  # also registers cultureclip-tiny with open_clip
+from cultureclip.optim import adamw, param_groups, warmup_schedule
 
 PLAIN_TEXT = "txt"  # open_clip's caption member; images keep their extension (it decodes jpg/png/webp)
 OPEN_CLIP_PRECISION = {"32-true": "fp32", "bf16-mixed": "amp_bf16", "16-mixed": "amp"}
@@ -64,6 +66,26 @@ class BenchConfig:
     pipeline_workers: tuple = (0, 1, 2)
     pipeline_batches: int = 50  # many more than the loader prefetches (2 per worker), which would flatter it
     threads: Optional[int] = None  # torch intra-op threads of each side; None: torch's default
+    lora: Optional[dict] = None  # CultureCLIP.add_lora arguments for both sides; None: full fine-tuning
+    compile: bool = False  # ours: the module's compile (towers, CUDA only); open_clip: torch.compile(model)
+    optimizer_impl: str = "auto"  # cultureclip.optim.adamw: fused on CUDA, foreach elsewhere (both sides)
+    check_finite_every: int = 25  # the module's default (conf/module): a check every step would stall a GPU
+    model_cfg: Optional[dict] = None  # an open_clip architecture built with random weights instead of `model`
+    loss_family: Optional[str] = None  # CultureCLIPLoss(family=...) where the installed loss has families
+    count_open_clip_flops: bool = False  # count one open_clip step's FLOPs on its device after the run
+
+
+def model_name(cfg: BenchConfig) -> str:
+    """The open_clip registry name of the setting's model (``model_cfg`` registered under ``model``)."""
+    return register_config(cfg.model, cfg.model_cfg) if cfg.model_cfg else cfg.model
+
+
+def memory_now_mib(device: str) -> float:
+    """Memory in use now: CUDA tensors allocated, or this process's resident set on a CPU."""
+    if device == "cuda":
+        return torch.cuda.memory_allocated() / 2**20  # the allocator's count: no device sync
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def resolve_device(device: str) -> str:
@@ -119,8 +141,9 @@ def prepare_shards(shards: Optional[str], cache_dir: str | os.PathLike) -> tuple
 
 
 def _summary(starts: list, ends: list, images: list, warmup: int, encoded_images: int, texts: int,
-             device: str) -> dict:
-    """Figures over the steps after warm-up; ``starts[i]``: batch ``i`` handed over, ``ends[i]``: step done."""
+             device: str, losses: Optional[list] = None, memory: Optional[list] = None) -> dict:
+    """Figures over the steps after warm-up; ``starts[i]``: batch ``i`` handed over, ``ends[i]``: step done.
+    ``losses`` and ``memory`` (per step, all steps) are kept as ``loss_per_step`` and ``mem_mib_per_step``."""
     n = len(ends) - warmup
     if n < 1 or len(starts) != len(ends):
         raise RuntimeError(f"{len(ends)} steps ended, {len(starts)} started, {warmup} of them warm-up")
@@ -134,7 +157,9 @@ def _summary(starts: list, ends: list, images: list, warmup: int, encoded_images
             "images_per_s": imgs / seconds, "encoded_images_per_s": n * encoded_images / seconds,
             "texts_per_s": n * texts / seconds, "ms_per_step": 1000 * seconds / n, "wait_frac": wait / seconds,
             "peak_mem_mib": peak, "mem_kind": "cuda_max_allocated" if device == "cuda" else "peak_rss_main_process",
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(),
+            "loss_per_step": [float(x) for x in torch.stack(losses).float().cpu()] if losses else None,
+            "mem_mib_per_step": memory or None}
 
 
 def _now(device: str) -> float:
@@ -150,7 +175,7 @@ def bench_ours(cfg: BenchConfig) -> dict:
     from cultureclip.lit_module import CultureCLIPModule
 
     device, total = _start(cfg), cfg.warmup + cfg.steps
-    starts, ends, images = [], [], []
+    starts, ends, images, losses, memory = [], [], [], [], []
 
     class StepTimer(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -159,16 +184,22 @@ def bench_ours(cfg: BenchConfig) -> dict:
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             ends.append(_now(device))
             images.append(2 * batch[schema.POS_IMAGE].shape[0])
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if loss is not None:  # kept on the device: read once at the end
+                losses.append(loss.detach())
+            memory.append(memory_now_mib(device))
 
-    encoder = CultureCLIP.from_pretrained(cfg.model, pretrained=None)
+    encoder = build_encoder(model_name(cfg), pretrained=None, lora=cfg.lora)
     data = TwinDataModule(encoder.data_spec(), cfg.twin_dir, batch_size=cfg.batch_size, num_workers=cfg.workers,
                           seed=cfg.seed,
                           train_pairs_per_epoch=(total + cfg.workers) * cfg.batch_size,  # one epoch covers the run
                           concept_context_length=CONCEPT_CONTEXT)
-    loss = CultureCLIPLoss(cfg.variant)
+    loss = CultureCLIPLoss(cfg.variant, **({"family": cfg.loss_family} if cfg.loss_family else {}))
     module = CultureCLIPModule(
-        encoder, loss, optimizer=functools.partial(torch.optim.AdamW, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6),
-        scheduler=functools.partial(warmup_schedule, warmup_steps=cfg.warmup), weight_decay=0.1, total_steps=total)
+        encoder, loss, optimizer=functools.partial(adamw, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+                                                   impl=cfg.optimizer_impl),
+        scheduler=functools.partial(warmup_schedule, warmup_steps=cfg.warmup), weight_decay=0.1, total_steps=total,
+        check_finite_every=cfg.check_finite_every, compile=cfg.compile)
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=cfg.precision,
                         max_steps=total, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
@@ -178,8 +209,24 @@ def bench_ours(cfg: BenchConfig) -> dict:
     trainer.fit(module, datamodule=data)
     # the module encodes only what the variant's loss reads
     n_img, n_txt = (sum(k in loss.required_keys for k in keys) for keys in (schema.IMAGE_KEYS, schema.TEXT_KEYS))
-    out = _summary(starts, ends, images, cfg.warmup, n_img * cfg.batch_size, n_txt * cfg.batch_size, device)
-    return {**out, "pairs_per_s": out["images_per_s"] / 2, "batch": f"{cfg.batch_size} pairs", "texts_per_pair": n_txt}
+    out = _summary(starts, ends, images, cfg.warmup, n_img * cfg.batch_size, n_txt * cfg.batch_size, device,
+                   losses, memory)
+    opt = module.optimizers(use_pl_optimizer=False)
+    logged = trainer.callback_metrics.get("train/mfu")  # the module's own last window (warm-up included)
+    return {**out, "pairs_per_s": out["images_per_s"] / 2, "batch": f"{cfg.batch_size} pairs", "texts_per_pair": n_txt,
+            "step_flops": module._step_flops, "peak_flops": module._peak, "train_mfu_logged": _float(logged),
+            "trainable_params": sum(p.numel() for p in encoder.parameters() if p.requires_grad),
+            "optimizer": _optimizer_impl(opt), "compiled": cfg.compile and device == "cuda"}
+
+
+def _float(x) -> Optional[float]:
+    return None if x is None else float(x)
+
+
+def _optimizer_impl(opt: torch.optim.Optimizer) -> str:
+    """Which AdamW implementation ran: ``fused``, ``foreach`` or ``for_loop``."""
+    d = opt.defaults
+    return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for_loop"
 
 
 def _tarfile_to_samples_eof_safe(oc_data, src, handler=None):
@@ -225,8 +272,12 @@ def bench_open_clip(cfg: BenchConfig) -> dict:
         workers=cfg.workers, batch_size=2 * cfg.batch_size, world_size=1, rank=0, local_rank=0, device=device,
         precision=OPEN_CLIP_PRECISION[cfg.precision], accum_freq=1, distill=False, skip_scheduler=False,
         horovod=False, grad_clip_norm=None, log_every_n_steps=10**9, wandb=False, save_logs=False)
+    name = model_name(cfg)
     model, preprocess_train, _ = open_clip.create_model_and_transforms(
-        cfg.model, pretrained=None, precision=args.precision, device=device, output_dict=True)
+        name, pretrained=None, precision=args.precision, device=device, output_dict=True)
+    if cfg.lora:  # the same adapters and frozen base as ours (CultureCLIP.add_lora edits `model` in place)
+        CultureCLIP(model, None, None, None, {}).add_lora(**cfg.lora)
+    plain_model = model
     # webdataset >= 0.2.96 ends every shard with an empty "eof" sample that open_clip_train's
     # tarfile_to_samples_nothrow cannot read (KeyError 'fname', open_clip#935); the fix proposed
     # there (eof_value=None) is swapped in while the pipeline is built
@@ -234,29 +285,71 @@ def bench_open_clip(cfg: BenchConfig) -> dict:
     oc_data.tarfile_to_samples_nothrow = functools.partial(_tarfile_to_samples_eof_safe, oc_data)
     try:
         info = oc_data.get_wds_dataset(args, preprocess_train, is_train=True, epoch=0,
-                                       tokenizer=open_clip.get_tokenizer(cfg.model))
+                                       tokenizer=open_clip.get_tokenizer(name))
     finally:
         oc_data.tarfile_to_samples_nothrow = original
     loader = _TimedLoader(info.dataloader, total)
     # our module's optimizer (same groups, same AdamW), so that only the step itself differs
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = adamw(param_groups(model, 0.1), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, impl=cfg.optimizer_impl)
     ends: list[float] = []
-    opt.register_step_post_hook(lambda *_: ends.append(_now(device)))
+    memory: list[float] = []
+    opt.register_step_post_hook(lambda *_: (ends.append(_now(device)), memory.append(memory_now_mib(device))))
+    # SigLIP-style models (a logit_bias) train with open_clip's sigmoid loss, as open_clip_train picks it
+    loss = _Recorded(open_clip_loss.SigLipLoss() if getattr(model, "logit_bias", None) is not None
+                     else open_clip.ClipLoss())  # open_clip exports ClipLoss at top level, SigLipLoss only in .loss
+    if cfg.compile and device == "cuda":  # open_clip_train's --torchcompile
+        model = torch.compile(model)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     scaler = torch.amp.GradScaler(device) if args.precision == "amp" else None  # as Lightning's 16-mixed
     data = {"train": oc_data.DataInfo(loader, shared_epoch=info.shared_epoch)}
-    oc_train.train_one_epoch(model, data, open_clip.ClipLoss(), 0, opt, scaler,
+    oc_train.train_one_epoch(model, data, loss, 0, opt, scaler,
                              cosine_lr(opt, cfg.lr, cfg.warmup, total), None, args)
-    out = _summary(loader.starts, ends, loader.images, cfg.warmup, 2 * cfg.batch_size, 2 * cfg.batch_size, device)
+    out = _summary(loader.starts, ends, loader.images, cfg.warmup, 2 * cfg.batch_size, 2 * cfg.batch_size, device,
+                   loss.losses, memory)
+    step_flops = _open_clip_step_flops(plain_model, loss.inner, name, 2 * cfg.batch_size, device) \
+        if cfg.count_open_clip_flops else None
     return {**out, "pairs_per_s": None, "batch": f"{2 * cfg.batch_size} images", "texts_per_pair": 2,
-            "driver": "open_clip_train.train.train_one_epoch + open_clip_train.data.get_wds_dataset"}
+            "driver": "open_clip_train.train.train_one_epoch + open_clip_train.data.get_wds_dataset",
+            "step_flops": step_flops, "optimizer": _optimizer_impl(opt),
+            "trainable_params": sum(p.numel() for p in plain_model.parameters() if p.requires_grad),
+            "compiled": cfg.compile and device == "cuda"}
+
+
+class _Recorded(torch.nn.Module):
+    """An open_clip loss that keeps each step's total loss (detached, on the device)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.losses = inner, []
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        total = sum(out.values()) if isinstance(out, dict) else out
+        self.losses.append(total.detach())
+        return out
+
+
+def _open_clip_step_flops(model, loss_fn, name: str, n_images: int, device: str) -> int:
+    """FLOPs of one open_clip step (forward + backward) of ``n_images`` images with full-length captions;
+    open_clip never trims its text, so the count does not depend on the captions' contents."""
+    from cultureclip.flops import count_train_flops
+    size = model.visual.image_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    pixels = torch.randn(n_images, 3, *size, device=device)
+    texts = open_clip.get_tokenizer(name)(["a photo of a festival dish"] * n_images).to(device)
+
+    def step():
+        out = model(pixels, texts)
+        return loss_fn(**out)
+
+    return count_train_flops(model, step)[1]
 
 
 def bench_pipeline(cfg: BenchConfig) -> list[dict]:
     """Our training loader alone (read, decode, preprocess, tokenize; no model), per worker count."""
     _start(cfg)
-    enc = CultureCLIP.from_pretrained(cfg.model, pretrained=None)  # for its transforms and tokenizer
+    enc = CultureCLIP.from_pretrained(model_name(cfg), pretrained=None)  # for its transforms and tokenizer
     concept_context = CONCEPT_CONTEXT if enc.supports_short_context else None  # as TwinDataModule does
     rows = []
     for w in cfg.pipeline_workers:

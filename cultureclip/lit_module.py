@@ -17,7 +17,7 @@ Validation logs the twin metrics of :mod:`cultureclip.metrics` as ``val/<name>``
 from __future__ import annotations
 
 import contextlib
-import math
+import logging
 from typing import Any, Optional, Sequence
 
 import lightning as L
@@ -27,12 +27,13 @@ from torchmetrics import MeanMetric
 
 from cultureclip import flops, metrics, schema
 from cultureclip.data.resumable import restore_rng_states, rng_states
+from cultureclip.family_setup import MAX_LOGIT_SCALE, check_gradients_reached, prepare_for_loss  # noqa: F401
 from cultureclip.loss import CultureCLIPLoss, FrozenImageTower
 from cultureclip.model import TRAINING_CKPT_KEY, CultureCLIP
 from cultureclip.optim import param_groups
 from cultureclip.step_stats import FiniteWatch, Throughput, tune_towers
 
-MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature so that s <= 100
+log = logging.getLogger("cultureclip")
 VAL_METRICS = (metrics.TWIN_ACC, metrics.CONCEPT_TOP1, metrics.TWIN_CONFUSION)
 
 
@@ -81,6 +82,7 @@ class CultureCLIPModule(L.LightningModule):
         self.total_steps, self.val_concepts, self.val_shards = total_steps, list(val_concepts), list(val_shards)
         self.automatic_optimization = False
         self.encoder, self.loss = encoder, loss
+        self.max_logit_scale = prepare_for_loss(encoder, loss)  # family, frozen parts, temperature cap
         self.val_loss_fn = loss.twin_only()  # validation batches hold twins only
         self.val_loss_fn.gather = False  # eval batches may be uneven across ranks; metrics sync instead
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -95,11 +97,42 @@ class CultureCLIPModule(L.LightningModule):
         self._step_flops: Optional[int] = None  # FLOPs of one optimizer step on this device
         self._peak: Optional[float] = None  # the device's peak FLOP/s for the run's precision
         self._skipped_total = 0
+        self._grads_checked = False
         self._replay_skipped_total = 0
         # distillation target: the starting weights, copied now, before any checkpoint is restored
         self._teacher = FrozenImageTower(encoder.model.visual) if loss.lambda_distill > 0 else None
         self._val_skipped = 0
         self._val_pairs = 0
+
+    def check_gradients_reached(self) -> None:
+        """Raise naming every trainable parameter that the loss gave no gradient (after the first backward)."""
+        check_gradients_reached(self.encoder, f"loss {self.loss.variant!r} (family {self.loss.family})")
+
+    def log_trainable(self) -> None:
+        """Log the trainable parameter count per tower (start of fit)."""
+        counts = self.encoder.trainable_by_tower()
+        log.info("trainable parameters: %s (loss family %s)",
+                 ", ".join(f"{k} {v:,}" for k, v in counts.items()), self.loss.family)
+
+    def clamp_temperature(self) -> None:
+        """After an optimizer step: keep a trained ``logit_scale`` in ``[0, max_logit_scale]``; a frozen one
+        (LoRA, or locked) is never touched, so its value stays exactly the model's."""
+        if self.encoder.logit_scale.requires_grad:
+            with torch.no_grad():
+                self.encoder.logit_scale.clamp_(0, self.max_logit_scale)
+
+    def temperature(self, detach: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(s, b)``: the exponentiated logit scale and the logit bias (None without one)."""
+        scale, bias = self.encoder.logit_scale.exp(), self.encoder.logit_bias
+        if detach:
+            return scale.detach(), None if bias is None else bias.detach()
+        return scale, bias
+
+    def _flop_temperature(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        # the bias detached: torch.autograd.grad under the FLOP counter's module hooks fails on a parameter
+        # that enters the graph as a bare leaf outside any module; adding a scalar costs no counted FLOPs
+        scale, bias = self.temperature()
+        return scale, None if bias is None else bias.detach()
 
     # ------------------------------------------------------------------ encoding
     def encode(self, batch: dict, keys: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -129,6 +162,8 @@ class CultureCLIPModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
+        if self.global_rank == 0:
+            self.log_trainable()
         if self._teacher is not None:
             self._teacher.to(self.device)
         cuda = self.device.type == "cuda"
@@ -158,8 +193,16 @@ class CultureCLIPModule(L.LightningModule):
     def _count_flops(self, mb: dict) -> None:
         """FLOPs of one optimizer step on this device, from the first micro-batch (model left untouched)."""
         keys = self.loss.required_keys
-        fwd, fwd_bwd = flops.count_train_flops(
-            self.encoder, lambda: self.loss(self.encode(mb, keys), self.encoder.logit_scale.exp())["loss"])
+        try:
+            fwd, fwd_bwd = flops.count_train_flops(
+                self.encoder, lambda: self.loss(self.encode(mb, keys), *self._flop_temperature())["loss"])
+        except (RuntimeError, AssertionError) as e:
+            # torch's FLOP counter cannot take the gradient through a module that receives a parameter as
+            # its input (e.g. timm's attention-pool latent); the count is telemetry, training goes on
+            self.count_step_flops = False
+            rank_zero_warn(f"FLOP count skipped (torch's FLOP counter failed on this model: {e}); "
+                           f"train/tflops and train/mfu are not logged")
+            return
         # with accumulation every micro-batch is encoded twice: once without gradient, once with
         self._step_flops = fwd_bwd if self.accum_freq == 1 else self.accum_freq * (fwd + fwd_bwd)
 
@@ -182,13 +225,15 @@ class CultureCLIPModule(L.LightningModule):
         out = self.backward_over(micro)
         if self.grad_clip_norm:
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
+        if not self._grads_checked:  # the first step: before DDP would fail on the second with its own message
+            self.check_gradients_reached()
+            self._grads_checked = True
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
-        with torch.no_grad():
-            self.encoder.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        self.clamp_temperature()
         self._log_train(out, opt)
         return out["loss"].detach()
 
@@ -203,7 +248,7 @@ class CultureCLIPModule(L.LightningModule):
         backward = backward or self.manual_backward
         keys = self.loss.required_keys
         if len(micro) == 1:
-            out = self.loss(self.encode(micro[0], keys), self.encoder.logit_scale.exp())
+            out = self.loss(self.encode(micro[0], keys), *self.temperature())
             self._record_finite(out)
             backward(out["loss"])
             return out
@@ -213,9 +258,8 @@ class CultureCLIPModule(L.LightningModule):
             fresh = self.encode(mb, keys)
             feats = {k: torch.cat([fresh[k] if i == j else cache[i][k] for i in range(len(micro))])
                      for k in keys}  # [accum * B, D]
-            # the temperature gets its gradient once, not once per micro-batch
-            scale = self.encoder.logit_scale.exp()
-            out = self.loss(feats, scale if j == 0 else scale.detach())
+            # the temperature and bias get their gradient once, not once per micro-batch
+            out = self.loss(feats, *self.temperature(detach=j > 0))
             if j == len(micro) - 1:
                 self._record_finite(out)  # the same loss value for every j: record (and check) it once
             # skip DDP's gradient all-reduce until the last micro-batch of the step
@@ -239,6 +283,8 @@ class CultureCLIPModule(L.LightningModule):
         self.speed.window["steps"] += 1
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, on_step=True)
         self.log("train/logit_scale", self.encoder.logit_scale.exp().detach(), on_step=True)
+        if self.encoder.logit_bias is not None:
+            self.log("train/logit_bias", self.encoder.logit_bias.detach().reshape(()), on_step=True)
         self.log("train/lr", _host(opt.param_groups[0]["lr"]), on_step=True)
         skipped = _host(self._skipped_total)
         if world > 1:  # all-reduced on the device; a non-blocking copy does not wait for the device
@@ -291,7 +337,7 @@ class CultureCLIPModule(L.LightningModule):
         if schema.is_skip_report(batch):
             return
         f = self.encode(batch, schema.FEATURE_KEYS)
-        out = self.val_loss_fn(f, self.encoder.logit_scale.exp())
+        out = self.val_loss_fn(f, *self.temperature())
         b = f[schema.POS_IMAGE].shape[0]
         self._val_pairs += b
         self.val_loss.update(out["loss"], weight=b)

@@ -1,4 +1,7 @@
-"""Low-rank adapters (LoRA, Hu et al. 2021) on the attention projections of open_clip towers.
+"""Low-rank adapters (LoRA, Hu et al. 2021) on the attention projections (and optionally MLPs) of open_clip towers.
+
+Native open_clip blocks are handled here; timm and Hugging Face towers, whose projections are
+``nn.Linear`` modules, by :mod:`cultureclip.lora_linear`.
 
 open_clip's transformer blocks use ``nn.MultiheadAttention``, which keeps q, k and v in one fused
 ``in_proj_weight [3D, D]``; PEFT can only adapt whole ``nn.Linear`` modules, so it cannot target q and
@@ -16,7 +19,6 @@ merged model is a plain open_clip model with the same outputs.
 """
 from __future__ import annotations
 
-import math
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -25,25 +27,9 @@ from torch import nn
 
 from open_clip.modified_resnet import AttentionPool2d
 
+from cultureclip.lora_linear import LoRAAdapter, LoRALinear, LoRAWrapper, linear_sites, prepare_parent  # noqa: F401
+
 TARGETS = "qkvo"
-
-
-class LoRAAdapter(nn.Module):
-    """``x -> scale * B A dropout(x)`` with ``A [r, in]`` (Kaiming init) and ``B [out, r]`` (zeros)."""
-
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float):
-        super().__init__()
-        self.lora_A = nn.Parameter(torch.empty(r, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r))  # zero: the wrapped model starts unchanged
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scale = alpha / r
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scale  # [out, in]
 
 
 def _attend(q, k, v, num_heads: int, attn_mask: Optional[torch.Tensor], dropout_p: float):
@@ -67,29 +53,7 @@ def _additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
 
 
-class _LoRAAttentionBase(nn.Module):
-    """Shared bookkeeping: which projections carry adapters, and the module to restore on merge."""
-
-    def __init__(self, original: nn.Module, dims: dict, targets: str, r: int, alpha: float, dropout: float):
-        super().__init__()
-        # kept out of the module tree (plain __dict__ entry): its parameters are shared with this
-        # wrapper, and registering it would list every base weight twice in state_dict().
-        self.__dict__["_original"] = original
-        self.lora = nn.ModuleDict({t: LoRAAdapter(*dims[t], r, alpha, dropout) for t in targets})
-
-    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor | float:
-        return self.lora[name](x) if name in self.lora else 0.0
-
-    def merged_original(self) -> nn.Module:
-        """Fold the adapters into the base weights and return the original module (now merged)."""
-        with torch.no_grad():
-            for name, adapter in self.lora.items():
-                weight, rows = self._weight_slice(name)
-                weight[rows] += adapter.delta_weight().to(weight.dtype)
-        return self._original
-
-
-class LoRAMultiheadAttention(_LoRAAttentionBase):
+class LoRAMultiheadAttention(LoRAWrapper):
     """Drop-in for open_clip's ``nn.MultiheadAttention`` (self- or cross-attention, same embed dims)."""
 
     def __init__(self, mha: nn.MultiheadAttention, targets: str, r: int, alpha: float, dropout: float):
@@ -135,7 +99,7 @@ class LoRAMultiheadAttention(_LoRAAttentionBase):
         return (x if self.batch_first else x.transpose(0, 1)), None
 
 
-class LoRAAttentionPool2d(_LoRAAttentionBase):
+class LoRAAttentionPool2d(LoRAWrapper):
     """LoRA version of the attention pool that ends open_clip's ModifiedResNet image tower."""
 
     def __init__(self, pool: AttentionPool2d, targets: str, r: int, alpha: float, dropout: float):
@@ -176,20 +140,23 @@ def _attention_layers(tower: nn.Module) -> list[tuple[nn.Module, str, int]]:
 
 
 def add_lora(towers: dict[str, nn.Module], r: int = 4, alpha: float = 16, dropout: float = 0.1,
-             targets: str = "qv", layers: Union[str, Sequence[int]] = "all") -> list[nn.Module]:
-    """Wrap the attention of each tower in ``towers`` (name -> module) with LoRA adapters.
+             targets: str = "qv", layers: Union[str, Sequence[int]] = "all", mlp: bool = False) -> list[nn.Module]:
+    """Wrap the attention (and with ``mlp`` the MLP layers) of each tower in ``towers`` with LoRA adapters.
 
     Args:
         towers: e.g. ``{"image": model.visual, "text": model.transformer}``.
         r, alpha, dropout: rank, scaling numerator (``scale = alpha / r``) and adapter input dropout.
         targets: any of ``"q"``, ``"k"``, ``"v"``, ``"o"`` (``"qv"`` = the paper's recipe).
-        layers: ``"all"`` or block indices (the ResNet attention pool is layer 0).
+        layers: ``"all"`` or block indices (the ResNet attention pool is layer 0; for timm and Hugging
+            Face towers the first number in the module path).
+        mlp: also adapt the two Linears of every MLP block (required for a tower without attention,
+            such as ConvNeXt).
 
     Returns:
         The wrappers that were installed.
 
     Raises:
-        ValueError: bad arguments, a tower without supported attention, or layers that don't exist.
+        ValueError: bad arguments, a tower without supported layers, or layers that don't exist.
     """
     targets = "".join(targets) if not isinstance(targets, str) else targets
     if not targets or any(t not in TARGETS for t in targets) or len(set(targets)) != len(targets):
@@ -198,20 +165,27 @@ def add_lora(towers: dict[str, nn.Module], r: int = 4, alpha: float = 16, dropou
         raise ValueError(f"LoRA rank r must be >= 1, got {r}")
     wrapped = []
     for tower_name, tower in towers.items():
-        found = _attention_layers(tower)
+        found = [(parent, attr, index, None) for parent, attr, index in _attention_layers(tower)]
+        found += linear_sites(tower, targets, mlp, skip=(nn.MultiheadAttention, AttentionPool2d))
         if not found:
-            raise ValueError(f"{tower_name} tower ({type(tower).__name__}) has no attention that LoRA can wrap "
-                             f"(supported: open_clip transformer blocks and the ResNet attention pool)")
-        available = sorted({i for _, _, i in found})
+            hint = "" if mlp else "; set lora.mlp: true to adapt its MLP layers (e.g. a ConvNeXt tower)"
+            raise ValueError(f"{tower_name} tower ({type(tower).__name__}) has no layer that LoRA can wrap "
+                             f"(supported: open_clip transformer blocks, the ResNet attention pool, timm and "
+                             f"Hugging Face attention projections, MLPs with mlp=true){hint}")
+        available = sorted({i for _, _, i, _ in found})
         wanted = available if layers == "all" else list(layers)
         if layers != "all" and (isinstance(layers, str) or not set(wanted) <= set(available)):
             raise ValueError(f"{tower_name} tower: layers {layers!r} not in available {available}")
-        for parent, attr, index in found:
+        for parent, attr, index, rows in found:
             if index not in wanted:
                 continue
             child = getattr(parent, attr)
-            cls = LoRAAttentionPool2d if isinstance(child, AttentionPool2d) else LoRAMultiheadAttention
-            wrapper = cls(child, targets, r, alpha, dropout)
+            if rows is not None:
+                prepare_parent(parent, attr)
+                wrapper = LoRALinear(child, rows, r, alpha, dropout)
+            else:
+                cls = LoRAAttentionPool2d if isinstance(child, AttentionPool2d) else LoRAMultiheadAttention
+                wrapper = cls(child, targets, r, alpha, dropout)
             ref = next(child.parameters())
             wrapper.lora.to(device=ref.device, dtype=ref.dtype)
             setattr(parent, attr, wrapper)
@@ -219,10 +193,10 @@ def add_lora(towers: dict[str, nn.Module], r: int = 4, alpha: float = 16, dropou
     return wrapped
 
 
-def lora_modules(model: nn.Module) -> Iterable[tuple[nn.Module, str, _LoRAAttentionBase]]:
+def lora_modules(model: nn.Module) -> Iterable[tuple[nn.Module, str, LoRAWrapper]]:
     for module in list(model.modules()):
         for attr, child in list(module.named_children()):
-            if isinstance(child, _LoRAAttentionBase):
+            if isinstance(child, LoRAWrapper):
                 yield module, attr, child
 
 

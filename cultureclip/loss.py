@@ -22,7 +22,20 @@ General-data replay (:mod:`cultureclip.data.replay`) adds two optional terms on 
 Both features of ``loss_distill`` are L2-normalised, so it equals ``2 * mean(1 - cos)``: the L2 and
 the cosine forms are one term up to that factor.
 
-Multi-GPU: the features are gathered across ranks with gradient (``torch.distributed.nn.all_gather``),
+Sigmoid family (``family="sigmoid"``, SigLIP-style models with a learned bias ``b``): every image-text
+score is an independent binary decision, ``σ(y (s I·T + b))`` with ``y = +1`` for the image's own text
+and ``-1`` for every other text in the (gathered) batch; ``LS`` sums ``-log σ`` over the texts and
+averages over the images (open_clip's ``SigLipLoss``)::
+
+    sigclip(I, T)       = LS(I, T, Y)                          # Y = 2·eye − 1
+    signegclip(I, T, H) = LS(I, [T; H], [Y, −1])                # the twins' texts: explicit −1 labels
+    caption_neg         = signegclip(I⁺, C⁺, C⁻) + signegclip(I⁻, C⁻, C⁺)
+
+and the variants weight these terms as in the softmax family; the replay term is ``sigclip`` too.
+A sigmoid term has no text-to-image direction (the sigmoid loss is one sum over all pairs), so only
+the texts are gathered across ranks.
+
+Multi-GPU (both families): the features are gathered across ranks with gradient (``torch.distributed.nn.all_gather``),
 and each rank scores its local rows against the global columns (open_clip's ``local_loss=True,
 gather_with_grad=True``). The mean of the per-rank losses equals the single-process loss on the
 global batch, and after DDP's gradient averaging so does the gradient.
@@ -51,6 +64,7 @@ VARIANTS: dict[str, tuple[Optional[str], Optional[str]]] = {
     "caption_concept_neg": ("clip", "neg"),
     "cultureclip": ("neg", "neg"),
 }
+FAMILIES = ("softmax", "sigmoid")
 
 
 def _dist_info() -> tuple[int, int]:
@@ -79,8 +93,18 @@ def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
+def _sigmoid_terms(logits: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+    """``sum -log σ(y · logits) / rows`` for logits ``[b, N]``; ``y`` is +1 at ``(i, labels[i])``, else -1.
+
+    ``labels=None``: every entry is a negative (the twins' texts)."""
+    signs = -torch.ones_like(logits)
+    if labels is not None:
+        signs[torch.arange(logits.shape[0], device=logits.device), labels] = 1.0
+    return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
+
+
 class CultureCLIPLoss(nn.Module):
-    """CLIP / NegCLIP loss with twin hard negatives on captions and concept names.
+    """CLIP / NegCLIP loss with twin hard negatives on captions and concept names, softmax or sigmoid.
 
     Args:
         variant: one of ``VARIANTS`` (the paper's ablation grid).
@@ -89,6 +113,9 @@ class CultureCLIPLoss(nn.Module):
         gather: gather features across ranks when ``torch.distributed`` is initialised.
         lambda_replay: weight of the CLIP loss on the replay batch (0: off).
         lambda_distill: weight of the feature-distillation term on the replay images (0: off).
+        family: ``"softmax"`` (CLIP/NegCLIP cross-entropy), ``"sigmoid"`` (SigLIP's pairwise sigmoid with
+            the learned bias) or None: decided by the model, sigmoid when it has a ``logit_bias``
+            (:meth:`resolve_family`, or per call from whether ``forward`` gets a bias).
 
     Single-term variants use weight 1 and refuse a ``lambda_*`` (it would be silently ignored).
     ``forward`` returns ``{"loss": total, "<term>_loss": ...}``
@@ -98,11 +125,14 @@ class CultureCLIPLoss(nn.Module):
 
     def __init__(self, variant: str = "cultureclip", lambda_caption: Optional[float] = None,
                  lambda_concept: Optional[float] = None, gather: bool = True, lambda_replay: float = 0.0,
-                 lambda_distill: float = 0.0):
+                 lambda_distill: float = 0.0, family: Optional[str] = None):
         super().__init__()
         for name, value in (("lambda_replay", lambda_replay), ("lambda_distill", lambda_distill)):
             if not value >= 0:  # also refuses NaN
                 raise ValueError(f"loss.{name} must be >= 0, got {value}")
+        if family is not None and family not in FAMILIES:
+            raise ValueError(f"loss.family must be one of {FAMILIES} or null (from the model), got {family!r}")
+        self.family = family
         self.lambda_replay, self.lambda_distill = float(lambda_replay), float(lambda_distill)
         if variant not in VARIANTS:
             raise ValueError(f"unknown loss variant {variant!r}; choose one of {sorted(VARIANTS)}")
@@ -121,6 +151,12 @@ class CultureCLIPLoss(nn.Module):
             self.terms.append((caption, "caption", float(lambda_caption) if both else 1.0))
         if concept is not None:
             self.terms.append((concept, "concept", float(lambda_concept) if both else 1.0))
+
+    def resolve_family(self, has_logit_bias: bool) -> str:
+        """Fix ``family`` for a model (sigmoid when it has a ``logit_bias``, unless set); returns it."""
+        if self.family is None:
+            self.family = "sigmoid" if has_logit_bias else "softmax"
+        return self.family
 
     @property
     def required_keys(self) -> tuple[str, ...]:
@@ -155,7 +191,8 @@ class CultureCLIPLoss(nn.Module):
         loss.lambda_replay = loss.lambda_distill = 0.0
         return loss
 
-    def _check(self, features: Mapping[str, torch.Tensor], logit_scale: torch.Tensor) -> None:
+    def _check(self, features: Mapping[str, torch.Tensor], logit_scale: torch.Tensor,
+               logit_bias: Optional[torch.Tensor]) -> None:
         missing = [k for k in self.required_keys if k not in features]
         if missing:
             raise KeyError(f"CultureCLIPLoss(variant={self.variant!r}) needs features {missing}; "
@@ -166,39 +203,62 @@ class CultureCLIPLoss(nn.Module):
             first = next(iter(shapes.values()), None)
             if first is not None and (len(first) != 2 or any(s != first for s in shapes.values())):
                 raise ValueError(f"all {kind} features must share one [B, D] shape, got {shapes}")
-        if torch.as_tensor(logit_scale).numel() != 1:
-            raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
+        for name, value in (("logit_scale", logit_scale), ("logit_bias", logit_bias)):
+            if value is not None and torch.as_tensor(value).numel() != 1:
+                raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
 
     @staticmethod
-    def _clip(img, txt, all_img, all_txt, scale, labels):
-        # local rows [b, D] against global columns [N, D]; labels point at this rank's slice
+    def _clip(img, txt, all_img, all_txt, scale, bias, labels):
+        """Local rows ``[b, D]`` against global columns ``[N, D]``; labels point at this rank's slice.
+
+        ``bias`` None: softmax family; else sigmoid (a sigmoid loss without a learned bias gets 0)."""
+        if bias is not None:
+            return _sigmoid_terms(_logits(img, all_txt, scale, bias), labels)
         return (_ce(scale * img @ all_txt.T, labels) + _ce(scale * txt @ all_img.T, labels)) / 2
 
     @staticmethod
-    def _negclip(img, txt, all_img, all_txt, all_hard, scale, labels):
+    def _negclip(img, txt, all_img, all_txt, all_hard, scale, bias, labels):
+        if bias is not None:  # own text +1, other texts -1, every twin text an explicit -1
+            return _sigmoid_terms(_logits(img, all_txt, scale, bias), labels) \
+                + _sigmoid_terms(_logits(img, all_hard, scale, bias), None)
         # image -> [T; H]: [b, 2N] logits, the twins' texts are the extra negatives
         i2t = scale * img @ torch.cat([all_txt, all_hard], dim=0).T
         t2i = scale * txt @ all_img.T  # text -> image as in CLIP: twin images are not negatives
         return (_ce(i2t, labels) + _ce(t2i, labels)) / 2
 
-    def forward(self, features: Mapping[str, torch.Tensor],
-                logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _global(self, local: Mapping[str, torch.Tensor], image_keys: tuple[str, ...], sigmoid: bool):
+        """``(features over all ranks, labels [b])``; the sigmoid family never needs other ranks' images."""
+        rank, world = _dist_info() if self.gather else (0, 1)
+        glob = dict(local)
+        if world > 1:
+            wanted = {k: v for k, v in local.items() if not sigmoid or k not in image_keys}
+            glob.update(gather_features(wanted))
+        b = next(iter(local.values())).shape[0]
+        labels = torch.arange(b, device=next(iter(local.values())).device) + rank * b
+        return glob, labels
+
+    def forward(self, features: Mapping[str, torch.Tensor], logit_scale: torch.Tensor,
+                logit_bias: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Compute the loss.
 
         Args:
             features: L2-normalised ``[B, D]`` tensors under ``schema.FEATURE_KEYS`` (only the keys
                 of ``required_keys`` are read).
             logit_scale: the already-exponentiated scale ``s`` (a scalar tensor).
+            logit_bias: the model's learned bias ``b`` (a scalar tensor) or None. The sigmoid family
+                adds it to every logit; the softmax family ignores it (a constant added to every logit
+                of a row leaves a softmax unchanged).
 
         Returns:
             ``{"loss": weighted total, "<caption|concept>_<clip|negclip>_loss": unweighted term}``.
         """
-        self._check(features, logit_scale)
-        local = {k: features[k] for k in self.required_keys}
-        rank, world = _dist_info() if self.gather else (0, 1)
-        glob = gather_features(local) if world > 1 else local
-        b = local[schema.POS_IMAGE].shape[0]
-        labels = torch.arange(b, device=local[schema.POS_IMAGE].device) + rank * b
+        self._check(features, logit_scale, logit_bias)
+        # family None (not fixed by the trainer): decided by the model this call scores
+        sigmoid = self.family == "sigmoid" or (self.family is None and logit_bias is not None)
+        # the terms read "bias is not None" as "sigmoid"; a sigmoid loss on a model without bias uses 0
+        bias = (torch.zeros((), device=torch.as_tensor(logit_scale).device) if logit_bias is None else logit_bias) if sigmoid else None
+        local = {k: features[k] for k in self.required_keys if k not in self.replay_keys}
+        glob, labels = self._global(local, schema.IMAGE_KEYS, sigmoid)
 
         out: dict[str, torch.Tensor] = {}
         total = 0.0
@@ -207,35 +267,33 @@ class CultureCLIPLoss(nn.Module):
                 (schema.POS_CONCEPT, schema.NEG_CONCEPT)
             if kind == "clip":
                 term = self._clip(local[schema.POS_IMAGE], local[pos_t], glob[schema.POS_IMAGE],
-                                  glob[pos_t], logit_scale, labels)
+                                  glob[pos_t], logit_scale, bias, labels)
                 name = f"{texts}_clip_loss"
             else:
                 pos, neg = schema.POS_IMAGE, schema.NEG_IMAGE
                 term = self._negclip(local[pos], local[pos_t], glob[pos], glob[pos_t], glob[neg_t],
-                                     logit_scale, labels) \
+                                     logit_scale, bias, labels) \
                     + self._negclip(local[neg], local[neg_t], glob[neg], glob[neg_t], glob[pos_t],
-                                    logit_scale, labels)
+                                    logit_scale, bias, labels)
                 name = f"{texts}_negclip_loss"
             out[name] = term
             total = total + weight * term
         if self.uses_replay:
-            for name, term, weight in self._replay_terms(features, logit_scale):
+            for name, term, weight in self._replay_terms(features, logit_scale, bias):
                 out[name] = term
                 total = total + weight * term
         out["loss"] = total
         return out
 
-    def _replay_terms(self, features: Mapping[str, torch.Tensor], logit_scale: torch.Tensor):
+    def _replay_terms(self, features: Mapping[str, torch.Tensor], logit_scale: torch.Tensor,
+                      bias: Optional[torch.Tensor]):
         """``(name, unweighted term, weight)`` of the replay CLIP loss and the distillation term."""
         terms = []
         if self.lambda_replay > 0:
             local = {k: features[k] for k in (schema.REPLAY_IMAGE, schema.REPLAY_TEXT)}
-            rank, world = _dist_info() if self.gather else (0, 1)
-            glob = gather_features(local) if world > 1 else local
-            r = local[schema.REPLAY_IMAGE].shape[0]
-            labels = torch.arange(r, device=local[schema.REPLAY_IMAGE].device) + rank * r
+            glob, labels = self._global(local, (schema.REPLAY_IMAGE,), bias is not None)
             term = self._clip(local[schema.REPLAY_IMAGE], local[schema.REPLAY_TEXT], glob[schema.REPLAY_IMAGE],
-                              glob[schema.REPLAY_TEXT], logit_scale, labels)
+                              glob[schema.REPLAY_TEXT], logit_scale, bias, labels)
             terms.append(("loss_replay", term, self.lambda_replay))
         if self.lambda_distill > 0:
             student = features[schema.REPLAY_IMAGE]
@@ -243,6 +301,11 @@ class CultureCLIPLoss(nn.Module):
             term = (student - teacher).pow(2).sum(dim=1).mean()
             terms.append(("loss_distill", term, self.lambda_distill))
         return terms
+
+
+def _logits(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]):
+    logits = scale * img @ txt.T  # [b, N]
+    return logits if bias is None else logits + bias
 
 
 class FrozenImageTower:

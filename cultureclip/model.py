@@ -32,6 +32,7 @@ from cultureclip.checkpoint_io import (CONFIG_NAME, TRAINING_CKPT_KEY, WEIGHTS_N
                                        CheckpointMismatchError, UnsafeCheckpointError)
 from cultureclip.data.spec import DataSpec
 from cultureclip.interop import HF_PREFIX  # light: the hf extra is imported only when used
+from cultureclip.text_tokenizer import save_text_files, tokenizer_for
 from cultureclip.text_length import encode_prefix, trim_plan, trimmed_length, unique_texts
 
 io.register_shipped_configs()  # e.g. "cultureclip-tiny"
@@ -102,15 +103,14 @@ class CultureCLIP(nn.Module):
                 cache_dir=cache_dir, **kwargs)
         if is_file:
             io.load_weights_strict(model, Path(pretrained), cfg)
-        tokenizer = open_clip.get_tokenizer(name, context_length=cfg["text_cfg"].get("context_length"))
-        return cls(model, pre_train, pre_val, tokenizer, cfg, name)
+        return cls(model, pre_train, pre_val, tokenizer_for(cfg, cache_dir=cache_dir), cfg, name)
 
     @classmethod
     def _from_dir(cls, path: Path, **kwargs) -> "CultureCLIP":
         saved, weights = io.read_saved_dir(path)
         with io.quiet_random_init():
             obj = cls.from_config(saved["model_cfg"], name=saved.get("name", path.name),
-                                  preprocess_cfg=saved.get("preprocess_cfg"), **kwargs)
+                                  preprocess_cfg=saved.get("preprocess_cfg"), local_dir=path, **kwargs)
         io.load_weights_strict(obj.model, weights, obj.model_cfg)
         return obj
 
@@ -141,30 +141,60 @@ class CultureCLIP(nn.Module):
 
     @classmethod
     def from_config(cls, model_cfg: dict, name: str = "custom", preprocess_cfg: Optional[dict] = None,
-                    device: Union[str, torch.device] = "cpu", precision: str = "fp32") -> "CultureCLIP":
-        """Build an arbitrary open_clip architecture with random weights (never downloads).
+                    device: Union[str, torch.device] = "cpu", precision: str = "fp32",
+                    local_dir: Optional[Union[str, os.PathLike]] = None) -> "CultureCLIP":
+        """Build an arbitrary open_clip architecture with random weights (never downloads weights).
 
         ``model_cfg`` has open_clip's model-config layout (``embed_dim``, ``vision_cfg``, ``text_cfg``,
         ...). The config is registered with open_clip under ``name`` plus a digest of the config (so
-        configs never overwrite each other there), and its tokenizer resolves as usual.
+        configs never overwrite each other there); the tokenizer comes from the config
+        (:func:`cultureclip.text_tokenizer.tokenizer_for`), never from the name.
+
+        ``local_dir``: a saved model directory. A Hugging Face text tower (``text_cfg.hf_model_name``) is
+        built from the ``config.json`` there when it has one, else from ``hf_model_name`` itself (a local
+        folder, or a Hub id: the Hub is reached only for a Hub id); tokenizer files there win over
+        ``hf_tokenizer_name`` the same way.
         """
         cfg = deepcopy(dict(model_cfg))
         text_cfg = cfg.get("text_cfg", {})
         if "hf_model_name" in text_cfg and text_cfg.get("hf_model_pretrained", True):
             text_cfg["hf_model_pretrained"] = False  # from_config promises no download
-        key = io.register_config(name, cfg)
+        build = deepcopy(cfg)
+        if "hf_model_name" in text_cfg and local_dir is not None and (Path(local_dir) / "config.json").is_file():
+            # open_clip's HFTextEncoder reads AutoConfig.from_pretrained(hf_model_name): point it at the
+            # saved config.json for this build only (the recorded architecture stays as saved)
+            build["text_cfg"]["hf_model_name"] = str(local_dir)
+        key = io.register_config(name, build)
         pp = preprocess_cfg or {}
         model, pre_train, pre_val = open_clip.create_model_and_transforms(
             key, pretrained=None, device=device, precision=precision, pretrained_text=False,
             image_mean=pp.get("mean"), image_std=pp.get("std"), image_interpolation=pp.get("interpolation"),
             image_resize_mode=pp.get("resize_mode"))
-        tokenizer = open_clip.get_tokenizer(key, context_length=text_cfg.get("context_length"))
-        return cls(model, pre_train, pre_val, tokenizer, cfg, name)
+        return cls(model, pre_train, pre_val, tokenizer_for(cfg, local_dir=local_dir), cfg, name)
 
     # ------------------------------------------------------------------ encoders
     @property
     def logit_scale(self) -> nn.Parameter:
         return self.model.logit_scale
+
+    @property
+    def logit_bias(self) -> Optional[nn.Parameter]:
+        """The learned bias of a sigmoid-trained model (SigLIP's ``logit_bias``), or None."""
+        return getattr(self.model, "logit_bias", None)
+
+    @torch.no_grad()
+    def match_probabilities(self, cos: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Probabilities from cosine similarities ``cos`` in the model's own calibration.
+
+        Softmax over ``dim`` of ``s * cos`` for a softmax-trained model; for a model with a
+        ``logit_bias`` the independent per-pair ``sigmoid(s * cos + b)`` it was trained with (these
+        need not sum to 1). Either way the ranking is the ranking of ``cos``.
+        """
+        scale = self.logit_scale.detach().exp().float().to(cos.device)
+        bias = self.logit_bias
+        if bias is None:
+            return (scale * cos.float()).softmax(dim=dim)
+        return torch.sigmoid(scale * cos.float() + bias.detach().float().to(cos.device))
 
     @property
     def context_length(self) -> int:
@@ -241,7 +271,8 @@ class CultureCLIP(nn.Module):
         return {"image": m.visual, "text": text}
 
     def add_lora(self, r: int = 4, alpha: float = 16, dropout: float = 0.1, targets: str = "qv",
-                 towers: Sequence[str] = ("image", "text"), layers: Union[str, Sequence[int]] = "all") -> int:
+                 towers: Sequence[str] = ("image", "text"), layers: Union[str, Sequence[int]] = "all",
+                 mlp: bool = False) -> int:
         """Put LoRA adapters on the attention of the chosen towers and freeze everything else.
 
         Returns the number of trainable parameters (the adapters). See :func:`cultureclip.lora.add_lora`.
@@ -254,12 +285,23 @@ class CultureCLIP(nn.Module):
             raise ValueError("LoRA adapters are already in place; merge_lora() first to stack another set")
         self.requires_grad_(False)
         self.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets,
-                            "towers": list(towers), "layers": layers if isinstance(layers, str) else list(layers)}
+                            "towers": list(towers), "layers": layers if isinstance(layers, str) else list(layers),
+                            "mlp": bool(mlp)}
         wrapped = lora_lib.add_lora({t: available[t] for t in towers}, r=r, alpha=alpha, dropout=dropout,
-                                    targets=targets, layers=layers)
+                                    targets=targets, layers=layers, mlp=mlp)
         for w in wrapped:
             w.lora.requires_grad_(True)
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def trainable_by_tower(self) -> dict[str, int]:
+        """Trainable parameter counts per tower (``image``, ``text``) and ``other`` (temperature, bias,
+        anything outside the towers, e.g. CoCa's text decoder)."""
+        counts = {name: 0 for name in (*self.towers(), "other")}
+        owner = {id(p): name for name, tower in self.towers().items() for p in tower.parameters()}
+        for p in self.parameters():
+            if p.requires_grad:
+                counts[owner.get(id(p), "other")] += p.numel()
+        return counts
 
     def merge_lora(self) -> int:
         """Fold adapters into the base weights (outputs unchanged); returns how many modules were merged."""
@@ -300,9 +342,12 @@ class CultureCLIP(nn.Module):
         if format == "transformers":
             from cultureclip.interop.hf_io import save_transformers
             return save_transformers(self, state, directory)
-        config = {"model_cfg": self.model_cfg, "preprocess_cfg": self.checkpoint_metadata()["preprocess_cfg"],
+        directory = Path(directory)
+        model_cfg = save_text_files(self.model_cfg, self.tokenizer, getattr(self.model, "text", None), directory)
+        config = {"model_cfg": model_cfg, "preprocess_cfg": self.checkpoint_metadata()["preprocess_cfg"],
                   "name": self.name}
-        return io.write_saved_dir(Path(directory), state, self.model_cfg, config)
+        return io.write_saved_dir(directory, state, model_cfg, config)
+
 
 
 def build_encoder(name: str, pretrained: Optional[str] = None, lora: Optional[dict] = None,

@@ -168,3 +168,63 @@ def test_lock_tower_for_full_finetune(tiny_model):
     tiny_model.lock(image=True)
     assert not any(p.requires_grad for p in tiny_model.model.visual.parameters())
     assert all(p.requires_grad for p in tiny_model.model.transformer.parameters())
+
+
+def test_siglip2_architecture_takes_lora_on_both_towers():
+    # the released ViT-B-16-SigLIP2 (timm image tower with fused qkv, native non-causal text tower), shapes only
+    import open_clip
+    from cultureclip.lora import add_lora
+    with torch.device("meta"):
+        model = open_clip.create_model("ViT-B-16-SigLIP2", pretrained=None, device="meta")
+    wrapped = add_lora({"image": model.visual, "text": model.text}, r=4, targets="qv")
+    n = sum(p.numel() for w in wrapped for p in w.lora.parameters())
+    assert n == 2 * 12 * 2 * 4 * (768 + 768)  # towers x layers x (q, v) x r x (in + out)
+    image_sites = [w for w in wrapped if any(w is m for m in model.visual.modules())]
+    assert len(image_sites) == 12 and all(sorted(w.lora) == ["q", "v"] for w in image_sites)
+
+
+def test_fused_qkv_adapter_equals_the_linear_with_hand_merged_weight():
+    from cultureclip.lora_linear import LoRALinear
+    torch.manual_seed(0)
+    qkv = nn.Linear(8, 24)
+    rows = {"q": slice(0, 8), "v": slice(16, 24)}
+    wrapper = LoRALinear(copy.deepcopy(qkv), rows, r=2, alpha=6, dropout=0.0)
+    randomize_lora(wrapper)
+    w = qkv.weight.detach().clone()
+    for name, s in rows.items():
+        a, b = wrapper.lora[name].lora_A.detach(), wrapper.lora[name].lora_B.detach()
+        w[s] += 3.0 * b @ a  # alpha / r = 3
+    x = torch.randn(5, 3, 8)
+    expected = x @ w.T + qkv.bias.detach()
+    torch.testing.assert_close(wrapper(x), expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(wrapper(x)[..., 8:16], qkv(x)[..., 8:16])  # the k slice is untouched
+    assert set(wrapper.state_dict()) >= {"weight", "bias"}  # the base weights keep their names
+    merged = wrapper.merged_original()
+    assert type(merged) is nn.Linear
+    torch.testing.assert_close(merged(x), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_a_tower_without_attention_asks_for_mlp():
+    import open_clip
+    from cultureclip.lora import add_lora
+    with torch.device("meta"):
+        model = open_clip.create_model("convnext_base", pretrained=None, device="meta")
+    with pytest.raises(ValueError, match="lora.mlp: true"):
+        add_lora({"image": model.visual}, targets="qv")
+    assert add_lora({"image": model.visual}, targets="qv", mlp=True)
+
+
+def test_hugging_face_text_towers_expose_their_q_v_and_mlp_sites():
+    # the encoders open_clip's HF text towers wrap: mT5 (q/k/v/o, wi/wo) and NLLB's M2M100 (q_proj/v_proj, fc1/fc2)
+    from transformers import M2M100Config, MT5Config, MT5EncoderModel
+    from transformers.models.m2m_100.modeling_m2m_100 import M2M100Encoder
+    from cultureclip.lora_linear import linear_sites
+    mt5 = MT5EncoderModel(MT5Config(vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2))
+    nllb = M2M100Encoder(M2M100Config(vocab_size=100, d_model=16, encoder_layers=2, encoder_attention_heads=2,
+                                      encoder_ffn_dim=32))
+    for tower, mlp_names in ((mt5, {"wi_0", "wi_1", "wo"}), (nllb, {"fc1", "fc2"})):
+        sites = {(attr, index): sorted(rows) for _, attr, index, rows in linear_sites(tower, "qv", mlp=True)}
+        attention = {k: v for k, v in sites.items() if v != ["mlp"]}
+        assert sorted(v[0] for v in attention.values()) == ["q", "q", "v", "v"]  # 2 layers x (q, v)
+        assert {a for a, _ in sites if sites[(a, _)] == ["mlp"]} == mlp_names
+        assert linear_sites(tower, "qv", mlp=False)  # attention without MLPs too

@@ -68,7 +68,7 @@ def test_every_experiment_composes_and_instantiates(experiment, tmp_path, toy_ro
     instantiate(cfg.trainer, logger=False,
                 **({} if torch.cuda.is_available() else {"accelerator": "cpu", "devices": 1, "strategy": "auto"}))
     if experiment and experiment.startswith("cultwin"):
-        assert cfg.model.name == "ViT-B-32-quickgelu"
+        assert cfg.model.name == {"cultwin_siglip2": "ViT-B-16-SigLIP2"}.get(experiment, "ViT-B-32-quickgelu")
     else:
         instantiate(cfg.model)
 
@@ -82,6 +82,15 @@ def test_cultwin_recipe_values(tmp_path, toy_root):
     assert cfg.trainer.max_epochs == 10 and cfg.data.batch_size * cfg.optim.accum_freq == 2048
     assert cfg.trainer.accumulate_grad_batches == 1
     assert (cfg.loss.variant, cfg.loss.lambda_caption, cfg.loss.lambda_concept) == ("cultureclip", 0.7, 0.3)
+
+
+def test_cultwin_siglip2_recipe(tmp_path, toy_root):
+    cfg = make_cfg(["+experiment=cultwin_siglip2"], tmp_path, toy_root)
+    base = make_cfg(["+experiment=cultwin"], tmp_path, toy_root)
+    assert (cfg.model.name, cfg.model.pretrained, cfg.loss.family) == ("ViT-B-16-SigLIP2", "webli", "sigmoid")
+    assert cfg.model.lora.towers == ["image", "text"] and cfg.model.lora.targets == "qv"
+    assert instantiate(cfg.loss).family == "sigmoid"
+    assert cfg.optim == base.optim and cfg.data.batch_size == base.data.batch_size  # the recipe is cultwin's
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -6,7 +6,8 @@ The engine shared by every cultural benchmark in ``cultureclip.eval.cultural``:
   :class:`Prediction` (one per item, skipped ones included, with the reason);
 - :func:`score_items` / :func:`score_item_sets`: images batched through a ``DataLoader`` and embedded
   once (also across distractor seeds), unique option texts embedded once, softmax of
-  ``logit_scale.exp() * cos`` over each item's options, argmax;
+  ``logit_scale.exp() * cos`` over each item's options (for a sigmoid model with a ``logit_bias``, its
+  per-option ``sigmoid(s * cos + b)``), argmax;
 - :func:`accuracy_report` / :func:`aggregate_seeds`: flat metric dicts (``acc``, ``n``, ``n_skipped``,
   ``chance``, ``acc/country=Japan``, ``acc_mean``, ``acc_std``, ``acc/seed=0``);
 - the distractor protocols (:func:`resolve_seeds`, :func:`draw_options`) and the result header.
@@ -143,7 +144,6 @@ def score_item_sets(model: CultureCLIP, item_sets: Mapping[Any, Sequence[MCItem]
     texts = sorted({t for items in lists for it in items for t in it.options})  # sorted: stable batches
     text_feats = embed_texts(model, texts, batch_size=text_batch_size, amp=amp)  # [T, D]
     row = {t: i for i, t in enumerate(texts)}
-    scale = float(model.logit_scale.detach().exp())
     out = {}
     for key, items in item_sets.items():
         preds = []
@@ -151,8 +151,8 @@ def score_item_sets(model: CultureCLIP, item_sets: Mapping[Any, Sequence[MCItem]
             if i in failed:
                 preds.append(Prediction(i, it.answer, len(it.options), it.meta, skipped=failed[i]))
                 continue
-            logits = scale * feats[i] @ text_feats[[row[t] for t in it.options]].T  # [K]
-            probs = logits.softmax(dim=-1)
+            # softmax of s * cos over the options, or a sigmoid model's own sigmoid(s * cos + b)
+            probs = model.match_probabilities(feats[i] @ text_feats[[row[t] for t in it.options]].T)  # [K]
             preds.append(Prediction(i, it.answer, len(it.options), it.meta, pred=int(probs.argmax()),
                                     probs=tuple(probs.tolist())))
         out[key] = preds

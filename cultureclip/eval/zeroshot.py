@@ -9,8 +9,9 @@ to use them.
 
 Scores are ``softmax(s * cos)`` with ``s = model.logit_scale.exp()`` the model's own learned
 temperature (about 100 for CLIP, so this is CLIP's usual ``softmax(100 * logits)``); a fine-tuned
-model that learned another temperature gets probabilities calibrated to it. Rankings, and thus all
-metrics, do not depend on ``s``.
+model that learned another temperature gets probabilities calibrated to it. A sigmoid-trained model
+(SigLIP, with a ``logit_bias`` ``b``) scores each class on its own, ``sigmoid(s * cos + b)``, as it was
+trained (:meth:`CultureCLIP.match_probabilities`). Rankings, and thus all metrics, depend on neither.
 
 Metrics follow CLIP_benchmark's ``zeroshot_classification.evaluate``: ``acc1``, ``acc5`` (top-k
 with ``k = min(5, number of classes)``, where CLIP_benchmark reports NaN below 5 classes) and
@@ -23,7 +24,7 @@ import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -147,16 +148,19 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, k: int = 
     return out
 
 
-def top_predictions(logits: torch.Tensor, scale: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_predictions(logits: torch.Tensor, scale: Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]],
+                    k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(probabilities, class indices)`` ``[N, min(k, C)]`` of the ``k`` best classes per row.
 
+    ``scale``: ``s`` (probabilities ``softmax(s * logits)``), or a function from the cosines ``[N, C]``
+    to probabilities (:meth:`CultureCLIP.match_probabilities`, which uses a sigmoid model's bias).
     Ranked by the cosine similarities ``logits`` ``[N, C]``, not by ``softmax(scale * logits)``: with
     ``scale`` ~100, every class more than ~1.03 cosine below the best gets probability exactly 0 in
     float32 (``exp(-103)`` is below its smallest number), and a top-k over those ties would list
     them in arbitrary order.
     """
     topk_indices = logits.topk(min(k, logits.shape[1]), dim=1).indices  # [N, k]
-    probs = (scale * logits).softmax(dim=1)  # [N, C]
+    probs = scale(logits) if callable(scale) else (scale * logits).softmax(dim=1)  # [N, C]
     return probs.gather(1, topk_indices), topk_indices
 
 
@@ -209,8 +213,7 @@ def classify(model: CultureCLIP, images: Union[str, os.PathLike, ImageSet], clas
     if not logits:
         raise ValueError(f"no image of {image_set.source} could be decoded ({len(batches.skipped)} skipped)")
     logits_all = torch.cat(logits)  # [N, C]
-    scale = model.logit_scale.exp().float().cpu()
-    topk_scores, topk_indices = top_predictions(logits_all, scale, k)
+    topk_scores, topk_indices = top_predictions(logits_all, lambda cos: model.match_probabilities(cos, dim=1), k)
     metrics = {"n": len(ids), "n_skipped": len(batches.skipped)}
     label_t, cm = None, None
     if image_set.labels is not None:

@@ -216,7 +216,7 @@ def test_checkpoint_write_past_the_file_size_limit_fails_clearly(toy_root, tmp_p
     assert done.returncode == 1
     last = last_error_line(done.stderr)
     ckpts = tmp_path / RUN / "checkpoints"
-    assert last.startswith("OSError: [Errno 27] File too large"), done.stderr[-3000:]
+    assert last.startswith("error: OSError: [Errno 27] File too large"), done.stderr[-3000:]
     assert "while writing checkpoint" in last and str(ckpts) in last
     assert not list(ckpts.glob(".*.tmp-*")) and not list(ckpts.glob("*.ckpt"))
 

@@ -137,5 +137,9 @@ def shard_files(url: str, truncated: str, damaged: str) -> Iterator[dict]:
         raise ShardDamage.of(url, damaged, f"damaged, skipped the rest of it: {exn!r}") from exn
     finally:
         if stream is not None:  # damaged, or the reader stopped early: the shard's outcome is already decided
+            proc = getattr(stream, "proc", None)  # a ``pipe:`` command: its output is no longer wanted, and
+            if proc is not None:  # closing waits for it to exit (a stalled source would hold a SIGTERM up)
+                with contextlib.suppress(Exception):
+                    proc.kill()
             with contextlib.suppress(Exception):
                 stream.close()

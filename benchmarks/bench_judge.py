@@ -6,7 +6,7 @@ Examples::
     python benchmarks/bench_judge.py                       # latency 0.2 s, concurrency 8 and 32
     python benchmarks/bench_judge.py --concurrency 8,32,64 --seconds 10 --out bench_judge.json
 
-Two measurements, both through the real stage (``judge.run`` -> ``StageStore.run`` -> ``ChatClient``
+Two measurements, both through the real stage (``judge.run`` -> ``runner.run_stage`` -> ``ChatClient``
 -> HTTP -> server), on synthetic PNGs (``--image-size``, default 512) written as a render store in a temporary folder:
 
 1. **Throughput.** The server (in its own process, so its CPU does not compete with the client's GIL)
@@ -44,11 +44,12 @@ import numpy as np
 from PIL import Image
 
 from cultureclip import schema
-from cultureclip.curate import judge
-from cultureclip.curate.chat import ChatClient, ChatConfig
-from cultureclip.curate.records import Outcome, StageStore, record_key, write_atomic
+from cultureclip.curate.stages import judge
+from cultureclip.curate.backends.chat import ChatClient, ChatConfig
+from cultureclip.curate.stages.importer import import_pairs, pairs_store, twin_id
+from cultureclip.curate.runner import Job, Outcome, Store, run_stage, write_atomic
 from cultureclip.curate.registry import Context
-from cultureclip.curate.standin import StandinServer
+from cultureclip.curate.backends.standin import StandinServer
 
 
 def make_world(out_dir: Path, n_images: int, size: int, captions: int = 5) -> list[dict]:
@@ -59,7 +60,7 @@ def make_world(out_dir: Path, n_images: int, size: int, captions: int = 5) -> li
     for t in range(n_twins):
         ident = {schema.CATEGORY: "Cuisine", schema.POS_CONCEPT: f"dish {t}a", schema.POS_COUNTRY: "A",
                  schema.NEG_CONCEPT: f"dish {t}b", schema.NEG_COUNTRY: "B"}
-        pair = {schema.TWIN_ID: record_key("twin", ident), **ident,
+        pair = {schema.TWIN_ID: twin_id(*ident.values()), **ident,
                 schema.POS_CONTEXT: "a dish", schema.NEG_CONTEXT: "a dish", schema.POS_FEATURES: ["round"],
                 schema.NEG_FEATURES: ["flat"],
                 schema.POS_CAPTIONS: [f"dish {t}a on a table, view {i}" for i in range(captions)],
@@ -70,7 +71,11 @@ def make_world(out_dir: Path, n_images: int, size: int, captions: int = 5) -> li
             for caption in caps:
                 ident = {schema.CONCEPT: concept, schema.COUNTRY: country, schema.CATEGORY: "Cuisine",
                          schema.CAPTION: caption}
-                jobs.append({schema.REC_KEY: record_key("render", ident, model="bench", seed=0), **ident})
+                jobs.append(Job(inputs=ident, model="bench", settings={"seed": 0}))
+    src = out_dir / "pairs.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    import_pairs([src], out_dir)  # the judge reads the current caption sets of the run folder
     root = out_dir / "render"
 
     def process(todo):
@@ -86,14 +91,14 @@ def make_world(out_dir: Path, n_images: int, size: int, captions: int = 5) -> li
                                                       schema.IMAGE_FILE: path,
                                                       schema.IMAGE_SHA256: hashlib.sha256(data).hexdigest()})
 
-    StageStore(root, "render", {"model": "bench"}).run(jobs, process)
+    run_stage(Store(root, "render"), jobs, process, upstream=(pairs_store(out_dir),))
     return pairs
 
 
 @contextlib.contextmanager
 def external_server(latency: float):
     """The stand-in server in its own process (its CPU must not compete with the client's GIL)."""
-    proc = subprocess.Popen([sys.executable, "-m", "cultureclip.curate.standin", "--latency", str(latency)],
+    proc = subprocess.Popen([sys.executable, "-m", "cultureclip.curate.backends.standin", "--latency", str(latency)],
                             stdout=subprocess.PIPE, text=True)
     try:
         url = proc.stdout.readline().strip()
@@ -109,7 +114,7 @@ def run_stage(out_dir: Path, pairs: list[dict], url: str, concurrency: int):
     ctx = Context(out_dir=out_dir, chat={"base_url": url, "model": "bench-vlm", "concurrency": concurrency,
                                          "timeout_s": 60, "max_attempts": 1})
     t0 = time.perf_counter()
-    report = judge.run({"part_size": 256}, ctx, pairs=pairs)
+    report = judge.run({"part_size": 256}, ctx)
     wall = time.perf_counter() - t0
     if report.errors:
         raise RuntimeError(f"benchmark run had errors: {report.errors_by_reason}")

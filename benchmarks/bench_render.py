@@ -13,7 +13,10 @@ from pathlib import Path
 import torch
 
 from cultureclip import schema
-from cultureclip.curate import render, t2i
+from cultureclip.curate.runner import seed_from_key
+from cultureclip.curate.runner.jobs import keyed
+from cultureclip.curate.stages import render
+from cultureclip.curate.backends import t2i
 from cultureclip.curate.registry import Context
 
 
@@ -46,7 +49,7 @@ def main() -> None:
     build_s = time.perf_counter() - t
     data = pairs(args.images)
     s = render.settings(cfg)
-    jobs = render.render_jobs(data, s)
+    jobs, _ = keyed(render.NAME, render.render_jobs(data, s))  # keyed by the runner, as the stage does
     t2i.render_batch(pipe, [jobs[0][schema.PROMPT]], [1], s, args.batch_size)  # warm-up
     # the pipeline alone (same batches) and the whole stage, alternated; the best of --repeats each
     pipe_s, stage_s, backend = [], [], []
@@ -54,7 +57,7 @@ def main() -> None:
         t = time.perf_counter()
         for i in range(0, len(jobs), args.batch_size):
             b = jobs[i:i + args.batch_size]
-            t2i.render_batch(pipe, [j[schema.PROMPT] for j in b], [j[schema.SEED] for j in b], s,
+            t2i.render_batch(pipe, [j[schema.PROMPT] for j in b], [seed_from_key(j[schema.REC_KEY]) for j in b], s,
                                 args.batch_size)
         pipe_s.append(time.perf_counter() - t)
         with tempfile.TemporaryDirectory() as tmp:

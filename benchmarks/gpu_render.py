@@ -51,9 +51,9 @@ def build_sd3_pipeline(sizes: dict, device: str, dtype: torch.dtype, seed: int =
 
     Linear weights are drawn from N(0, 0.02) (the usual transformer init; PyTorch's default uniform init
     over 38 unnormalised adaLN blocks can overflow fp16), so the images are finite noise. The tokenizer is
-    CLIP's BPE, written locally from open_clip's merge list (``cultureclip.curate.t2i.clip_tokenizer_files``).
+    CLIP's BPE, written locally from open_clip's merge list (``cultureclip.curate.backends.t2i.clip_tokenizer_files``).
     """
-    from cultureclip.curate import t2i
+    from cultureclip.curate.backends import t2i
     diffusers, transformers = t2i._import_diffusers()
     clip = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
                 pad_token_id=49407)
@@ -89,7 +89,7 @@ def render_stage(data: list[dict], cfg: dict, out_dir: Path, pipe):
     The one place this benchmark calls the stage: if the stage's API changes, only this function changes.
     Returns ``(images rendered, render errors)``.
     """
-    from cultureclip.curate import render
+    from cultureclip.curate.stages import render
     from cultureclip.curate.registry import Context
     report = render.run_pairs(data, cfg, Context(out_dir=Path(out_dir)), pipeline=pipe)
     return report.ok, report.errors
@@ -132,12 +132,15 @@ def _peak_mib(cuda: bool) -> float:
 def measure_batch(pipe, batch: int, n_images: int, size: int, repeats: int, cuda: bool, dtype: str) -> dict:
     """Bare diffusers and our stage on ``n_images`` images, alternated ``repeats`` times after a warm-up."""
     from cultureclip import schema
-    from cultureclip.curate import render
+    from cultureclip.curate.stages import render
     cfg = {"model": "random-weights-sd35-large-size", "dtype": dtype, "device": "cuda" if cuda else "cpu",
            "width": size, "height": size, "steps": 4, "guidance": 0.0, "batch_size": batch}
     s = render.settings(cfg)
     data = pairs(n_images)
-    jobs = [{"prompt": j[schema.PROMPT], "seed": j[schema.SEED]} for j in render.render_jobs(data, s)]
+    from cultureclip.curate.runner import seed_from_key
+    from cultureclip.curate.runner.jobs import keyed
+    jobs = [{"prompt": j[schema.PROMPT], "seed": seed_from_key(j[schema.REC_KEY])}  # keyed as the stage's runner does
+            for j in keyed(render.NAME, render.render_jobs(data, s))[0]]
     # warm-up of both paths on one batch: kernels chosen, allocator grown, the stage's imports done
     bare_diffusers(pipe, jobs[:batch], s, batch)
     with tempfile.TemporaryDirectory(prefix="gpu-check-render-") as tmp:

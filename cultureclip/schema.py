@@ -89,7 +89,7 @@ def is_skip_report(batch) -> bool:
 # Curation records (``python -m cultureclip.curate``). Every stage writes JSON records; these are their
 # fields. ``pos``/``neg`` sides of a twin use the prefixes above (e.g. ``pos_concept``).
 # =====================================================================================================
-REC_KEY = "key"  # stable record key: a hash of the record's inputs, model id, prompt version and seed
+REC_KEY = "key"  # a job's key: hash of the upstream fields it reads, its prompt texts, model id and settings
 REC_STAGE = "stage"
 REC_ERROR = "error"  # errors files: the reason (a short word) ...
 REC_MESSAGE = "message"  # ... and the full message
@@ -111,7 +111,6 @@ IMAGE_FILE = "image"  # path of a rendered image, relative to the stage folder
 IMAGE_SHA256 = "image_sha256"
 RENDER_KEY = "render_key"
 MODEL_ID = "model"
-PROMPT_VERSION = "prompt_version"
 PROMPT = "prompt"
 # render settings stored with every rendered image
 WIDTH = "width"

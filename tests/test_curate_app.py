@@ -15,7 +15,8 @@ from test_curate_export import make_run, read_shards
 
 from cultureclip import resolvers, schema
 from cultureclip.curate import app
-from cultureclip.curate.importer import read_pairs
+from cultureclip.curate.stages.importer import read_pairs
+from cultureclip.curate.runner import in_val
 
 CONF = Path(__file__).resolve().parents[1] / "cultureclip" / "conf"
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,29 @@ def test_stage_list():
     assert app.stage_list("import", {**cfg, "input": "x.jsonl"}) == []
     with pytest.raises(app.CurateError, match="stage=import needs input="):
         app.stage_list("import", cfg)
+    # input= replaces the caption sets: together with a stage that makes them it is refused, never ignored
+    with pytest.raises(app.CurateError, match=r"input= replaces the caption sets that stage\(s\) \['captions'\]"):
+        app.stage_list(["captions", "render"], {**cfg, "input": "x.jsonl"})
+    assert app.stage_list("gc", cfg) == []
+
+
+def test_gc_through_the_app_lists_then_removes(tmp_path):
+    out = tmp_path / "run"
+    make_run(out)
+    src = tmp_path / "fewer.jsonl"  # re-import without the last twin pair: its records leave the view
+    rows = [json.loads(x) for x in (tmp_path / "pairs_in.jsonl").read_text().splitlines()]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    app.run({"out_dir": str(out), "stage": "import", "input": str(src)}, echo=lambda line: None)
+    lines = []
+    app.run({"out_dir": str(out), "stage": "gc"}, echo=lines.append)
+    pairs_line = next(x for x in lines if x.startswith(f"gc {out / 'pairs'}:"))
+    assert "would remove 1 records" in pairs_line and (out / "pairs" / "parts").exists()
+    lines.clear()
+    app.run({"out_dir": str(out), "stage": "gc", "gc_dry_run": False}, echo=lines.append)
+    assert any(x.startswith(f"gc {out / 'pairs'}: removed 1 records") for x in lines)
+    lines.clear()
+    app.run({"out_dir": str(out), "stage": "gc"}, echo=lines.append)
+    assert all("would remove 0 records" in x for x in lines)
 
 
 def test_demo_config_composes(tmp_path):
@@ -93,7 +117,7 @@ def _cli(args, cwd, timeout=300):
 def test_cli_error_exit(tmp_path):
     proc = _cli(["cultureclip.curate", "stage=export", f"out_dir={tmp_path / 'empty'}"], tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "error: FileNotFoundError:" in proc.stderr and "run stage=render first" in proc.stderr
+    assert "error: FileNotFoundError:" in proc.stderr and "import them (input=...) or run stage=captions" in proc.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"pos_captions": ["a"], "neg_captions": ["b"], "category": "Art"}\n')
     proc = _cli(["cultureclip.curate", f"input={bad}", f"out_dir={tmp_path / 'run'}", "stage=render"], tmp_path)
@@ -107,8 +131,12 @@ def demo_run(tmp_path_factory):
     home = tmp_path_factory.mktemp("demo")
     pairs = Path(resolvers.data_file("curate_demo_pairs.jsonl")).read_text().splitlines()[:2]
     (home / "pairs.jsonl").write_text("\n".join(pairs) + "\n")
+    twin_ids = [p[schema.TWIN_ID] for p in read_pairs([home / "pairs.jsonl"])[0]]
+    # the split rule is a hash of each twin id: the first split seed that puts one pair on each side
+    split_seed = next(s for s in range(100) if sum(in_val(t, s, 0.5) for t in twin_ids) == 1)
     proc = _cli(["cultureclip.curate", "+experiment=curate_demo", f"paths.root_dir={home}",
                  f"input={home / 'pairs.jsonl'}", "render.images_per_caption=1", "export.val_fraction=0.5",
+                 f"export.split_seed={split_seed}",
                  "export.pairs_per_twin=null", "export.plots=false", "export.rule.min_score=1",
                  "export.rule.min_mean=1.0", "export.rule.require_twin_check=false"], home)
     return home, proc
@@ -121,7 +149,7 @@ def test_demo_command_end_to_end(demo_run):
     out = home / "data" / "curate_demo"
     assert "stand-in chat server" in proc.stdout and "export [00000of00001]" in proc.stdout
     card = json.loads((out / "export" / "card.json").read_text())
-    assert card["stages"]["render"]["records"] == 10 and card["judge"]["images_judged"] == 10
+    assert card["stages"]["render"]["done"] == 10 and card["judge"]["images_judged"] == 10
     pairs = [json.loads(line) for line in (home / "pairs.jsonl").open()]
     n_pairs = sum(len(p[schema.POS_CAPTIONS]) * len(p[schema.NEG_CAPTIONS]) for p in pairs)  # every image passes
     assert card["export"]["train_pairs"] + card["export"]["val_pairs"] == n_pairs

@@ -13,10 +13,10 @@ import pytest
 pytest.importorskip("pydantic")
 pytest.importorskip("openai")
 
-from cultureclip.curate import captions, concepts, dedup, twins  # noqa: E402
-from cultureclip.curate import upstream as up  # noqa: E402
-from cultureclip.curate.records import StageStore  # noqa: E402
-from cultureclip.curate.standin import request_text, schema_name  # noqa: E402
+from cultureclip.curate.stages import captions, concepts, dedup, twins  # noqa: E402
+from cultureclip.curate.stages import upstream as up  # noqa: E402
+from cultureclip.curate.runner import Store  # noqa: E402
+from cultureclip.curate.backends.standin import request_text, schema_name  # noqa: E402
 from test_curate_concepts import ctx_for, standin, top_down_cfg  # noqa: E402
 
 NGRAM = {"backend": "ngram"}
@@ -60,11 +60,11 @@ def chain_run(tmp_path_factory):
 
 def test_caption_sets_and_pairs(chain_run):
     tmp_path, report, bodies = chain_run
-    sets = StageStore(tmp_path / "captions" / "sets", "caption_sets")
-    ok_sets, failed = sets.records(), sets.errors()
-    # the demo table's Sherwani only ever gets too-long captions: an error record, never padded
-    assert [e["error"] for e in failed.values()] == ["incomplete_caption_set"]
-    (msg,) = [e["message"] for e in failed.values()]
+    sets = Store(tmp_path / "captions" / "sets", "caption_sets")
+    ok_sets, failed = list(sets.records()), list(sets.rejections())
+    # the demo table's Sherwani only ever gets too-long captions: a rejection (never padded, never re-billed)
+    assert [e["reason"] for e in failed] == ["incomplete_caption_set"] and not list(sets.errors())
+    (msg,) = [e["message"] for e in failed]
     assert msg.startswith("Sherwani (India): 0 of 4 valid captions after 3 requests") and "too_long" in msg
     for r in ok_sets:
         caps = r["captions"]
@@ -73,14 +73,14 @@ def test_caption_sets_and_pairs(chain_run):
         assert all(r["concept"] in c and any(f in c for f in r["features"]) for c in caps)
         assert len(set(r["scenes"])) == N
         assert r["rounds"] == 2 and r["rejected"] == {"duplicate": 1, "too_long": 1}  # retried for the 2 missing
-    pairs = StageStore(tmp_path / "captions", "captions").records()
+    pairs = list(Store(tmp_path / "captions", "captions").records())
     assert report.ok == len(pairs) > 0
-    pair_errors = StageStore(tmp_path / "captions", "captions").errors()
-    assert {e["error"] for e in pair_errors.values()} == {"caption_set_failed"}
-    assert all("Sherwani" in e["message"] for e in pair_errors.values())
+    pair_rejections = list(Store(tmp_path / "captions", "captions").rejections())
+    assert {e["reason"] for e in pair_rejections} == {"caption_set_rejected"} and report.errors == 0
+    assert all("Sherwani" in e["message"] for e in pair_rejections)
     by_side = {(r["concept"], r["country"]): r for r in ok_sets}
     for p in pairs:
-        assert p["twin_id"] == p["key"] and p["pos_country"] != p["neg_country"]
+        assert p["pos_country"] != p["neg_country"]
         for side in ("pos", "neg"):
             s = by_side[(p[f"{side}_concept"], p[f"{side}_country"])]
             assert p[f"{side}_captions"] == s["captions"] and p[f"{side}_features"] == s["features"]
@@ -93,7 +93,7 @@ def test_caption_sets_and_pairs(chain_run):
     first = [up.read_block(request_text(b)) for b in bodies if "Already written: \n" in request_text(b)
              or request_text(b).rstrip().endswith("Already written:")]
     # one first request per caption set (Sherwani, never accepting a caption, asks afresh 3 times)
-    expected = [r["concept"] for r in ok_sets] + 3 * [e["message"].split(" (")[0] for e in failed.values()]
+    expected = [r["concept"] for r in ok_sets] + 3 * [e["message"].split(" (")[0] for e in failed]
     assert sorted(f["Concept"] for f in first) == sorted(expected)
     for b in bodies:
         f = up.read_block(request_text(b))
@@ -105,10 +105,10 @@ def test_caption_sets_and_pairs(chain_run):
 
 
 def test_render_reads_the_pairs(chain_run):
-    importer = pytest.importorskip("cultureclip.curate.importer")
+    importer = pytest.importorskip("cultureclip.curate.stages.importer")
     tmp_path = chain_run[0]
     got = importer.load_pairs(tmp_path)
-    assert [p["twin_id"] for p in got] == sorted(p["twin_id"] for p in StageStore(
+    assert [p["twin_id"] for p in got] == sorted(p["twin_id"] for p in Store(
         tmp_path / "captions", "captions").records())
 
 
@@ -118,7 +118,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_curate_captions import run_chain
 from test_curate_concepts import standin
-from cultureclip.curate import concepts, twins, captions
+from cultureclip.curate.stages import concepts, twins, captions
 with standin(concepts, twins, captions, latency_s={latency}) as srv:
     run_chain(Path(sys.argv[1]), srv)
 """
@@ -129,9 +129,11 @@ def _snapshot(out: Path) -> dict:
               "captions": "captions"}
     snap = {}
     for folder, stage in stores.items():
-        store = StageStore(out / folder, stage)
+        store = Store(out / folder, stage)
         store.verify()
-        snap[folder] = (store.records(), sorted(store.errors()))
+        key = lambda r: r["key"]  # noqa: E731
+        snap[folder] = (sorted(store.records(), key=key), sorted(store.rejections(), key=key),
+                        sorted(store.errors(), key=key))
     return snap
 
 
@@ -166,7 +168,7 @@ def test_stages_refuse_unfinished_input(tmp_path):
         half = ctx_for(tmp_path, srv, shard_index=0, num_shards=2)
         report = twins.run({"embedding": NGRAM, "keep": 1}, half)
         with pytest.raises(ValueError, match=rf"{report.jobs_total - report.jobs_in_range} of {report.jobs_total} "
-                                             r"twins jobs are not finished"):
+                                             r"current twins jobs are neither done nor rejected"):
             captions.run({"n": N}, ctx)
         twins.run({"embedding": NGRAM, "keep": 1}, ctx_for(tmp_path, srv, shard_index=1, num_shards=2))
         assert captions.run({"n": N}, ctx).ok > 0

@@ -9,9 +9,9 @@ import pytest
 pydantic = pytest.importorskip("pydantic")
 pytest.importorskip("openai")
 
-from cultureclip.curate.chat import ChatAnswer, ChatClient, ChatConfig, image_part, strict_json_schema  # noqa: E402
-from cultureclip.curate.preflight import ChatServerError  # noqa: E402
-from cultureclip.curate.standin import Fault, StandinServer, request_text  # noqa: E402
+from cultureclip.curate.backends.chat import ChatAnswer, ChatClient, ChatConfig, image_part, strict_json_schema  # noqa: E402
+from cultureclip.curate.backends.standin import Fault, StandinServer, request_text  # noqa: E402
+from cultureclip.curate.backends.preflight import ChatServerError  # noqa: E402
 
 
 class Echo(pydantic.BaseModel):
@@ -163,7 +163,7 @@ def test_standin_cli_serves_in_another_process():
     import sys
     from pathlib import Path
     env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.Popen([sys.executable, "-m", "cultureclip.curate.standin", "--latency", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "cultureclip.curate.backends.standin", "--latency", "0"],
                             stdout=subprocess.PIPE, text=True, env=env)
     try:
         url = proc.stdout.readline().strip()  # EOF (not a hang) if the server fails to start

@@ -14,8 +14,9 @@ import pytest
 from test_curate_app import compose_curate
 from test_curate_export import make_run
 
-from cultureclip.curate import app, judge
-from cultureclip.curate import upstream as up
+from cultureclip.curate import app
+from cultureclip.curate.stages import judge
+from cultureclip.curate.stages import upstream as up
 from cultureclip.curate.registry import Context
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,11 +11,11 @@ pytest.importorskip("pydantic")
 pytest.importorskip("openai")
 
 from cultureclip import schema  # noqa: E402
-from cultureclip.curate import concepts  # noqa: E402
-from cultureclip.curate import upstream as up  # noqa: E402
-from cultureclip.curate.records import StageStore  # noqa: E402
+from cultureclip.curate.stages import concepts  # noqa: E402
+from cultureclip.curate.stages import upstream as up  # noqa: E402
+from cultureclip.curate.runner import Store  # noqa: E402
 from cultureclip.curate.registry import Context  # noqa: E402
-from cultureclip.curate.standin import StandinServer, request_images, request_text, schema_name  # noqa: E402
+from cultureclip.curate.backends.standin import StandinServer, request_images, request_text, schema_name  # noqa: E402
 
 COUNTRIES = ["Japan", "Mexico", "South Korea", "Vietnam"]
 CATS = ["Cuisine", "Clothing"]
@@ -109,7 +109,7 @@ def test_top_down_cells_and_rejections(tmp_path):
     for k, c in got.items():
         assert c[schema.FEATURES] == accepted[k]["features"] and c[schema.NATIVE_NAME] == accepted[k]["native_name"]
         assert c[schema.CONCEPT_ID] == up.concept_id(*k)
-    recs = StageStore(tmp_path / "concepts", "concepts").records()
+    recs = list(Store(tmp_path / "concepts", "concepts").records())
     got_rej = sorted((r["concept"], r["reason"].split(":")[0]) for rec in recs for r in rec["rejected"])
     assert got_rej == sorted(rejected)
     assert ("Jarabe tapatío", "unknown_category") in got_rej  # "Dance" is not mapped to any category
@@ -203,11 +203,13 @@ def test_wiki_pages(tmp_path):
         report = concepts.run(cfg, ctx_for(tmp_path / "out", srv))
         bodies = list(srv.bodies)
     assert report.jobs_total == 6
-    assert report.errors_by_reason == {"no_image": 1, "unknown_category": 1, "unreadable_image": 1}
-    store = StageStore(tmp_path / "out" / "concepts", "concepts")
-    errs = {e["message"].split(": ")[0]: e for e in store.errors().values()}
-    assert any("broken.png" in e["message"] for e in errs.values())
-    assert any("'Textile'" in e["message"] for e in errs.values())  # Batik: not mapped to a default
+    # a page without an image, an unreadable image and a valid answer that fails a check are rejected for
+    # good (the image file's hash is in the key: a repaired file makes a new job)
+    assert report.rejected_by_reason == {"no_image": 1, "unknown_category": 1, "unreadable_image": 1}
+    assert report.errors == 0
+    store = Store(tmp_path / "out" / "concepts", "concepts")
+    assert any("broken.png" in r["message"] for r in store.rejections())
+    assert any("'Textile'" in r["message"] for r in store.rejections())  # Batik: not mapped to a default
     got = {c["concept"]: c for c in concepts.load_concepts(tmp_path / "out")}
     assert set(got) == {"Hanbok", "Tower Bridge"}
     assert got["Hanbok"]["country"] == "South Korea" and got["Hanbok"]["category"] == "Clothing"
@@ -232,10 +234,11 @@ def test_seed_file(tmp_path):
              {"concept": "Sari", "country": "India", "category": "Clothing", "features": []}]
     seed.write_text("".join(json.dumps(i) + "\n" for i in items))
     report = concepts.run({"sources": ["seed"], "seed": {"file": str(seed)}}, Context(out_dir=tmp_path))
-    assert report.ok == 1 and report.errors_by_reason == {"no_country": 1, "no_features": 1, "unknown_category": 1}
+    assert report.ok == 1 and report.rejected_by_reason == {"no_country": 1, "no_features": 1, "unknown_category": 1}
+    assert report.errors == 0
     (c,) = concepts.load_concepts(tmp_path)
     assert (c["concept"], c["category"], c["source"]) == ("Ramen", "Cuisine", "seed")
-    msgs = sorted(e["message"] for e in StageStore(tmp_path / "concepts", "concepts").errors().values())
+    msgs = sorted(r["message"] for r in Store(tmp_path / "concepts", "concepts").rejections())
     assert any(m.startswith(f"{seed}:2: unknown_category") for m in msgs)
     seed.write_text('{"concept": "A"}\nnot json\n')
     with pytest.raises(ValueError, match=r"seed.jsonl:2: not a JSON object"):
@@ -252,7 +255,7 @@ def test_adding_a_source_later_keeps_the_done_cells(tmp_path):
         report = concepts.run(cfg, ctx)
         assert srv.requests == 1  # the cell was not asked again
     # the seed list's Clothing concepts are not enabled here: rejected with that reason, not re-categorised
-    assert report.done_before == 1 and report.ok == 8 and report.errors_by_reason == {"category_not_enabled": 8}
+    assert report.done_before == 1 and report.ok == 8 and report.rejected_by_reason == {"category_not_enabled": 8}
     got = concepts.load_concepts(tmp_path)
     assert {c["source"] for c in got} == {"top_down", "seed"} and {c["category"] for c in got} == {"Cuisine"}
     # Ramen and Sushi come from both sources: one concept id each

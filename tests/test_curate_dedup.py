@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from cultureclip import schema
-from cultureclip.curate import concepts, dedup
-from cultureclip.curate import embeddings as emb
-from cultureclip.curate import upstream as up
+from cultureclip.curate.stages import concepts, dedup
+from cultureclip.curate.backends import embeddings as emb
+from cultureclip.curate.stages import upstream as up
 from cultureclip.curate.registry import Context
 
 NGRAM = {"backend": "ngram", "dim": 1024}

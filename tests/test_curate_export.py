@@ -1,4 +1,4 @@
-"""Stage export (cultureclip.curate.export): pairs from judged renders, split, shards, card, atomicity.
+"""Stage export (cultureclip.curate.stages.export): pairs from judged renders, split, shards, card, atomicity.
 
 Render and judge records are written here by hand through the record store (the shapes of the design),
 so these tests check export alone; the app tests run the real stages end to end.
@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from cultureclip import schema
-from cultureclip.curate import export as E
-from cultureclip.curate.importer import import_pairs, load_pairs
-from cultureclip.curate.records import Outcome, StageStore, record_key, write_atomic
+from cultureclip.curate.stages import export as E
+from cultureclip.curate.stages.importer import import_pairs, load_pairs, pairs_store
 from cultureclip.curate.registry import Context
+from cultureclip.curate.runner import Job, Outcome, Store, digest, in_val, run_stage, write_atomic
 
 TWINS = [("Cuisine", "Bibimbap", "South Korea", "Nasi campur", "Indonesia"),
          ("Clothing", "Hanbok", "South Korea", "Kimono", "Japan"),
@@ -66,37 +66,56 @@ def reference_rows():
 
 
 def make_run(out: Path, fails=FAILS, judge: bool = True, rows=None) -> dict:
-    """pairs (imported), render and (``judge``) judge stores as the stages write them; returns what went in."""
+    """pairs (imported), render and (``judge``) judge stores as the stages write them, through the runner;
+    returns what went in."""
     src = out.parent / "pairs_in.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in (rows or caption_rows())) + "\n")
     import_pairs([src], out)
     pairs = sorted(load_pairs(out), key=lambda p: [t[1] for t in TWINS].index(p[schema.POS_CONCEPT]))
-    renders, judged = {}, {}
+    jobs, where = [], {}
     for t, pair in enumerate(pairs):
         for side in (schema.POS_PREFIX, schema.NEG_PREFIX):
-            other = schema.NEG_PREFIX if side == schema.POS_PREFIX else schema.POS_PREFIX
             for c, caption in enumerate(pair[f"{side}_captions"]):
-                rkey = record_key("render", {"caption": caption})
-                rel = f"images/{rkey[:2]}/{rkey}.png"
-                data = png_bytes(len(renders))
-                write_atomic(out / "render" / rel, data)
-                renders[rkey] = {schema.CONCEPT: pair[f"{side}_concept"], schema.COUNTRY: pair.get(f"{side}_country"),
-                                 schema.CATEGORY: pair[schema.CATEGORY], schema.CAPTION: caption,
-                                 schema.IMAGE_FILE: rel, schema.IMAGE_SHA256: hashlib.sha256(data).hexdigest(),
-                                 schema.MODEL_ID: "hand-made", schema.WIDTH: 32, schema.HEIGHT: 32}
-                a, b, f, own = fails.get((t, side, c), (4, 4, 5, True))
-                judged[record_key("judge", {"render": rkey, "twin": pair[schema.TWIN_ID]})] = {
-                    schema.RENDER_KEY: rkey, schema.TWIN_ID: pair[schema.TWIN_ID], schema.SIDE: side,
-                    schema.CATEGORY: pair[schema.CATEGORY], schema.IMAGE_SHA256: renders[rkey][schema.IMAGE_SHA256],
-                    schema.CONCEPT: pair[f"{side}_concept"], schema.TWIN_CONCEPT: pair[f"{other}_concept"],
-                    schema.SCORE_AUTHENTICITY: a, schema.SCORE_CONSISTENCY: b, schema.SCORE_FIDELITY: f,
-                    schema.TWIN_CHOICE: pair[f"{side if own else other}_concept"], schema.PICKS_OWN: own,
-                    schema.REASON: f"reason {c}"}
-    for name, recs in (("render", renders), ("judge", judged))[:2 if judge else 1]:
-        def process(jobs, recs=recs):
-            return (Outcome(j[schema.REC_KEY], record=recs[j[schema.REC_KEY]]) for j in jobs)
-        StageStore(out / name, name, {}).run([{schema.REC_KEY: k} for k in recs], process)
-    return {"pairs": pairs, "renders": renders, "judged": judged}
+                inputs = {schema.CONCEPT: pair[f"{side}_concept"], schema.COUNTRY: pair.get(f"{side}_country"),
+                          schema.CATEGORY: pair[schema.CATEGORY], schema.CAPTION: caption}
+                jobs.append(Job(inputs=inputs, model="hand-made", extra={"n": len(jobs)}))
+                where[caption] = (t, side, c, pair)
+
+    def render(todo):
+        for j in todo:
+            key, data = j[schema.REC_KEY], png_bytes(j["n"])
+            rel = f"images/{key[:2]}/{key}.png"
+            write_atomic(out / "render" / rel, data)
+            yield Outcome(key, record={**{f: j[f] for f in (schema.CONCEPT, schema.COUNTRY, schema.CATEGORY,
+                                                            schema.CAPTION)},
+                                       schema.IMAGE_FILE: rel, schema.IMAGE_SHA256: hashlib.sha256(data).hexdigest(),
+                                       schema.MODEL_ID: "hand-made", schema.WIDTH: 32, schema.HEIGHT: 32})
+
+    render_store = Store(out / "render", "render")
+    run_stage(render_store, jobs, render, upstream=(pairs_store(out),))
+    renders = {r[schema.REC_KEY]: r for r in render_store.records()}
+    judge_jobs = []
+    for rkey, r in renders.items():
+        t, side, c, pair = where[r[schema.CAPTION]]
+        other = schema.NEG_PREFIX if side == schema.POS_PREFIX else schema.POS_PREFIX
+        a, b, f, own = fails.get((t, side, c), (4, 4, 5, True))
+        judge_jobs.append(Job(inputs={
+            schema.RENDER_KEY: rkey, schema.TWIN_ID: pair[schema.TWIN_ID], schema.SIDE: side,
+            schema.CATEGORY: pair[schema.CATEGORY], schema.IMAGE_SHA256: r[schema.IMAGE_SHA256],
+            schema.CONCEPT: pair[f"{side}_concept"], schema.TWIN_CONCEPT: pair[f"{other}_concept"],
+            schema.SCORE_AUTHENTICITY: a, schema.SCORE_CONSISTENCY: b, schema.SCORE_FIDELITY: f,
+            schema.TWIN_CHOICE: pair[f"{side if own else other}_concept"], schema.PICKS_OWN: own,
+            schema.REASON: f"reason {c}"}))
+    judged = {}
+    if judge:
+        judge_store = Store(out / "judge", "judge")
+
+        def answer(todo):
+            for j in todo:
+                judged[j[schema.REC_KEY]] = {k: v for k, v in j.items() if k != schema.REC_KEY}
+                yield Outcome(j[schema.REC_KEY], record=judged[j[schema.REC_KEY]])
+        run_stage(judge_store, judge_jobs, answer, upstream=(render_store, pairs_store(out)))
+    return {"pairs": pairs, "renders": renders, "judged": judged, "judge_jobs": judge_jobs}
 
 
 def read_shards(folder: Path) -> dict:
@@ -118,7 +137,7 @@ def expected_pairs(made: dict) -> dict:
                            and min(j[s] for s in schema.SCORES) > 1 and sum(j[s] for s in schema.SCORES) > 9
                            and j[schema.PICKS_OWN]) for side in (schema.POS_PREFIX, schema.NEG_PREFIX)}
         for p, n in itertools.product(ok[schema.POS_PREFIX], ok[schema.NEG_PREFIX]):
-            out[record_key("pair", {schema.TWIN_ID: pair[schema.TWIN_ID], "pos": p, "neg": n})] = (pair, p, n)
+            out[digest({"pair": {schema.TWIN_ID: pair[schema.TWIN_ID], "pos": p, "neg": n}})] = (pair, p, n)
     return out
 
 
@@ -130,15 +149,16 @@ def run_dir(tmp_path):
 
 def test_export_all_pairs_split_shards_and_meta(run_dir):
     out, made = run_dir
-    report = E.run({"pairs_per_twin": None, "val_fraction": 0.3, "maxcount": 3, "plots": False},
-                   Context(out_dir=out, seed=5))
+    report = E.run({"pairs_per_twin": None, "val_fraction": 0.3, "split_seed": 5, "maxcount": 3, "plots": False},
+                   Context(out_dir=out))
     want = expected_pairs(made)
     assert len(want) == 2 + 1 + 0 + 4  # bibimbap 2x1, hanbok 1x1, pagoda none, songkran 2x2 (see FAILS)
     train, val = read_shards(out / "export" / "train"), read_shards(out / "export" / "val")
     assert sorted(train) + sorted(val) != [] and set(train) | set(val) == set(want) and not set(train) & set(val)
     twin_of = {k: want[k][0][schema.TWIN_ID] for k in want}
     assert not {twin_of[k] for k in train} & {twin_of[k] for k in val}  # whole twin pairs per split
-    assert len({twin_of[k] for k in val}) == 1  # round(0.3 * 3 twins)
+    exported = {twin_of[k] for k in want}
+    assert {twin_of[k] for k in val} == {t for t in exported if in_val(t, 5, 0.3)}  # the rule, recomputed
     for key, sample in {**train, **val}.items():
         pair, pos, neg = want[key]
         meta = json.loads(sample[schema.META])
@@ -181,10 +201,10 @@ def test_card_counts_histograms_gallery(run_dir):
     E.run({"pairs_per_twin": None, "gallery_size": 3}, Context(out_dir=out))
     card = json.loads((out / "export" / "card.json").read_text())
     judged = list(made["judged"].values())
-    assert card["stages"]["render"]["records"] == len(made["renders"]) == 16
-    assert card["stages"]["judge"] == {"records": 16, "errors": 0, "errors_by_reason": {}, "jobs_total": 16,
-                                       "pending": 0, "success_rate": 1.0, "job_ranges_reported": 1}
-    assert card["stages"]["pairs"]["records"] == 4
+    assert card["stages"]["render"]["done"] == len(made["renders"]) == 16
+    assert card["stages"]["judge"] == {"jobs": 16, "done": 16, "rejected": 0, "rejected_by_reason": {}, "errors": 0,
+                                       "errors_by_reason": {}, "missing": 0}
+    assert card["stages"]["pairs"]["done"] == 4 and "in val iff" in card["export"]["split_rule"]
     assert card["judge"]["images_passed"] == 16 - len(FAILS) and card["judge"]["pass_rate"] == round(11 / 16, 4)
     for s in schema.SCORES:
         assert card["judge"]["histograms"][s] == {str(v): sum(j[s] == v for j in judged) for v in range(1, 6)}
@@ -211,20 +231,22 @@ def test_card_counts_histograms_gallery(run_dir):
 
 def test_refuses_unfinished_judge_and_missing_stages(tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(FileNotFoundError, match=r"render not found: run stage=render first"):
+    with pytest.raises(FileNotFoundError, match=r"import them \(input=...\) or run stage=captions"):
         E.run({}, Context(out_dir=out))
-    make_run(out)
+    made = make_run(out, judge=False)
+    with pytest.raises(FileNotFoundError, match=r"judge not found: run stage=judge before stage=export"):
+        E.run({}, Context(out_dir=out))
 
     def stop_after_two(jobs):
         for j in itertools.islice(jobs, 2):
             yield Outcome(j[schema.REC_KEY], error="http_503", message="down")
-        raise KeyboardInterrupt  # the process is stopped with 3 jobs left
+        raise KeyboardInterrupt  # the process is stopped with the rest left
 
-    store = StageStore(out / "judge", "judge", {})
-    jobs = [{schema.REC_KEY: f"extra{i}"} for i in range(5)] + [{schema.REC_KEY: k} for k in store.done_keys()]
     with pytest.raises(KeyboardInterrupt):
-        store.run(jobs, stop_after_two)
-    with pytest.raises(RuntimeError, match=r"stage judge .* has 3 of 21 jobs neither done nor failed"):
+        run_stage(Store(out / "judge", "judge"), made["judge_jobs"], stop_after_two,
+                  upstream=(Store(out / "render", "render"), pairs_store(out)))
+    with pytest.raises(ValueError, match=r"16 of 16 current judge jobs are neither done nor rejected \(2 failed "
+                                         r"\{'http_503': 2\}, 14 not run yet"):
         E.run({}, Context(out_dir=out))
     with pytest.raises(ValueError, match="num_shards=1"):
         E.run({}, Context(out_dir=out, num_shards=2, shard_index=1))

@@ -14,26 +14,35 @@ markdown_it = pytest.importorskip("markdown_it")
 from test_curate_export import make_run  # noqa: E402
 
 from cultureclip import schema  # noqa: E402
-from cultureclip.curate import export as E  # noqa: E402
-from cultureclip.curate import judge  # noqa: E402
-from cultureclip.curate.records import StageStore  # noqa: E402
+from cultureclip.curate.stages import export as E  # noqa: E402
+from cultureclip.curate.stages import judge  # noqa: E402
+from cultureclip.curate.runner import Store  # noqa: E402
 from cultureclip.curate.registry import Context  # noqa: E402
-from cultureclip.curate.standin import KEY_PLACEHOLDER, Fault, StandinServer, schema_name  # noqa: E402
+from cultureclip.curate.backends.standin import KEY_PLACEHOLDER, Fault, StandinServer, schema_name  # noqa: E402
+
+def judge_records(out):
+    return sorted(Store(out / "judge", "judge").records(), key=lambda r: r[schema.REC_KEY])
+
+
+def judge_errors(out):
+    return {e[schema.REC_KEY]: e for e in Store(out / "judge", "judge").errors()}
+
 
 SECRET = "sk-test-" + "fedcba9876543210" * 3
 INJECTION = "|\n\n# INJECTED HEADING\n| forged | row |\n<script>alert(1)</script> [link](http://x) **bold**"
 
 
-def judged_run(tmp_path, faults, monkeypatch, rule=None):
+def judged_run(tmp_path, faults, monkeypatch, rule=None, fresh=True):
     tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "run"
-    made = make_run(out, judge=False)
+    made = make_run(out, judge=False) if fresh else None
     monkeypatch.setenv("CC_HOSTILE_KEY", SECRET)  # the key a real deployment reads from its environment
     with StandinServer(judge.standin_responders(), api_key=SECRET, faults=faults) as server:
         ctx = Context(out_dir=out, chat={"base_url": server.url, "model": "m", "api_key_env": "CC_HOSTILE_KEY",
                                          "max_attempts": 1, "timeout_s": 10, "concurrency": 4})
         report = judge.run({}, ctx)
-    E.run({"pairs_per_twin": None, "val_fraction": 0.0, "plots": False, "rule": rule or {}}, ctx)
+    if not report.errors:  # export refuses a judge view with failed jobs (they are retried by the next run)
+        E.run({"pairs_per_twin": None, "val_fraction": 0.0, "plots": False, "rule": rule or {}}, ctx)
     return out, made, report
 
 
@@ -52,15 +61,19 @@ def test_a_key_echoed_in_answers_and_errors_is_written_nowhere(tmp_path, monkeyp
 
     out, made, report = judged_run(tmp_path, faults, monkeypatch)
     assert report.ok and report.errors and report.errors_by_reason == {"schema_violation": report.errors}
-    records = StageStore(out / "judge", "judge").records()
+    errors = judge_errors(out)
+    assert errors and all("***" in e[schema.REC_MESSAGE] for e in errors.values())  # the echo was there, scrubbed
+    echo_only = lambda i, body: (Fault("patch", patch={schema.REASON: f"Bearer {KEY_PLACEHOLDER} looked fine"})  # noqa: E731
+                                 if schema_name(body) == judge.SCORES_SCHEMA else None)
+    again = judged_run(tmp_path, echo_only, monkeypatch, fresh=False)[2]  # the failed ones retried, then export
+    assert again.errors == 0 and again.ok == report.errors
+    records = judge_records(out)
     assert records and all(r[schema.REASON] == "Bearer *** looked fine" for r in records)
     written = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.name == "card.md" for p in written) and any("errors" in p.parts for p in written)
     for path in written:
         assert SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in caplog.text
-    errors = StageStore(out / "judge", "judge").errors()
-    assert all("***" in e[schema.REC_MESSAGE] for e in errors.values())  # the echo was there, scrubbed
 
 
 def test_markdown_in_the_reason_cannot_change_the_card(tmp_path, monkeypatch):
@@ -100,7 +113,7 @@ def test_boolean_scores_are_schema_violations_not_ones(tmp_path, monkeypatch):
     assert report.errors_by_reason == {"schema_violation": len(made["renders"])}
     out2, _, report2 = judged_run(tmp_path / "b", scores_patch({schema.SCORE_AUTHENTICITY: 1}), monkeypatch)
     assert report2.ok == len(made["renders"])  # the integer 1 is a valid score
-    assert all(type(r[schema.SCORE_AUTHENTICITY]) is int for r in StageStore(out2 / "judge", "judge").records())
+    assert all(type(r[schema.SCORE_AUTHENTICITY]) is int for r in judge_records(out2))
 
 
 def test_a_bad_timeout_is_a_config_error_before_any_request(tmp_path):
@@ -179,7 +192,7 @@ def test_interrupt_stops_in_two_seconds_and_the_rerun_matches(tmp_path, sig):
     assert took < 2.0, (took, err[-2000:])
     assert proc.returncode == (130 if sig == "SIGINT" else 143), err[-2000:]
     assert err.strip().splitlines()[-1].startswith(f"error: stopped by {sig}")
-    done = StageStore(out / "judge", "judge").records()
+    done = judge_records(out)
     assert 0 < len(done) < len(made["renders"])
     with StandinServer(judge.standin_responders()) as server:  # the same command, the server healthy again
         rerun = subprocess.run(command(server.url, out), cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -188,6 +201,5 @@ def test_interrupt_stops_in_two_seconds_and_the_rerun_matches(tmp_path, sig):
         assert server.by_schema[judge.SCORES_SCHEMA] == len(made["renders"]) - len(done)  # only what was missing
         ctx = Context(out_dir=clean, chat={"base_url": server.url, "model": "standin-judge"})
         judge.run({"part_size": 64}, ctx)
-    store = StageStore(out / "judge", "judge")
-    store.verify()
-    assert store.records() == StageStore(clean / "judge", "judge").records()
+    Store(out / "judge", "judge").verify()
+    assert judge_records(out) == judge_records(clean)

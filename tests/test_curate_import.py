@@ -1,4 +1,4 @@
-"""The twin caption-set importer (cultureclip.curate.importer): three formats, errors, the pairs store."""
+"""The twin caption-set importer (cultureclip.curate.stages.importer): three formats, errors, the pairs store."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from cultureclip import schema
-from cultureclip.curate import importer as I
-from cultureclip.curate.records import StageMismatchError, StageStore, record_key
+from cultureclip.curate.stages import importer as I
+from cultureclip.curate.runner import Job, Outcome, Store, digest, run_stage
 from cultureclip.data.shards import RecordError
 
 POS_CAPS = ["A bowl of bibimbap with a fried egg on a wooden table.", "Bibimbap in a hot stone bowl at a market stall."]
@@ -42,8 +42,8 @@ def render_input_rows():
 
 def expected_record():
     """The record written by hand from the field rules (not by the importer)."""
-    tid = record_key("twin", {"category": "Cuisine", "pos_concept": "Bibimbap", "pos_country": None,
-                              "neg_concept": "Nasi campur", "neg_country": None})
+    tid = digest({"twin": {"category": "Cuisine", "pos_concept": "Bibimbap", "pos_country": None,
+                           "neg_concept": "Nasi campur", "neg_country": None}})
     return {"twin_id": tid, "category": "Cuisine", "pos_concept": "Bibimbap", "pos_country": None,
             "pos_context": "Korean mixed rice", "pos_features": ["stone bowl, fried egg"], "pos_captions": POS_CAPS,
             "neg_concept": "Nasi campur", "neg_country": None, "neg_context": "Indonesian mixed rice",
@@ -125,28 +125,35 @@ def test_skip_mode_counts_and_keeps_the_rest(tmp_path):
         I.read_pairs([src])
 
 
-def test_import_store_rerun_mismatch_and_load_pairs(tmp_path):
+def test_import_view_reimport_wins_and_switching_back_is_free(tmp_path):
     out = tmp_path / "run"
     src = write(tmp_path / "in.jsonl", [caption_row(), caption_row(**{schema.POS_CONCEPT: "Tteok"})])
-    with pytest.raises(FileNotFoundError, match=r"neither .*captions.* nor .*pairs"):
+    with pytest.raises(FileNotFoundError, match=r"import them \(input=...\) or run stage=captions"):
         I.load_pairs(out)
     report = I.import_pairs([src], out)
     pairs = I.load_pairs(out)
-    assert report.pairs == 2 and [p[schema.REC_KEY] for p in pairs] == [p[schema.TWIN_ID] for p in pairs]
-    assert {p[schema.POS_CONCEPT] for p in pairs} == {"Bibimbap", "Tteok"}
+    assert report.pairs == 2 and {p[schema.POS_CONCEPT] for p in pairs} == {"Bibimbap", "Tteok"}
     assert I.read_pairs([src])[0] == [{k: v for k, v in p.items() if k != schema.REC_KEY} for p in pairs]
     files = sorted(p.name for p in (out / I.STAGE / "parts").iterdir())
     I.import_pairs([src], out)  # same input again: nothing new written
     assert sorted(p.name for p in (out / I.STAGE / "parts").iterdir()) == files
-    with pytest.raises(StageMismatchError, match="inputs_sha256"):
-        I.import_pairs([write(tmp_path / "other.jsonl", [caption_row()])], out)
-    assert json.loads((out / I.STAGE / I.REPORT_FILE).read_text())["pairs"] == 2
+    # a corrected file: its pairs are the view now (an import always wins), the old ones are only a cache
+    fixed = caption_row(**{schema.POS_CONTEXT: "Korean mixed rice, corrected"})
+    I.import_pairs([write(tmp_path / "other.jsonl", [fixed])], out)
+    (now,) = I.load_pairs(out)
+    assert now[schema.POS_CONTEXT] == "Korean mixed rice, corrected"
+    assert json.loads((out / I.STAGE / I.REPORT_FILE).read_text())["pairs"] == 1
     section = I.card_section(out)
-    assert section["data"]["pairs"] == 2 and "2 twin pairs from 2 rows" in section["markdown"]
-    # issue 9's captions stage, when present, is what later stages read
-    StageStore(out / I.CAPTIONS_STAGE, I.CAPTIONS_STAGE, {}).run(
-        [{schema.REC_KEY: "k1"}], lambda jobs: [I.Outcome(j[schema.REC_KEY], record={"x": 1}) for j in jobs])
-    assert I.load_pairs(out) == [{schema.REC_KEY: "k1", "x": 1}]
+    assert section["data"]["pairs"] == 1 and "1 twin pairs from 1 rows" in section["markdown"]
+    # a captions run makes the captions store the source; importing again makes the import the source
+    captions = Store(out / I.CAPTIONS_STAGE, I.CAPTIONS_STAGE)
+    run_stage(captions, [Job(inputs={"x": 1, schema.TWIN_ID: "t"})],
+              lambda jobs: [Outcome(j[schema.REC_KEY], record={"x": 1, schema.TWIN_ID: "t"}) for j in jobs])
+    I.set_pairs_source(out, I.CAPTIONS_STAGE)
+    assert [p["x"] for p in I.load_pairs(out)] == [1] and I.card_section(out) is None
+    I.import_pairs([src], out)
+    assert sorted(p[schema.POS_CONCEPT] for p in I.load_pairs(out)) == ["Bibimbap", "Tteok"]
+    assert sorted(p.name for p in (out / I.STAGE / "parts").iterdir())[:len(files)] == files
 
 
 def test_missing_input_and_empty_input(tmp_path):
@@ -157,15 +164,21 @@ def test_missing_input_and_empty_input(tmp_path):
         I.import_pairs([src], tmp_path / "run", on_error="skip")
 
 
-def test_load_pairs_reads_only_the_latest_captions_run(tmp_path):
-    from cultureclip.curate import upstream
-    from cultureclip.curate.records import Outcome
-    root = tmp_path / I.CAPTIONS_STAGE
-    store = StageStore(root, I.CAPTIONS_STAGE)
-    old = [{schema.REC_KEY: record_key("t", {"i": i})} for i in range(3)]
-    new = [{schema.REC_KEY: record_key("t", {"i": i})} for i in range(2, 5)]
-    for jobs in (old, new):  # a rerun on other concepts: the first run's records stay on disk
-        store.run(jobs, lambda it: (Outcome(j[schema.REC_KEY], record={"n": 1}) for j in it))
-        upstream.write_current(root, jobs)
-    assert len(store.records()) == 5
-    assert sorted(r[schema.REC_KEY] for r in I.load_pairs(tmp_path)) == sorted(j[schema.REC_KEY] for j in new)
+def test_load_pairs_reads_only_the_current_view_and_refuses_an_incomplete_one(tmp_path):
+    store = Store(tmp_path / I.CAPTIONS_STAGE, I.CAPTIONS_STAGE)
+    I.set_pairs_source(tmp_path, I.CAPTIONS_STAGE)
+
+    def make(jobs):
+        for j in jobs:
+            if j["i"] == 9:
+                yield Outcome(j[schema.REC_KEY], error="http_503", message="down")
+            else:
+                yield Outcome(j[schema.REC_KEY], record={"n": j["i"], schema.TWIN_ID: str(j["i"])})
+
+    run_stage(store, [Job(inputs={"i": i}) for i in range(3)], make)
+    run_stage(store, [Job(inputs={"i": i}) for i in range(2, 5)], make)  # a rerun on other concepts
+    assert len(store.index().done) == 5
+    assert sorted(r["n"] for r in I.load_pairs(tmp_path)) == [2, 3, 4]
+    run_stage(store, [Job(inputs={"i": i}) for i in (2, 9)], make)
+    with pytest.raises(ValueError, match=r"1 of 2 current captions jobs are neither done nor rejected"):
+        I.load_pairs(tmp_path)

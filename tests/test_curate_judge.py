@@ -22,10 +22,13 @@ pytest.importorskip("openai")
 from PIL import Image, PngImagePlugin  # noqa: E402
 
 from cultureclip import schema  # noqa: E402
-from cultureclip.curate import judge  # noqa: E402
-from cultureclip.curate.records import Outcome, StageStore, record_key, write_atomic  # noqa: E402
+from cultureclip.curate.stages import judge  # noqa: E402
+from cultureclip.curate.stages import importer  # noqa: E402
+from cultureclip.curate.backends.chat import ChatConfig  # noqa: E402
 from cultureclip.curate.registry import Context  # noqa: E402
-from cultureclip.curate.standin import Fault, StandinServer, request_images  # noqa: E402
+from cultureclip.curate.runner import Job, Outcome, Store, run_stage, write_atomic  # noqa: E402
+from cultureclip.curate.runner.jobs import keyed  # noqa: E402
+from cultureclip.curate.backends.standin import Fault, StandinServer, request_images  # noqa: E402
 
 MODEL = "test-vlm"
 SIDE_FIELDS = {"pos": (schema.POS_CONCEPT, schema.POS_COUNTRY, schema.POS_CAPTIONS),
@@ -38,7 +41,7 @@ def make_pairs(n_pairs, n_captions=2):
         pos, neg = f"dish p{t}", f"dish n{t}"
         ident = {schema.CATEGORY: "Cuisine", schema.POS_CONCEPT: pos, schema.POS_COUNTRY: "Aland",
                  schema.NEG_CONCEPT: neg, schema.NEG_COUNTRY: "Bland"}
-        pairs.append({schema.TWIN_ID: record_key("twin", ident), **ident,
+        pairs.append({schema.TWIN_ID: importer.twin_id(*ident.values()), **ident,
                       schema.POS_CONTEXT: f"context of {pos}", schema.NEG_CONTEXT: f"context of {neg}",
                       schema.POS_FEATURES: ["red", "round"], schema.NEG_FEATURES: [],
                       schema.POS_CAPTIONS: [f"a photo of {pos}, view {i}" for i in range(n_captions)],
@@ -54,10 +57,24 @@ def png(color, prompt):
     return buf.getvalue()
 
 
+def recs(root):
+    """The current records of a store, sorted by key."""
+    return sorted(Store(root, Path(root).name).records(), key=lambda r: r[schema.REC_KEY])
+
+
+def errs(root):
+    return {e[schema.REC_KEY]: e for e in Store(root, Path(root).name).errors()}
+
+
 def make_render(out_dir, pairs, skip_caption=None):
-    """A render store with one tiny PNG per (side, caption), written through StageStore like the render
-    stage does; the colour comes from the key, the prompt is stored in the PNG."""
-    jobs = {}
+    """The pairs imported (the real importer) and a render store with one tiny PNG per (side, caption),
+    written through the runner like the render stage does; the colour comes from the key, the prompt is
+    stored in the PNG."""
+    src = Path(out_dir) / "pairs-input.jsonl"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    importer.import_pairs([src], out_dir)
+    jobs = []
     for pair in pairs:
         for side, (concept_f, country_f, captions_f) in SIDE_FIELDS.items():
             for caption in pair[captions_f]:
@@ -65,8 +82,7 @@ def make_render(out_dir, pairs, skip_caption=None):
                     continue
                 ident = {schema.CONCEPT: pair[concept_f], schema.COUNTRY: pair[country_f],
                          schema.CATEGORY: pair[schema.CATEGORY], schema.CAPTION: caption}
-                key = record_key("render", ident, model="test-t2i", seed=0)
-                jobs[key] = {schema.REC_KEY: key, **ident}
+                jobs.append(Job(inputs=ident, model="test-t2i", settings={"seed": 0}))
     root = Path(out_dir) / "render"
 
     def process(todo):
@@ -79,7 +95,7 @@ def make_render(out_dir, pairs, skip_caption=None):
                                                       schema.IMAGE_FILE: rel,
                                                       schema.IMAGE_SHA256: hashlib.sha256(data).hexdigest()})
 
-    StageStore(root, "render", {"model": "test-t2i"}).run(list(jobs.values()), process)
+    run_stage(Store(root, "render"), jobs, process, upstream=(importer.pairs_store(out_dir),))
     return root
 
 
@@ -110,7 +126,7 @@ RESPONDERS = {judge.SCORES_SCHEMA: test_scores, judge.TWIN_SCHEMA: test_twin}
 
 def expected_records(out_dir, pairs):
     """Every judge record, computed from the render store and the images alone."""
-    render = {(r[schema.CONCEPT], r[schema.CAPTION]): r for r in StageStore(Path(out_dir) / "render", "render").records()}
+    render = {(r[schema.CONCEPT], r[schema.CAPTION]): r for r in recs(Path(out_dir) / "render")}
     out = {}
     for pair in pairs:
         for side, (concept_f, country_f, captions_f) in SIDE_FIELDS.items():
@@ -144,18 +160,30 @@ def ctx_for(out_dir, server, **chat):
 def test_judge_jobs_join_and_dedup(tmp_path):
     pairs = make_pairs(2)
     make_render(tmp_path, pairs, skip_caption=pairs[0][schema.POS_CAPTIONS][1])
-    renders = StageStore(tmp_path / "render", "render").records()
+    renders = recs(tmp_path / "render")
     swapped = {**pairs[1], schema.POS_CONCEPT: pairs[1][schema.NEG_CONCEPT], schema.NEG_CONCEPT: pairs[1][schema.POS_CONCEPT],
                schema.POS_COUNTRY: "Bland", schema.NEG_COUNTRY: "Aland",
                schema.POS_CAPTIONS: pairs[1][schema.NEG_CAPTIONS], schema.NEG_CAPTIONS: pairs[1][schema.POS_CAPTIONS]}
-    jobs, counts = judge.judge_jobs(pairs + [swapped], renders, MODEL, tmp_path / "render")
-    assert counts == {"captions": 12, "captions_without_image": 1, "duplicate_jobs": 4}
-    assert len(jobs) == 7 == len({j[schema.REC_KEY] for j in jobs})
+    chat = ChatConfig(base_url="http://127.0.0.1:1/v1", model=MODEL)
+    counts = {}
+    jobs, dup = keyed("judge", judge.judge_jobs(pairs + [swapped, pairs[1]], renders, chat, tmp_path / "render",
+                                                counts))
+    assert counts == {"captions": 16, "captions_without_image": 1}
+    assert len(jobs) == 11 and dup == 4  # the pair listed twice is the same work; its swap is other work
     for job in jobs:
         assert Path(job[schema.IMAGE_FILE]).is_file()
         assert {job[schema.CONCEPT], job[schema.TWIN_CONCEPT]} in ({p[schema.POS_CONCEPT], p[schema.NEG_CONCEPT]} for p in pairs)
-    other_model, _ = judge.judge_jobs(pairs, renders, "other-vlm", tmp_path / "render")
-    assert not {j[schema.REC_KEY] for j in other_model} & {j[schema.REC_KEY] for j in jobs}
+    keys = {j[schema.REC_KEY] for j in jobs}
+    for change in ({"model": "other-vlm"}, {"temperature": 0.7}):
+        other = judge.judge_jobs(pairs, renders, ChatConfig(**{**chat.__dict__, **change}), tmp_path / "render")
+        assert not {j[schema.REC_KEY] for j in keyed("judge", other)[0]} & keys, change
+    for change in ({"concurrency": 1}, {"max_attempts": 9}, {"timeout_s": 1.0}):  # do not change answers
+        same = judge.judge_jobs(pairs, renders, ChatConfig(**{**chat.__dict__, **change}), tmp_path / "render")
+        assert {j[schema.REC_KEY] for j in keyed("judge", same)[0]} <= keys, change
+    edited = [{**pairs[0], schema.POS_FEATURES: ["red", "square"]}, pairs[1]]  # the scores prompt carries features
+    changed = judge.judge_jobs(edited, renders, chat, tmp_path / "render")
+    changed_keys = {j[schema.REC_KEY] for j in keyed("judge", changed)[0]}
+    assert len(changed_keys - keys) == 1  # exactly the one pos image of pair 0 that exists
     same_name = {**pairs[0], schema.NEG_CONCEPT: pairs[0][schema.POS_CONCEPT], schema.NEG_COUNTRY: "Aland"}
     with pytest.raises(ValueError, match=pairs[0][schema.TWIN_ID]):
         judge.twin_labels({schema.CONCEPT: "x", schema.TWIN_CONCEPT: "x", schema.COUNTRY: "A", schema.TWIN_COUNTRY: "A",
@@ -166,20 +194,20 @@ def test_judge_stage_records_and_pass_rule(tmp_path):
     pairs = make_pairs(3)
     make_render(tmp_path, pairs)
     with StandinServer(RESPONDERS) as server:
-        report = judge.run({}, ctx_for(tmp_path, server), pairs=pairs)
+        report = judge.run({}, ctx_for(tmp_path, server))
         assert server.by_schema == {judge.SCORES_SCHEMA: 12, judge.TWIN_SCHEMA: 12}
         twin_texts = [b["messages"][0]["content"][1]["text"] for b in server.bodies
                       if b["response_format"]["json_schema"]["name"] == judge.TWIN_SCHEMA]
     assert (report.ok, report.errors, report.jobs_total) == (12, 0, 12)
     for text in twin_texts:  # blind: both names, sorted, and no context that gives the answer away
         assert '"dish n' in text and text.index('"dish n') < text.index('"dish p') and "context of" not in text
-    records = StageStore(tmp_path / "judge", "judge").records()
+    records = recs(tmp_path / "judge")
     expected = expected_records(tmp_path, pairs)
     got = {(r[schema.RENDER_KEY], r[schema.SIDE]): r for r in records}
     assert set(got) == set(expected)
     for k, exp in expected.items():
         assert {f: got[k][f] for f in exp} == exp
-        assert got[k][schema.MODEL_ID] == MODEL and got[k][schema.PROMPT_VERSION] == judge.PROMPT_VERSION
+        assert got[k][schema.MODEL_ID] == MODEL
     verdicts = [judge.passes(r) for r in records]
     assert verdicts == [reference_passes(r) for r in records] and 0 < sum(verdicts) < len(records)
     assert [judge.passes(r, {"require_twin_check": False}) for r in records] == \
@@ -201,20 +229,20 @@ def test_pass_rule_edges():
 def test_failures_are_errors_then_retried_on_rerun(tmp_path):
     pairs = make_pairs(2)
     render_dir = make_render(tmp_path, pairs)
-    renders = StageStore(render_dir, "render").records()
+    renders = recs(render_dir)
     (render_dir / renders[0][schema.IMAGE_FILE]).unlink()  # one image lost: an error, and no request for it
     bad_url = "data:image/png;base64," + base64.b64encode((render_dir / renders[1][schema.IMAGE_FILE]).read_bytes()).decode()
     faults = lambda i, body: Fault("schema") if request_images(body)[0] == bad_url else None  # noqa: E731
     with StandinServer(RESPONDERS, faults=faults) as server:
-        report = judge.run({}, ctx_for(tmp_path, server), pairs=pairs)
+        report = judge.run({}, ctx_for(tmp_path, server))
     assert report.ok == 6 and report.errors_by_reason == {"image_missing": 1, "schema_violation": 1}
-    errors = StageStore(tmp_path / "judge", "judge").errors()
+    errors = errs(tmp_path / "judge")
     by_reason = {e[schema.REC_ERROR]: e for e in errors.values()}
     assert by_reason["schema_violation"][schema.REC_ATTEMPTS] == 2
     assert "scores" in by_reason["schema_violation"][schema.REC_MESSAGE]
     assert server.requests == 2 * 6 + 2 * 2  # the failing image: both requests twice (max_attempts=2)
     with StandinServer(RESPONDERS) as server:  # the server is fixed: the rerun redoes only the failed key
-        report = judge.run({}, ctx_for(tmp_path, server), pairs=pairs)
+        report = judge.run({}, ctx_for(tmp_path, server))
         assert server.requests == 2
     assert (report.done_before, report.ok, report.errors_by_reason) == (6, 1, {"image_missing": 1})
 
@@ -228,7 +256,7 @@ def test_secret_key_never_written(tmp_path, monkeypatch, caplog):
     faults = lambda i, body: Fault("503") if i % 5 == 0 else None  # noqa: E731  (errors files get written)
     with StandinServer(RESPONDERS, api_key=secret, faults=faults) as server:
         ctx = ctx_for(tmp_path, server, api_key_env="CC_JUDGE_TEST_KEY", max_attempts=1)
-        report = judge.run({}, ctx, pairs=pairs)
+        report = judge.run({}, ctx)
     assert report.ok > 0 and report.errors > 0  # the key reached the server; some answers failed
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any("errors" in p.parts for p in written)
@@ -251,7 +279,7 @@ def test_configs():
     chat = judge.chat_config(OmegaConf.load(CONF / "qwen25_vl.yaml"), ctx)
     assert (chat.model, chat.base_url) == ("Qwen/Qwen2.5-VL-7B-Instruct", "http://127.0.0.1:1/v1")  # here too
     with pytest.raises(ValueError, match="unknown judge settings"):
-        judge.run({"chats": {}}, ctx, pairs=[])
+        judge.run({"chats": {}}, ctx)
 
 
 def test_standin_responders_and_card(tmp_path):
@@ -260,17 +288,17 @@ def test_standin_responders_and_card(tmp_path):
     make_render(tmp_path, pairs)
     with StandinServer(judge.standin_responders()) as server:
         ctx = Context(out_dir=tmp_path, chat={"base_url": server.url})  # as the app sets it for the stand-in
-        judge.run(OmegaConf.load(CONF / "standin.yaml"), ctx, pairs=pairs)
+        judge.run(OmegaConf.load(CONF / "standin.yaml"), ctx)
         make_render(tmp_path / "again", pairs)
         ctx.out_dir = tmp_path / "again"
-        judge.run(OmegaConf.load(CONF / "standin.yaml"), ctx, pairs=pairs)
-    records = StageStore(tmp_path / "judge", "judge").records()
+        judge.run(OmegaConf.load(CONF / "standin.yaml"), ctx)
+    records = recs(tmp_path / "judge")
     assert len(records) == 12
     assert all(1 <= r[name] <= 5 for r in records for name in schema.SCORES)
     assert sum(r[schema.PICKS_OWN] for r in records) >= 8  # the PNGs carry their prompt: mostly its own
     assert len({tuple(r[n] for n in schema.SCORES) for r in records}) > 1
     assert all(r[schema.MODEL_ID] == "standin-judge" for r in records)
-    assert StageStore(tmp_path / "again" / "judge", "judge").records() == records  # deterministic answers
+    assert recs(tmp_path / "again" / "judge") == records  # deterministic answers
     card = judge.card_section(tmp_path)
     data = card["data"]
     assert data["judged"] == 12 and data["passed"] == sum(reference_passes(r) for r in records)
@@ -284,13 +312,12 @@ def test_standin_responders_and_card(tmp_path):
 KILL_SCRIPT = """
 import json, sys
 from pathlib import Path
-from cultureclip.curate import judge
+from cultureclip.curate.stages import judge
 from cultureclip.curate.registry import Context
 out, url = Path(sys.argv[1]), sys.argv[2]
-pairs = json.loads((out / "pairs.json").read_text())
 ctx = Context(out_dir=out, chat={"base_url": url, "model": "%s", "timeout_s": 5, "max_attempts": 2,
                                  "backoff_s": 0.01, "concurrency": 2})
-judge.run({"part_size": 3}, ctx, pairs=pairs)
+judge.run({"part_size": 3}, ctx)
 """ % MODEL
 
 
@@ -300,7 +327,6 @@ def test_kill9_mid_judge_then_rerun_matches_uninterrupted(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     for d in (killed, clean):
         make_render(d, pairs)
-    (killed / "pairs.json").write_text(json.dumps(pairs))
     script = tmp_path / "judge_run.py"
     script.write_text(KILL_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -315,31 +341,15 @@ def test_kill9_mid_judge_then_rerun_matches_uninterrupted(tmp_path):
         assert proc.poll() is None, "the judge finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        done = {r[schema.IMAGE_SHA256] for r in StageStore(killed / "judge", "judge").records()}
+        done = {r[schema.IMAGE_SHA256] for r in recs(killed / "judge")}
         assert 0 < len(done) < 40
         before = len(server.bodies)
-        report = judge.run({}, ctx_for(killed, server), pairs=pairs)
+        report = judge.run({}, ctx_for(killed, server))
         asked = {hashlib.sha256(base64.b64decode(request_images(b)[0].split(",", 1)[1])).hexdigest()
                  for b in server.bodies[before:]}
         assert not asked & done  # nothing already judged is asked again
         assert len(server.bodies) - before == 2 * (40 - len(done)) and report.done_before == len(done)
-        judge.run({}, ctx_for(clean, server), pairs=pairs)
-    store = StageStore(killed / "judge", "judge")
-    store.verify()
-    assert store.records() == StageStore(clean / "judge", "judge").records()
+        judge.run({}, ctx_for(clean, server))
+    Store(killed / "judge", "judge").verify()
+    assert recs(killed / "judge") == recs(clean / "judge")
     assert sum(1 for p in (killed / "judge" / "parts").iterdir() for _ in p.open()) == 40  # no duplicate lines
-
-
-def test_run_reads_pairs_through_the_importer(tmp_path):
-    importer = pytest.importorskip("cultureclip.curate.importer")  # the export helper's module
-    pairs = make_pairs(2)
-    make_render(tmp_path, pairs)
-    src = tmp_path / "pairs.jsonl"
-    src.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    importer.import_pairs([src], tmp_path)
-    with StandinServer(RESPONDERS) as server:
-        report = judge.run({}, ctx_for(tmp_path, server))
-    assert (report.ok, report.errors) == (8, 0)
-    got = {(r[schema.RENDER_KEY], r[schema.SIDE]): r for r in StageStore(tmp_path / "judge", "judge").records()}
-    exp = expected_records(tmp_path, pairs)
-    assert set(got) == set(exp) and all({f: got[k][f] for f in e} == e for k, e in exp.items())

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from cultureclip import schema
-from cultureclip.curate import render, t2i
-from cultureclip.curate.records import StageStore, record_key, seed_from_key
+from cultureclip.curate.stages import render
+from cultureclip.curate.backends import t2i
 from cultureclip.curate.registry import Context
+from cultureclip.curate.runner import Store, digest, seed_from_key
+from cultureclip.curate.runner.jobs import keyed
 
 pytest.importorskip("diffusers")
 
@@ -24,7 +26,7 @@ CFG = {"model": "tiny-sd3", "dtype": "float32", "device": "cpu", "width": 32, "h
 
 
 def pair(pos, neg, pos_caps, neg_caps, category="Cuisine", pos_country="Japan", neg_country="Korea"):
-    return {schema.TWIN_ID: record_key("twin", {"p": pos, "n": neg}), schema.CATEGORY: category,
+    return {schema.TWIN_ID: digest({"p": pos, "n": neg}), schema.CATEGORY: category,
             schema.POS_CONCEPT: pos, schema.POS_COUNTRY: pos_country, schema.POS_CONTEXT: None,
             schema.POS_FEATURES: [], schema.POS_CAPTIONS: pos_caps,
             schema.NEG_CONCEPT: neg, schema.NEG_COUNTRY: neg_country, schema.NEG_CONTEXT: None,
@@ -47,9 +49,24 @@ def pipe():
     return render.get_pipeline(render.settings(CFG), "cpu")
 
 
+class RenderStore(Store):
+    """The render store, read as sorted lists (what these tests compare)."""
+
+    def recs(self):
+        return sorted(self.records(), key=lambda r: r[schema.REC_KEY])
+
+    def errs(self):
+        return {e[schema.REC_KEY]: e for e in self.errors()}
+
+
 def run(tmp, pipeline, cfg=None, pairs=PAIRS, **ctx):
     report = render.run_pairs(pairs, {**CFG, **(cfg or {})}, Context(out_dir=tmp, **ctx), pipeline=pipeline)
-    return report, StageStore(Path(tmp) / "render", "render")
+    return report, RenderStore(Path(tmp) / "render", "render")
+
+
+def planned(pairs, cfg, seed=0):
+    """The job dicts the runner makes of the stage's jobs (keys computed, duplicates merged, sorted)."""
+    return keyed("render", render.render_jobs(pairs, cfg, seed=seed))[0]
 
 
 def images(tmp):
@@ -66,22 +83,25 @@ def test_tokenizer_matches_open_clip(pipe):
 
 
 def test_jobs_dedup_and_keys():
-    jobs = render.render_jobs(PAIRS, CFG, seed=0)
+    jobs = planned(PAIRS, CFG)
     assert len(jobs) == N_UNIQUE
     caps = [(j[schema.CONCEPT], j[schema.CAPTION]) for j in jobs]
     assert len(set(caps)) == len(caps) and ("onigiri", "onigiri on a plate") in caps
-    assert render.render_jobs(PAIRS[::-1], CFG, seed=0) == jobs  # input order does not matter
-    job = next(j for j in jobs if j[schema.CAPTION] == "onigiri on a plate")
-    assert job[schema.SEED] == seed_from_key(job[schema.REC_KEY])
-    two = render.render_jobs(PAIRS, {**CFG, "images_per_caption": 2}, seed=0)
-    assert len(two) == 2 * N_UNIQUE and {j[schema.REC_KEY] for j in jobs} <= {j[schema.REC_KEY] for j in two}
-    assert not {j[schema.REC_KEY] for j in jobs} & {j[schema.REC_KEY] for j in render.render_jobs(PAIRS, CFG, seed=1)}
-    tmpl = render.render_jobs(PAIRS, {**CFG, "prompt_template": "{concept} ({country}): {caption}"}, seed=0)
+    assert planned(PAIRS[::-1], CFG) == jobs  # input order does not matter
+    keys = {j[schema.REC_KEY] for j in jobs}
+    two = planned(PAIRS, {**CFG, "images_per_caption": 2})
+    assert len(two) == 2 * N_UNIQUE and keys <= {j[schema.REC_KEY] for j in two}
+    assert not keys & {j[schema.REC_KEY] for j in planned(PAIRS, CFG, seed=1)}
+    for matters in ({"steps": 3}, {"width": 40}, {"dtype": "float16"}, {"model": "other"}, {"negative_prompt": "x"}):
+        assert not keys & {j[schema.REC_KEY] for j in planned(PAIRS, {**CFG, **matters})}, matters
+    for not_matters in ({"batch_size": 1}, {"device": "cuda"}, {"part_size": 99}, {"cpu_offload": True}):
+        assert planned(PAIRS, {**CFG, **not_matters}) == jobs, not_matters
+    tmpl = planned(PAIRS, {**CFG, "prompt_template": "{concept} ({country}): {caption}"})
     assert "onigiri (Japan): onigiri on a plate" in {j[schema.PROMPT] for j in tmpl}
-    assert render.render_jobs(PAIRS, {**CFG, "guidance": 0}, seed=0) == jobs  # 0 and 0.0 are one setting
+    assert planned(PAIRS, {**CFG, "guidance": 0}) == jobs  # 0 and 0.0 are one setting
     with pytest.raises(ValueError, match="neg_captions"):
-        render.render_jobs([{**PAIRS[0], schema.NEG_CAPTIONS: ["ok", ""]}], CFG)
-    with pytest.raises(ValueError, match="unknown keys"):
+        list(render.render_jobs([{**PAIRS[0], schema.NEG_CAPTIONS: ["ok", ""]}], CFG))
+    with pytest.raises(ValueError, match=r"unknown render settings \[.stepz.\]"):
         render.settings({"steps": 2, "stepz": 3})
     with pytest.raises(ValueError, match="multiples of 8"):
         render.settings({"width": 30})
@@ -92,7 +112,8 @@ def test_jobs_dedup_and_keys():
 def test_seeded_render_reproduces_bit_exactly(pipe, tmp_path):
     rep, store = run(tmp_path / "a", pipe)
     assert (rep.ok, rep.errors, rep.jobs_total) == (N_UNIQUE, 0, N_UNIQUE)
-    recs = store.records()
+    recs = store.recs()
+    assert all(r[schema.SEED] == seed_from_key(r[schema.REC_KEY]) for r in recs)
     imgs = images(tmp_path / "a")
     assert len(imgs) == N_UNIQUE and len(set(imgs.values())) == N_UNIQUE  # every image differs
     for r in recs:
@@ -100,7 +121,7 @@ def test_seeded_render_reproduces_bit_exactly(pipe, tmp_path):
         assert r[schema.IMAGE_FILE] == f"images/{r[schema.REC_KEY][:2]}/{r[schema.REC_KEY]}.png"
     # a second run elsewhere: the same records and the same bytes
     _, store_b = run(tmp_path / "b", pipe)
-    assert store_b.records() == recs and images(tmp_path / "b") == imgs
+    assert store_b.recs() == recs and images(tmp_path / "b") == imgs
     # independent reference: a plain diffusers call with the record's seed (batch padded like the stage)
     from PIL import Image
     r = recs[0]
@@ -129,7 +150,7 @@ def test_two_job_ranges_make_the_union(pipe, tmp_path):
         parts[p.name] = [json.loads(x)[schema.REC_KEY] for x in p.read_text().splitlines()]
     all_keys = [k for ks in parts.values() for k in ks]
     assert len(all_keys) == len(set(all_keys)) == N_UNIQUE  # no overlap, no gap
-    assert store.records() == StageStore(tmp_path / "one" / "render", "render").records()
+    assert store.recs() == RenderStore(tmp_path / "one" / "render", "render").recs()
     assert images(tmp_path / "two") == images(tmp_path / "one")
     rerun, _ = run(tmp_path / "two", pipe, shard_index=1, num_shards=2)
     assert (rerun.done_before, rerun.processed) == (r1.jobs_in_range, 0)
@@ -144,38 +165,62 @@ def poisoned(pipe, word):
     return bad
 
 
-def test_backend_failures_are_counted_errors_not_images(pipe, tmp_path):
+def test_nan_images_are_rejected_not_kept_and_not_rendered_again(pipe, tmp_path):
     pairs = [pair("kimono", "hanbok", ["a cursed kimono", "a red kimono"], ["a hanbok"])]
     rep, store = run(tmp_path, poisoned(pipe, "cursed"), pairs=pairs)
-    assert (rep.ok, rep.errors, rep.errors_by_reason) == (2, 1, {"nan_image": 1})
-    (err,) = store.errors().values()
-    bad_key = next(j[schema.REC_KEY] for j in render.render_jobs(pairs, CFG) if "cursed" in j[schema.CAPTION])
-    assert err[schema.REC_KEY] == bad_key and "non-finite" in err[schema.REC_MESSAGE]
+    assert (rep.ok, rep.rejected, rep.rejected_by_reason, rep.errors) == (2, 1, {"nan_image": 1}, 0)
+    (rej,) = store.rejections()
+    bad_key = next(j[schema.REC_KEY] for j in planned(pairs, CFG) if "cursed" in j[schema.CAPTION])
+    assert rej[schema.REC_KEY] == bad_key and "non-finite" in rej[schema.REC_MESSAGE]
     assert not render.image_path(tmp_path / "render", bad_key).exists() and len(images(tmp_path)) == 2
-    assert render.card_section(tmp_path)["data"]["errors_by_reason"] == {"nan_image": 1}
-    # a working backend on rerun retries the failed job only
+    assert render.card_section(tmp_path)["data"]["rejected_by_reason"] == {"nan_image": 1}
+    store.require_complete("judge")  # a rejection is final: the view is complete
+    # the same seed gives the same pixels: a rerun does not render it again
     rep2, store = run(tmp_path, pipe, pairs=pairs)
-    assert (rep2.done_before, rep2.ok, rep2.errors) == (2, 1, 0) and not store.errors()
+    assert (rep2.done_before, rep2.processed) == (3, 0)
 
 
-def test_oom_batch_falls_back_to_single_images(pipe, tmp_path):
-    """A transformer that runs out of memory on batches (a real forward hook raising torch's OOM error)."""
-    def oom_on_batches(module, args, kwargs):
-        if kwargs["hidden_states"].shape[0] > limit:
-            raise torch.OutOfMemoryError(f"batch of {kwargs['hidden_states'].shape[0]} does not fit")
-    limit = 1
-    handle = pipe.transformer.register_forward_pre_hook(oom_on_batches, with_kwargs=True)
+def test_a_device_error_that_persists_stops_the_stage(pipe, tmp_path):
+    calls = []
+
+    def broken(module, args, kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # the first batch (2 denoising steps) renders, then the device breaks
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    handle = pipe.transformer.register_forward_pre_hook(broken, with_kwargs=True)
     try:
-        rep, store = run(tmp_path / "a", pipe)
-        assert (rep.ok, rep.errors) == (N_UNIQUE, 0)
-        limit = 0
-        rep, store = run(tmp_path / "b", pipe)
-        assert (rep.ok, rep.errors_by_reason) == (0, {"oom": N_UNIQUE})
-        assert {e[schema.REC_ATTEMPTS] for e in store.errors().values()} == {2} and not images(tmp_path / "b")
+        with pytest.raises(RuntimeError, match="device keeps failing"):
+            run(tmp_path, pipe)
     finally:
         handle.remove()
-    # the single-image fallback equals a batch_size=1 run
-    run(tmp_path / "c", pipe, cfg={"batch_size": 1})
+    store = RenderStore(tmp_path / "render", "render")
+    assert len(store.recs()) == 3 and not store.errs()  # the first batch is kept; no error records
+    rep, _ = run(tmp_path, pipe)
+    assert (rep.done_before, rep.ok) == (3, N_UNIQUE - 3)
+
+
+def test_oom_batch_is_retried_image_by_image_at_the_batch_shape(pipe, tmp_path):
+    """A transformer that runs out of memory (a real forward hook raising torch's OOM error) on its first
+    call of each batch: the image-by-image retry runs at the padded batch shape, so its pixels equal an
+    undisturbed run's, bit for bit; an OOM that persists is an error with 2 attempts."""
+    seen = []
+
+    def oom_first(module, args, kwargs):
+        seen.append(kwargs["hidden_states"].shape[0])
+        if mode == "always" or (mode == "first" and len(seen) == 1):
+            raise torch.OutOfMemoryError(f"batch of {kwargs['hidden_states'].shape[0]} does not fit")
+    mode = "first"
+    handle = pipe.transformer.register_forward_pre_hook(oom_first, with_kwargs=True)
+    try:
+        rep, store = run(tmp_path / "a", pipe)
+        assert (rep.ok, rep.errors) == (N_UNIQUE, 0) and set(seen) == {CFG["batch_size"]}
+        mode = "always"
+        rep, store = run(tmp_path / "b", pipe)
+        assert (rep.ok, rep.errors_by_reason) == (0, {"oom": N_UNIQUE})
+        assert {e[schema.REC_ATTEMPTS] for e in store.errs().values()} == {2} and not images(tmp_path / "b")
+    finally:
+        handle.remove()
+    run(tmp_path / "c", pipe)
     assert images(tmp_path / "a") == images(tmp_path / "c")
 
 
@@ -206,12 +251,12 @@ def test_kill_during_render_then_rerun(pipe, tmp_path):
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-    store = StageStore(out / "render", "render")
-    assert 0 < len(store.done_keys()) < 24
+    store = RenderStore(out / "render", "render")
+    assert 0 < len(store.index().done) < 24
     rep, store = run(out, pipe, cfg=cfg, pairs=pairs)
     assert rep.done_before + rep.processed == 24 and rep.errors == 0
     _, ref = run(tmp_path / "ref", pipe, cfg=cfg, pairs=pairs)
-    assert store.records() == ref.records() and images(out) == images(tmp_path / "ref")
+    assert store.recs() == ref.recs() and images(out) == images(tmp_path / "ref")
 
 
 @pytest.mark.slow
@@ -230,11 +275,11 @@ def test_two_processes_at_once(pipe, tmp_path):
         pids.append(pid)
     assert [os.WEXITSTATUS(os.waitpid(p, 0)[1]) for p in pids] == [0, 0]
     run(tmp_path / "one", pipe)
-    store = StageStore(tmp_path / "two" / "render", "render")
+    store = RenderStore(tmp_path / "two" / "render", "render")
     keys = [json.loads(x)[schema.REC_KEY] for p in sorted((tmp_path / "two" / "render" / "parts").glob("part-*"))
             for x in p.read_text().splitlines()]
-    assert sorted(keys) == [r[schema.REC_KEY] for r in store.records()] and len(keys) == N_UNIQUE
-    assert store.records() == StageStore(tmp_path / "one" / "render", "render").records()
+    assert sorted(keys) == [r[schema.REC_KEY] for r in store.recs()] and len(keys) == N_UNIQUE
+    assert store.recs() == RenderStore(tmp_path / "one" / "render", "render").recs()
     assert images(tmp_path / "two") == images(tmp_path / "one")
     assert sorted(r["job"] for r in store.reports()) == ["00000of00002", "00001of00002"]
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from cultureclip import schema
-from cultureclip.curate import export as E
+from cultureclip.curate.stages import export as E
 from cultureclip.curate.registry import Context
 from cultureclip.data.hf_dataset import hf_to_shards, write_hf_dataset
 from cultureclip.data.shards import TwinShardWriter

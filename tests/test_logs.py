@@ -47,7 +47,7 @@ def test_once_logs_a_notice_once_per_key(caplog):
 
 
 def test_a_missing_api_key_variable_is_said_once_for_many_clients(caplog, monkeypatch):
-    from cultureclip.curate import chat
+    from cultureclip.curate.backends import chat
     monkeypatch.delenv("CC_TEST_ONCE_KEY", raising=False)
     with caplog.at_level(logging.INFO, logger=chat.log.name):
         for _ in range(3):

@@ -36,6 +36,7 @@ def test_wheel_installs_and_runs_outside_the_repo(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "cultureclip/conf/train.yaml" in names and "cultureclip/conf/experiment/cultwin.yaml" in names
     assert "cultureclip/model_configs/cultureclip-tiny.json" in names
+    assert "cultureclip/curate/prompts/judge_scores.txt" in names  # prompt files: their text is in the keys
     assert not any(n.startswith(("tests/", "tools/", "benchmarks/", "docs/")) for n in names)
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, cwd=tmp_path)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cultureclip import progress, schema
-from cultureclip.curate.records import Outcome, StageStore, record_key
+from cultureclip.curate.runner import Job, Outcome, Store, run_stage
 
 
 class Clock:
@@ -92,7 +92,7 @@ def test_bar_mode_draws_rate_and_eta_and_nested_bars_share_one_display(monkeypat
 
 def test_curation_runner_reports_progress_lines(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(progress.MODE_ENV, "lines")
-    jobs = [{schema.REC_KEY: record_key("t", {"i": i}), "i": i} for i in range(5)]
+    jobs = [Job(inputs={"i": i}, settings={}) for i in range(5)]
 
     def process(it):
         for job in it:
@@ -101,7 +101,7 @@ def test_curation_runner_reports_progress_lines(tmp_path, capsys, monkeypatch):
             else:
                 yield Outcome(job[schema.REC_KEY], record={"i": job["i"]})
 
-    StageStore(tmp_path / "t", "t", {}).run(jobs, process, log_every=0)
+    run_stage(Store(tmp_path / "t", "t"), jobs, process, log_every=0)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("t 00000of00001")]
     assert [re.match(r"t 00000of00001: (\d)/5 jobs", line).group(1) for line in lines[:-1]] == list("12345")
     errors = [int(re.search(r"(\d+) errors$", line).group(1)) for line in lines]
@@ -112,7 +112,7 @@ def test_curation_runner_reports_progress_lines(tmp_path, capsys, monkeypatch):
 def test_text_embedding_and_image_batches_report_progress(capsys, monkeypatch):
     monkeypatch.setenv(progress.MODE_ENV, "lines")
     monkeypatch.setenv(progress.EVERY_ENV, "0")
-    from cultureclip.curate import embeddings
+    from cultureclip.curate.backends import embeddings
     embeddings.embed(["Kimono", "Hanbok", "Ao dai"], {"backend": "ngram", "dim": 64}, desc="dedup: embedding")
     from cultureclip.eval.imagesets import ImageBatches
     from PIL import Image
@@ -127,11 +127,11 @@ def test_text_embedding_and_image_batches_report_progress(capsys, monkeypatch):
 def test_a_curation_stage_on_a_terminal_shows_rate_and_eta(tmp_path):
     pty = pytest.importorskip("pty")
     code = ("import time\nfrom cultureclip import schema\n"
-            "from cultureclip.curate.records import Outcome, StageStore, record_key\n"
-            "jobs = [{schema.REC_KEY: record_key('t', {'i': i}), 'i': i} for i in range(40)]\n"
+            "from cultureclip.curate.runner import Job, Outcome, Store, run_stage\n"
+            "jobs = [Job(inputs={'i': i}, settings={}) for i in range(40)]\n"
             "def work(it):\n    for j in it:\n        time.sleep(0.05)\n"
             "        yield Outcome(j[schema.REC_KEY], record={'i': j['i']})\n"
-            f"StageStore({str(tmp_path / 's')!r}, 'render', {{}}).run(jobs, work)\n")
+            f"run_stage(Store({str(tmp_path / 's')!r}, 'render'), jobs, work)\n")
     env = {k: v for k, v in os.environ.items() if k not in (progress.MODE_ENV, "TERM")}
     env.update(TERM="xterm-256color", COLUMNS="160", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     leader, follower = pty.openpty()

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from cultureclip.curate import registry
-from cultureclip.curate.importer import import_pairs
-from cultureclip.curate.records import StageReport
+from cultureclip.curate.stages.importer import import_pairs
+from cultureclip.curate.runner import StageReport
 
 log = logging.getLogger("cultureclip.curate")
 FIRST_AFTER_PAIRS = "render"  # with input=, the stages that would make the caption pairs are not run
 IMPORT_ONLY = "import"  # stage=import: only import input= (once, before many processes start on it)
+GC = "gc"  # stage=gc: remove what no current view reaches (gc_dry_run=false to delete)
 
 
 class CurateError(RuntimeError):
@@ -29,8 +30,8 @@ def stage_list(stage: Union[str, Sequence[str]], cfg: Mapping[str, Any]) -> list
     """The stages to run, in pipeline order.
 
     Args:
-        stage: a stage name, ``"all"``, ``"import"`` (no stage: only import ``input``), or a list of
-            names (``stage=[render,judge]`` on the command line).
+        stage: a stage name, ``"all"``, ``"import"`` (no stage: only import ``input``), ``"gc"``, or a
+            list of names (``stage=[render,judge]`` on the command line).
         cfg: the run's config: ``all`` means every registered stage that has a config group in it,
             from ``render`` on when ``input`` is given (the imported pairs replace the earlier stages).
     """
@@ -45,12 +46,19 @@ def stage_list(stage: Union[str, Sequence[str]], cfg: Mapping[str, Any]) -> list
         if not cfg.get("input"):
             raise CurateError("stage=import needs input=<caption-pair file(s)>")
         return []
+    if isinstance(stage, str) and stage == GC:
+        return []
     names = [stage] if isinstance(stage, str) else list(stage)
     unknown = [s for s in names if s not in registry.STAGES]
     if unknown or not names:
         raise CurateError(f"unknown stage(s) {unknown or names}: choose among {list(registry.ORDER)}, 'all', "
-                          f"'{IMPORT_ONLY}', or a list such as stage=[render,judge]")
-    return sorted(set(names), key=registry.ORDER.index)
+                          f"'{IMPORT_ONLY}', '{GC}', or a list such as stage=[render,judge]")
+    names = sorted(set(names), key=registry.ORDER.index)
+    upstream = [s for s in names if registry.ORDER.index(s) < registry.ORDER.index(FIRST_AFTER_PAIRS)]
+    if cfg.get("input") and upstream:
+        raise CurateError(f"input= replaces the caption sets that stage(s) {upstream} make (the captions store): "
+                          f"run those without input=, or import with stage=import / stage={FIRST_AFTER_PAIRS}...")
+    return names
 
 
 def standin_responders(stages: Iterable[str]) -> dict:
@@ -68,7 +76,10 @@ def format_report(report: Optional[StageReport]) -> str:
     if report is None:
         return "(no report)"
     line = (f"{report.stage} [{report.job}]: {report.jobs_in_range} of {report.jobs_total} jobs in range, "
-            f"{report.done_before} done before, {report.processed} processed: {report.ok} ok, {report.errors} errors")
+            f"{report.done_before} done before, {report.processed} processed: {report.ok} ok, "
+            f"{report.rejected} rejected, {report.errors} errors")
+    if report.rejected_by_reason:
+        line += " (rejected: " + ", ".join(f"{k}: {v}" for k, v in report.rejected_by_reason.items()) + ")"
     if report.errors_by_reason:
         line += " (" + ", ".join(f"{k}: {v}" for k, v in report.errors_by_reason.items()) + ")"
     line += f", {report.seconds:.1f} s"
@@ -88,8 +99,10 @@ def run(cfg: Mapping[str, Any], echo=print) -> list[StageReport]:
 
     Args:
         cfg: ``out_dir``, ``stage``, ``input`` (a file or list, imported first), ``on_error`` (of the
-            import), ``shard_index``, ``num_shards``, ``retry_errors``, ``seed``, ``chat`` (run-wide
-            backend settings: each one not null wins over the stages' own), ``standin`` (start the stand-in chat server and point ``chat.base_url``
+            import), ``shard_index``, ``num_shards``, ``retry_errors``, ``seed``, ``prompts_dir`` (prompt
+            files that replace the shipped ones by name), ``gc_dry_run`` (of stage=gc), ``chat`` (run-wide
+            backend settings: each one not null wins over the stages' own), ``standin`` (start the stand-in
+            chat server and point ``chat.base_url``
             at it), ``standin_latency_s``, and one group per stage (``render``, ``judge``, ``export``...).
         echo: where report lines go.
 
@@ -101,6 +114,12 @@ def run(cfg: Mapping[str, Any], echo=print) -> list[StageReport]:
     """
     out_dir = Path(cfg["out_dir"])
     stages = stage_list(cfg.get("stage", "all"), cfg)
+    if cfg.get("stage") == GC:
+        from cultureclip.curate.runner.gc import gc
+        gc(out_dir, dry_run=bool(cfg.get("gc_dry_run", True)), echo=echo)
+        return []
+    from cultureclip.curate import prompts
+    prompts.use_dir(cfg.get("prompts_dir"))
     num_shards = int(cfg.get("num_shards", 1))
     if num_shards > 1 and "export" in stages:
         raise CurateError(f"export runs once, after every job range (num_shards={num_shards}) of render and judge "
@@ -116,7 +135,7 @@ def run(cfg: Mapping[str, Any], echo=print) -> list[StageReport]:
     reports = []
     with contextlib.ExitStack() as stack:
         if cfg.get("standin"):
-            from cultureclip.curate.standin import StandinServer
+            from cultureclip.curate.backends.standin import StandinServer
             server = StandinServer(standin_responders(stages), latency_s=float(cfg.get("standin_latency_s") or 0.0),
                                    keep_bodies=False)
             stack.enter_context(server)

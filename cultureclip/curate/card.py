@@ -1,9 +1,10 @@
 """The dataset card of a curation run: ``card.md`` + ``card.json`` (+ plots and thumbnails in ``card/``).
 
-Built from what is on disk only: every stage folder of the run (any folder holding a ``stage.json``,
-so stages added later appear without changes here) gives its record, error and pending counts; the
-pairs, render and judge records give the per-country and per-category tables, the score histograms
-and the gallery of rejected images; each stage module may add a section (``card_section(out_dir)``).
+Built from the current views only: every stage of the chain that made the current caption sets (the
+import, or concepts to captions) and render and judge give their counts (jobs, done, rejected and
+failed by reason, missing); the pairs, render and judge records give the per-country and per-category
+tables, the score histograms and the gallery of rejected images; each stage module may add a section
+(``card_section(out_dir)``).
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import json
 import logging
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from cultureclip import schema
 from cultureclip.curate import registry
-from cultureclip.curate.records import STAGE_FILE, StageStore, write_atomic
+from cultureclip.curate.runner import Store, write_atomic
 from cultureclip.curate.sanitize import markdown_cell as cell
 from cultureclip.rundir import raise_if_disk_full
 
@@ -26,31 +27,29 @@ UNKNOWN = "(none)"  # the group of records without a country or category
 SCORE_VALUES = range(1, 6)
 
 
-def stage_summary(root: Path) -> dict:
-    """Counts of one stage folder: records, errors by reason, jobs of the whole stage and pending."""
-    store = StageStore(root, root.name)
-    done, errors, reports = len(store.done_keys()), store.errors(), store.reports()
-    jobs_total = max((r.get("jobs_total", 0) for r in reports), default=0)
-    return {"records": done, "errors": len(errors),
-            "errors_by_reason": dict(sorted(Counter(e[schema.REC_ERROR] for e in errors.values()).items())),
-            "jobs_total": jobs_total, "pending": max(0, jobs_total - done - len(errors)),
-            "success_rate": round(done / (done + len(errors)), 4) if done + len(errors) else None,
-            "job_ranges_reported": len(reports)}
+def stage_summary(store: Store) -> dict:
+    """Counts of one stage's current view: jobs, done, rejected and errors by reason, missing."""
+    st = store.status()
+    return {k: st[k] for k in ("jobs", "done", "rejected", "rejected_by_reason", "errors", "errors_by_reason",
+                               "missing")}
 
 
-def stage_folders(out_dir: Path, skip: Sequence[str] = ()) -> list[Path]:
-    """The run's stage folders, in pipeline order, then any others by name."""
-    order = {name: i for i, name in enumerate(("pairs",) + registry.ORDER)}
-    found = [p for p in Path(out_dir).iterdir() if p.is_dir() and not p.name.startswith(".")
-             and (p / STAGE_FILE).is_file() and p.name not in skip]
-    return sorted(found, key=lambda p: (order.get(p.name, len(order)), p.name))
+def stage_stores(out_dir: Path, skip: Sequence[str] = ()) -> list[Store]:
+    """The stores of the chain that made the current caption sets, then render and judge, in pipeline order."""
+    from cultureclip.curate.stages.importer import STAGE as PAIRS, pairs_store
+    source = pairs_store(out_dir).stage
+    chain = [PAIRS] if source == PAIRS else [s for s in registry.ORDER if registry.ORDER.index(s) <=
+                                             registry.ORDER.index(source)]
+    names = chain + ["render", "judge"]
+    stores = [Store(Path(out_dir) / n, n) for n in names if n not in skip]
+    return [s for s in stores if s.has_view()]
 
 
 def module_sections(out_dir: Path, names: Sequence[str]) -> list[dict]:
     """``card_section(out_dir)`` of the importer and of every stage module named, where defined."""
     sections = []
     for name in names:
-        module_name = "cultureclip.curate.importer" if name == "pairs" else registry.STAGES.get(name)
+        module_name = "cultureclip.curate.stages.importer" if name == "pairs" else registry.STAGES.get(name)
         if module_name is None:
             continue
         try:
@@ -71,7 +70,7 @@ def rate(passed: int, total: int) -> Optional[float]:
 
 
 def group_tables(pairs: Sequence[Mapping], renders: Mapping[str, Mapping], judged: Sequence[Mapping],
-                 passes: Callable[[Mapping], bool], exported: Sequence[Mapping]) -> dict:
+                 passes: Callable[[Mapping], bool], exported: Iterable[Mapping]) -> dict:
     """Per-category and per-country counts: twin pairs, images rendered, judged, passed, pairs exported.
 
     A twin pair counts under both of its countries; an image under its own side's country. A field that
@@ -172,11 +171,14 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     ex = card["export"]
     lines = ["# Twin-pair dataset card", "",
              f"{ex['train_pairs']} training pairs and {ex['val_pairs']} validation pairs from "
-             f"{ex['twins_exported']} of {ex['twin_pairs']} twin pairs (split by twin pair, seed {ex['seed']}). "
-             f"Pass rule: {card['rule']}.", "", "## Stages", "",
-             "| stage | records | errors | pending | success rate | errors by reason |", "|---|---|---|---|---|---|"]
+             f"{ex['twins_exported']} of {ex['twin_pairs']} twin pairs (split by twin pair). "
+             f"Pass rule: {card['rule']}.",
+             f"Split: {ex['split_rule']}.", "", "## Stages", "",
+             "| stage | current jobs | done | rejected | errors | missing | rejected by reason | errors by reason |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, s in card["stages"].items():
-        lines.append(f"| {cell(name)} | {s['records']} | {s['errors']} | {s['pending']} | {s['success_rate']} | "
+        lines.append(f"| {cell(name)} | {s['jobs']} | {s['done']} | {s['rejected']} | {s['errors']} | {s['missing']} | "
+                     f"{cell(', '.join(f'{k}: {v}' for k, v in s['rejected_by_reason'].items()))} | "
                      f"{cell(', '.join(f'{k}: {v}' for k, v in s['errors_by_reason'].items()))} |")
     j = card["judge"]
     lines += ["", f"Judge: {j['images_passed']} of {j['images_judged']} judged images pass "

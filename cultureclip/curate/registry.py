@@ -16,13 +16,13 @@ from types import ModuleType
 from typing import Any, Optional
 
 STAGES = {
-    "concepts": "cultureclip.curate.concepts",
-    "dedup": "cultureclip.curate.dedup",
-    "twins": "cultureclip.curate.twins",
-    "captions": "cultureclip.curate.captions",
-    "render": "cultureclip.curate.render",
-    "judge": "cultureclip.curate.judge",
-    "export": "cultureclip.curate.export",
+    "concepts": "cultureclip.curate.stages.concepts",
+    "dedup": "cultureclip.curate.stages.dedup",
+    "twins": "cultureclip.curate.stages.twins",
+    "captions": "cultureclip.curate.stages.captions",
+    "render": "cultureclip.curate.stages.render",
+    "judge": "cultureclip.curate.stages.judge",
+    "export": "cultureclip.curate.stages.export",
 }
 ORDER = tuple(STAGES)
 
@@ -33,12 +33,12 @@ class Context:
 
     Attributes:
         out_dir: the run's folder; stage ``s`` writes ``out_dir / s``.
-        shard_index, num_shards: this process's job range (:func:`cultureclip.curate.records.job_range`).
+        shard_index, num_shards: this process's job range (:func:`cultureclip.curate.runner.job_range`).
         retry_errors: redo jobs that failed in an earlier run.
         seed: the run's base seed (render seeds and export sampling derive from it and the record keys).
         chat: the run-wide OpenAI-compatible backend settings (``base_url``, ``model``, ``api_key_env``, ...):
             every one that is not None overrides the stage's own ``chat`` setting of that key
-            (:func:`cultureclip.curate.chat.effective_chat`); the stand-in's URL goes here.
+            (:func:`cultureclip.curate.backends.chat.effective_chat`); the stand-in's URL goes here.
         extra: anything an entry point wants to hand to the stages (e.g. a started stand-in server).
     """
 

@@ -8,7 +8,7 @@ Two row formats are accepted, detected per row:
 Both may carry ``pos_country, neg_country, category, pair_id, pos_context, neg_context, pos_features,
 neg_features``; other columns are dropped. As in the reference pipeline's rows, ``category`` and the
 features may sit under ``metadata``, and features may be one string (stored as a one-element list);
-this mapping is the curation importer's (:func:`cultureclip.curate.importer.pair_meta_extras`), so
+this mapping is the curation importer's (:func:`cultureclip.data.pair_fields.pair_meta_extras`), so
 converted data keeps its categories for per-category evaluation. Relative image paths are resolved
 against ``image_root``, or against the input file's folder when it is None.
 
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 from cultureclip import schema
+from cultureclip.data.pair_fields import pair_meta_extras
 from cultureclip.data.shards import RecordError, TwinShardWriter, validate_pair_meta
 from cultureclip.images import DEFAULT_MAX_PIXELS, ImageDecodeError, SkipCounter, check_on_error, image_to_bytes
 
@@ -257,7 +258,6 @@ def convert_to_shards(inputs: Sequence[PathLike], out_dir: PathLike, image_root:
 
 def _pair_meta(row: dict, where: str) -> dict:
     """The json part of one pair: the required texts, then the optional fields as the importer reads them."""
-    from cultureclip.curate.importer import pair_meta_extras  # imported here: the importer reads rows with this module
     meta = validate_pair_meta(row, where)
     extras = pair_meta_extras(row, where)
     for name in (schema.CATEGORY, schema.POS_CONTEXT, schema.NEG_CONTEXT, schema.POS_FEATURES, schema.NEG_FEATURES):

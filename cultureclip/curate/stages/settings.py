@@ -135,4 +135,4 @@ class Export:
     thumbnail_size: int = 128
     plots: bool = True
     formats: list = field(default_factory=lambda: ["wds"])  # [wds,hf]: also export/hf, a Hugging Face datasets folder
-    hf: dict = field(default_factory=dict)  # its dataset card: license, languages (stages/export_hf.py)
+    hf: dict = field(default_factory=lambda: {"license": "other", "languages": ["en"]})  # the dataset card (export_hf.py)

@@ -70,15 +70,6 @@ def instantiate_dict(cfg: Optional[DictConfig]) -> list:
     return [instantiate(c) for c in (cfg or {}).values() if c is not None and "_target_" in c]
 
 
-def check_run_dir(run_dir: Path, ckpt_path: Optional[Path]) -> None:
-    """Refuse to start a fresh run over a run directory that already holds checkpoints."""
-    existing = sorted((run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").is_dir() else []
-    if existing and ckpt_path is None:
-        raise FileExistsError(
-            f"{run_dir} already holds checkpoints ({existing[-1].name}, ...). Resume with ckpt_path=last, "
-            f"or start a new run with run_name=<new name>; nothing was overwritten.")
-
-
 def _csv_log_dirs(cfg: DictConfig) -> list[Path]:
     dirs = []
     for c in (cfg.get("logger") or {}).values():
@@ -120,7 +111,7 @@ def start_run(cfg: DictConfig) -> tuple[Optional[rundir.RunDirLock], Optional[Pa
     lock = rundir.RunDirLock(run_dir).acquire()
     atexit.register(lock.release)
     ckpt = rundir.resolve_ckpt_path(run_dir, cfg.ckpt_path)
-    check_run_dir(run_dir, ckpt)
+    rundir.check_fresh_or_resuming(run_dir, ckpt)
     rundir.remove_tmp_leftovers(run_dir / "checkpoints")
     _save_hydra_config(run_dir, cfg, resuming=ckpt is not None)
     if ckpt is not None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger("cultureclip")
@@ -207,3 +207,20 @@ class StepCheckpoint(ModelCheckpoint):
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
         self._last_time_checked = time.monotonic()
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, with a validation total where ``sizes.json`` gives one.
+
+    Shard loaders have no length, so Lightning's own bar shows validation without a total; the
+    datamodule's :meth:`~cultureclip.data.datamodule.TwinDataModule.val_batches` counts it from ``sizes.json``.
+    """
+
+    @property
+    def total_val_batches_current_dataloader(self):
+        total = super().total_val_batches_current_dataloader
+        if total == float("inf"):
+            estimate = getattr(getattr(self.trainer, "datamodule", None), "val_batches", lambda: None)()
+            if estimate:
+                return estimate
+        return total

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Iterator
 
-from cultureclip.rundir import RunDirLocked
+from cultureclip.rundir import RunDirError
 
 TRACEBACK_ENV = "CULTURECLIP_TRACEBACK"
 
@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 # ValueError: bad settings and records (RecordError, StageMismatchError, ...); OSError: files that are
 # missing, exist already, or cannot be written (disk full); ImportError: an optional extra not installed.
-USER_ERRORS: tuple = (ValueError, OSError, ImportError, RunDirLocked)
+USER_ERRORS: tuple = (ValueError, OSError, ImportError, RunDirError)  # RunDirError: a locked or used run folder
 
 
 def one_line(exc: BaseException) -> str:

@@ -15,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cultureclip import CultureCLIP, errors, resolvers
+from cultureclip import CultureCLIP, errors, logs, resolvers
 from cultureclip.eval import report, tasks, wiseft
 from cultureclip.eval.results import write_result
 
@@ -52,6 +52,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    logs.quiet(logs.hydra_verbose())  # third-party INFO noise off unless hydra.verbose asks for it
     with errors.exit_on_user_error():  # bad settings or inputs: one line naming them, exit status 1
         evaluate(cfg)
 

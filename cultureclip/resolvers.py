@@ -6,9 +6,10 @@ before composing a config, so any config group (e.g. ``trainer=gpu``) composes f
 from __future__ import annotations
 
 import os
-from typing import Optional
+import re
+from typing import Any, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 
 def bf16_or_fp32() -> str:
@@ -36,8 +37,31 @@ def data_file(name: str) -> str:
     return path
 
 
+# folder names that say which split or step a shard folder is, not which data it holds
+GENERIC_PARTS = {"", ".", "..", "train", "training", "val", "valid", "validation", "test", "export", "shards", "data",
+                 "webdataset", "wds"}
+
+
+def task_name(train_shards: Any, default: str = "run") -> str:
+    """A run's name for its data: the innermost folder of the training shards that is not a generic one.
+
+    ``data/toy/train`` gives ``toy``, ``data/curate_demo/export/train`` gives ``curate_demo``,
+    ``/data/cultwin/train/shard-{000000..000099}.tar`` gives ``cultwin``; a list uses its first entry.
+    Characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_``.
+    """
+    spec = train_shards[0] if isinstance(train_shards, (list, tuple, ListConfig)) and len(train_shards) else train_shards
+    spec = str(spec or "").split("::")[0]  # a webdataset "a::b" list
+    for part in reversed(spec.replace("\\", "/").split("/")):
+        if any(c in part for c in "{}*?[") or part.endswith((".tar", ".tgz")) or part.lower() in GENERIC_PARTS:
+            continue
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", part.split(":")[-1])
+        if name.strip("._-"):
+            return name
+    return default
+
+
 RESOLVERS = {"cc_bf16_or_fp32": bf16_or_fp32, "cc_workers": workers, "cc_model_slug": model_slug,
-             "cc_data_file": data_file}
+             "cc_data_file": data_file, "cc_task_name": task_name}
 
 
 def register() -> None:

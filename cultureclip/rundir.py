@@ -25,8 +25,19 @@ ATTEMPT_GLOB = "metrics.attempt-*.csv"
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
-class RunDirLocked(RuntimeError):
+class RunDirError(RuntimeError):
+    """A run directory cannot be used as asked; the message is one line naming the folder and what to do.
+
+    Entry points print it as ``error: <message>`` without a traceback.
+    """
+
+
+class RunDirLocked(RunDirError):
     """Another live process owns the run directory."""
+
+
+class RunDirExists(RunDirError, FileExistsError):
+    """A fresh run was started in a run directory that already holds checkpoints."""
 
 
 def is_launch_owner() -> bool:
@@ -156,6 +167,21 @@ def resolve_ckpt_path(run_dir: Union[str, Path], ckpt_path: Optional[str]) -> Op
         there.append(f"no checkpoint in {ckpt_dir}; start a fresh run with ckpt_path=null")
     raise FileNotFoundError(f"ckpt_path={ckpt_path}: {path} does not exist. Found {'; '.join(there)}. "
                             f"Nothing was trained or written.")
+
+
+def check_fresh_or_resuming(run_dir: Union[str, Path], ckpt_path: Optional[Path]) -> None:
+    """Refuse to start a fresh run (``ckpt_path`` None) over a run directory that already holds checkpoints.
+
+    Raises:
+        RunDirExists: one line naming the folder and the two ways forward (a new ``run_name=`` or
+            ``ckpt_path=last``); nothing is written or overwritten.
+    """
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    if existing and ckpt_path is None:
+        raise RunDirExists(
+            f"{run_dir} already holds checkpoints of an earlier run ({existing[-1].name}, ...): start a new run "
+            f"with run_name=<new name>, or resume this one with ckpt_path=last; nothing was overwritten.")
 
 
 def remove_tmp_leftovers(ckpt_dir: Path) -> None:

@@ -167,3 +167,12 @@ REF_NEG_ALL_CAPTIONS = "neg_all_captions"
 REF_METADATA = "metadata"
 REF_VISUAL_FEATURES = "visual_features"
 REF_CATEGORY_DESCRIPTION = "category_description"
+
+# ---- the Hugging Face ``datasets`` folder of an export (Parquet, one row per pair) ----
+# columns: HF_SAMPLE_KEY, POS_IMAGE and NEG_IMAGE (``Image`` features), the pair's json fields, and, from
+# curation, the judge's answer for each image under "<side>_<field>" (HF_JUDGE_COLUMNS)
+HF_SAMPLE_KEY = "sample_key"  # the pair's WebDataset key
+HF_DATA_DIR = "data"  # Parquet files: data/<split>-00000-of-00003.parquet
+HF_CARD = "README.md"  # the dataset card (YAML front matter + markdown), as the Hub reads it
+HF_JUDGE_FIELDS = SCORES + (TWIN_CHOICE, PICKS_OWN)
+HF_JUDGE_COLUMNS = tuple(f"{side}_{f}" for side in (POS_PREFIX, NEG_PREFIX) for f in HF_JUDGE_FIELDS)

@@ -12,7 +12,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cultureclip import app, callbacks, errors, resolvers
+from cultureclip import app, callbacks, errors, logs, resolvers
 from cultureclip.lit_module import CultureCLIPModule
 from cultureclip.optim import schedule_length
 
@@ -51,6 +51,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    logs.quiet(logs.hydra_verbose())  # third-party INFO noise off unless hydra.verbose asks for it
     with errors.exit_on_user_error(), callbacks.exit_on_sigterm():  # settings: one line; pre-empted: 143
         record, _ = train(cfg)
     return record["after"].get("val/twin_acc", float("nan"))

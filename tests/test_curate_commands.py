@@ -1,6 +1,7 @@
-"""Every curate command the README documents composes to the servers, models and concurrency it says.
+"""Every curate command the README and the curation guide document composes to the servers, models and
+concurrency they say.
 
-The commands are read from the README itself, composed with Hydra as the entry point does, and each chat
+The commands are read from README.md and docs/curation.md themselves, composed with Hydra as the entry point does, and each chat
 stage's effective settings (what its client would connect to) are compared with what the command line
 and the README's `vllm serve` lines say."""
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cultureclip.curate.stages import upstream as up
 from cultureclip.curate.registry import Context
 
 ROOT = Path(__file__).resolve().parents[1]
+PAGES = (ROOT / "README.md", ROOT / "docs" / "curation.md")  # the quickstart, and the guide with the real runs
 CHAT_STAGES = ("concepts", "twins", "captions", "judge")
 TEXT = ("Qwen/Qwen2.5-7B-Instruct", "http://localhost:8001/v1", 8)  # model, server, concurrency
 VLM = ("Qwen/Qwen2.5-VL-7B-Instruct", "http://localhost:8000/v1", 64)
@@ -26,9 +28,9 @@ STANDIN_URL = "http://standin.invalid/v1"  # the app sets the started stand-in's
 
 
 def readme_commands() -> list[list[str]]:
-    """The curate commands of the README's code blocks, as argument lists (continuations joined)."""
+    """The curate commands of the pages' code blocks, as argument lists (continuations joined)."""
     blocks, fenced = [], None
-    for line in (ROOT / "README.md").read_text().splitlines(keepends=True):
+    for line in "".join(page.read_text() for page in PAGES).splitlines(keepends=True):
         if line.startswith("```"):
             fenced = [] if fenced is None else blocks.append("".join(fenced))
         elif fenced is not None:
@@ -46,8 +48,8 @@ def readme_commands() -> list[list[str]]:
 
 
 def served_models() -> dict[str, str]:
-    """model -> port, from the README's `vllm serve` lines."""
-    return {m: p for m, p in re.findall(r"vllm serve (\S+) --port (\d+)", (ROOT / "README.md").read_text())}
+    """model -> port, from the pages' `vllm serve` lines."""
+    return {m: p for m, p in re.findall(r"vllm serve (\S+) --port (\d+)", "".join(page.read_text() for page in PAGES))}
 
 
 def expected(stage: str, args: list[str], cfg: dict) -> tuple:

@@ -76,3 +76,73 @@ def test_hub_folder_errors(run_dir, tmp_path):
     assert not (tmp_path / "hub" / "README.md").exists()
     with pytest.raises(SystemExit):  # --push without a repository is a usage error, before anything is written
         tool.main([str(run_dir), "--out", str(tmp_path / "hub"), "--push"])
+
+
+def recording_api_class(calls: list):
+    """huggingface_hub's HfApi with its network calls (create the repo, check the card's YAML, upload)
+    recorded instead of sent; the library's own selection of the files to upload (allow_patterns) runs."""
+    from huggingface_hub import HfApi
+
+    class RecordingApi(HfApi):
+        def __init__(self, *args, **kwargs):
+            super().__init__(token="hf_test_not_a_token")
+
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create_repo", repo_id, kw))
+
+        def _validate_yaml(self, content, **kw):
+            yaml.safe_load(content.split("---")[1])  # what the Hub checks: the front matter parses
+
+        def upload_folder(self, *, folder_path, repo_id, repo_type=None, allow_patterns=None, **kw):
+            # the library's own selection of the files to add (and its card check), then no network
+            ops = self._prepare_upload_folder_additions(folder_path, "", allow_patterns=allow_patterns,
+                                                        repo_type=repo_type)
+            calls.append(("upload_folder", repo_id, sorted(op.path_in_repo for op in ops), repo_type))
+            return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
+    return RecordingApi
+
+
+@pytest.fixture
+def recording_hub(monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    calls: list = []
+    monkeypatch.setattr(hub, "HfApi", recording_api_class(calls))
+    return calls
+
+
+def test_model_push_is_private_by_default_and_uploads_only_its_files(run_dir, tmp_path, recording_hub, capsys):
+    out = tmp_path / "hub"
+    out.mkdir()
+    (out / "notes.txt").write_text("my private notes")  # a non-empty --out: left alone, not uploaded
+    (out / "secrets").mkdir()
+    (out / "secrets" / "token").write_text("hf_abc")
+    tool = load_tool()
+    assert tool.main([str(run_dir), "--out", str(out), "--repo-id", "me/cc", "--push"]) == 0
+    (_, repo, kw), (_, _, uploaded, repo_type) = recording_hub
+    assert repo == "me/cc" and kw["private"] is True and repo_type == "model"
+    assert uploaded == ["README.md", "open_clip_config.json", "open_clip_model.safetensors"]
+    assert "not uploading 2 other entries" in capsys.readouterr().out
+    recording_hub.clear()
+    assert tool.main([str(run_dir), "--out", str(out), "--repo-id", "me/cc", "--push", "--public"]) == 0
+    assert recording_hub[0][2]["private"] is False
+
+
+def test_dataset_push_uploads_only_the_dataset_files_privately(tmp_path, recording_hub):
+    spec = importlib.util.spec_from_file_location("push_dataset", REPO / "tools" / "push_dataset.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    folder = tmp_path / "hf"
+    assert tool.main([str(folder), "--repo-id", "me/twins", "--push"]) == 1  # not a dataset folder: refused
+    (folder / "data").mkdir(parents=True)
+    (folder / "README.md").write_text("---\nlicense: other\n---\n")
+    (folder / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1")
+    (folder / "data" / "notes.md").write_text("not the dataset")
+    (folder / "card").mkdir()
+    (folder / "card" / "scores.png").write_bytes(b"png")
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x.arrow").write_bytes(b"cache")
+    assert tool.main([str(folder), "--repo-id", "me/twins"]) == 0 and recording_hub == []  # no --push: nothing
+    assert tool.main([str(folder), "--repo-id", "me/twins", "--push"]) == 0
+    (_, repo, kw), (_, _, uploaded, repo_type) = recording_hub
+    assert kw["private"] is True and kw["repo_type"] == "dataset" and repo_type == "dataset"
+    assert uploaded == ["README.md", "card/scores.png", "data/train-00000-of-00001.parquet"]

@@ -266,3 +266,61 @@ def test_sigterm_while_no_step_ends_stops_after_the_grace_period(tmp_path, sigte
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
     assert cb._timer.finished.is_set()  # no late re-signal once stopped
+
+
+# ------------------------------------------------------------------------------------- run names
+@pytest.mark.parametrize("shards, name", [
+    ("data/toy/train", "toy"),
+    ("data/curate_demo/export/train", "curate_demo"),
+    ("/data/cultwin/train/shard-{000000..000099}.tar", "cultwin"),
+    (["/scratch/my run/val/", "/other/train"], "my_run"),
+    ("train", "run"),
+])
+def test_task_name_follows_the_shard_folder(shards, name):
+    from cultureclip.resolvers import task_name
+    assert task_name(shards) == name
+
+
+def test_composed_run_name_follows_the_data(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from cultureclip import resolvers
+    resolvers.register()
+    conf = Path(__file__).resolve().parents[1] / "cultureclip" / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        toy = compose("train")
+        curated = compose("train", overrides=["data=cultwin", "data.train_shards=data/curate_demo/export/train",
+                                               "data.val_shards=data/curate_demo/export/val"])
+        named = compose("train", overrides=["data=cultwin", "data.train_shards=x/train", "data.val_shards=x/val",
+                                             "run_name=mine"])
+        smoke = compose("train", overrides=["+experiment=smoke"])
+    assert toy.run_name == "toy-cultureclip-s0"
+    assert curated.run_name == "curate_demo-cultureclip-s0"  # not the toy run's folder
+    assert named.run_name == "mine" and smoke.task_name == "smoke"
+
+
+def test_fresh_run_over_checkpoints_is_one_line_naming_folder_and_ways_forward(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    rundir.check_fresh_or_resuming(tmp_path, None)  # no checkpoint yet: fine
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    rundir.check_fresh_or_resuming(tmp_path, tmp_path / "checkpoints" / "last.ckpt")  # resuming: fine
+    with pytest.raises(rundir.RunDirExists) as err:
+        rundir.check_fresh_or_resuming(tmp_path, None)
+    msg = str(err.value)
+    assert isinstance(err.value, FileExistsError) and "\n" not in msg
+    assert str(tmp_path) in msg and "run_name=" in msg and "ckpt_path=last" in msg
+
+
+@pytest.mark.slow  # the training CLI in a subprocess: seconds of start-up
+def test_run_name_clash_on_the_command_line_is_one_line_without_traceback(tmp_path):
+    run_dir = tmp_path / "outputs" / "toy-cultureclip-s0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    env = {k: v for k, v in os.environ.items() if k != "CULTURECLIP_TRACEBACK"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-m", "cultureclip.train", f"paths.root_dir={tmp_path}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert lines[-1].startswith("error: ") and str(run_dir) in lines[-1], lines
+    assert "run_name=" in lines[-1] and "ckpt_path=last" in lines[-1]
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"not a checkpoint"

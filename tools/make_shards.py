@@ -5,6 +5,8 @@ Example::
 
     python tools/make_shards.py data/train.jsonl --out shards/train --image-root data/images \\
         --maxcount 1000 --resize 256 --on-error skip
+    # a Hugging Face dataset folder (an export's hf/, or a Hub snapshot): one shard folder per split
+    python tools/make_shards.py data/curate_demo/export/hf --out shards/   # -> shards/train, shards/val
     python tools/make_shards.py --check shards/train        # check shards already written (or copied)
 
 Exit status: 0 on success, 1 on a bad record (with --on-error raise), an unusable input, existing
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from cultureclip import errors
 from cultureclip.data.convert import REPORT_FILE, convert_to_shards
+from cultureclip.data.hf_dataset import hf_to_shards, is_hf_dataset
 from cultureclip.data.shards import RecordError
 from cultureclip.data.tarcheck import ShardDamage
 from cultureclip.data.validate import check_shards
@@ -29,7 +33,8 @@ from cultureclip.images import DEFAULT_MAX_PIXELS
 def main(argv=None) -> int:
     """Parse arguments, convert, print a summary; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("inputs", nargs="*", help="JSONL or JSON-list files")
+    parser.add_argument("inputs", nargs="*", help="JSONL or JSON-list files, or one Hugging Face dataset folder "
+                                                  "(cultureclip.data.hf_dataset)")
     parser.add_argument("--out", help="output folder for the shards")
     parser.add_argument("--check", metavar="SHARDS", default=None,
                         help="only check existing shards (a folder, brace pattern, glob or pipe:/URL), write nothing")
@@ -55,6 +60,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.check is not None:
         return check(args.check, args.on_error)
+    if len(args.inputs) == 1 and is_hf_dataset(args.inputs[0]):
+        try:
+            counts = hf_to_shards(args.inputs[0], args.out, maxcount=args.maxcount, overwrite=args.overwrite)
+        except (RecordError, FileExistsError, OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print("wrote " + ", ".join(f"{n} {split} pairs to {os.path.join(args.out, split)}" for split, n in counts.items()))
+        return 0 if sum(counts.values()) else 1
     try:
         report = convert_to_shards(args.inputs, args.out, image_root=args.image_root,
                                    maxcount=args.maxcount, resize=args.resize,

@@ -6,10 +6,12 @@ Examples::
     # write the folder only (inspect README.md before publishing)
     python tools/push_to_hub.py outputs/toy-cultureclip-s0 --out hub/cultureclip-b32 --repo-id me/cultureclip-b32
     # write it and upload it (needs a Hugging Face token: `huggingface-cli login` or HF_TOKEN)
-    python tools/push_to_hub.py outputs/cultwin-cultureclip-s0 --out hub/cc --repo-id me/cc --push --private
+    python tools/push_to_hub.py outputs/cultwin-cultureclip-s0 --out hub/cc --repo-id me/cc --push
 
 RUN_DIR is a finished `python -m cultureclip.train` run directory (model/ and metrics.json). Nothing is
-uploaded without --push. Exit status 1 on a missing file (named). Needs the ``hf`` extra for --push.
+uploaded without --push; a new repository is private unless --public. Only the files written here
+(weights, config, README.md) are uploaded, whatever else sits in --out. Exit status 1 on a missing
+file (named). Needs the ``hf`` extra for --push.
 """
 from __future__ import annotations
 
@@ -32,11 +34,12 @@ def main(argv=None) -> int:
                         help="Hub id of the starting weights (default: from the run's model name/pretrained tag)")
     parser.add_argument("--tag", action="append", default=[], help="extra card tag (repeatable)")
     parser.add_argument("--push", action="store_true", help="upload the folder to --repo-id")
-    parser.add_argument("--private", action="store_true", help="create the repository as private (with --push)")
+    parser.add_argument("--public", action="store_true",
+                        help="create the repository as public (default: private; with --push)")
     args = parser.parse_args(argv)
     if args.push and not args.repo_id:
         parser.error("--push needs --repo-id")
-    from cultureclip.interop.hub import push_folder, write_hub_folder
+    from cultureclip.interop.hub import HUB_FILES, folder_files, push_folder, write_hub_folder
     try:
         out = write_hub_folder(args.run_dir, args.out, repo_id=args.repo_id, license=args.license,
                                base_model=args.base_model, tags=args.tag, model_dir=args.model_dir)
@@ -44,7 +47,13 @@ def main(argv=None) -> int:
         return errors.report(exc)
     print(f"wrote {out} (model files + README.md)")
     if args.push:
-        print(f"uploaded: {push_folder(out, args.repo_id, private=args.private)}")
+        files = folder_files(out, HUB_FILES)
+        others = sorted(p.name for p in out.iterdir() if p.name not in HUB_FILES)
+        if others:
+            print(f"not uploading {len(others)} other entries of {out}: {', '.join(others[:5])}")
+        url = push_folder(out, args.repo_id, files, private=not args.public)
+        print(f"uploaded {', '.join(files)} to {'a public' if args.public else 'a private (unless it existed)'} "
+              f"repository: {url}")
     return 0
 
 

@@ -16,7 +16,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cultureclip import errors, resolvers
+from cultureclip import errors, logs, resolvers
 from cultureclip.curate import app
 from cultureclip.curate.sanitize import install_log_filter
 
@@ -30,6 +30,7 @@ def _stop_on_sigterm(signum, frame) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="curate")
 def main(cfg: DictConfig) -> None:
+    logs.quiet(logs.hydra_verbose())  # third-party INFO noise off unless hydra.verbose asks for it
     install_log_filter()  # Hydra's handlers (console, <out_dir>/curate.log) never write a registered key
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:

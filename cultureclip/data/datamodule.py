@@ -151,6 +151,15 @@ class TwinDataModule(L.LightningDataModule):
         world = world_size or self.world_size
         return max(1, math.ceil(self.train_pairs_per_epoch / (self.batch_size * world)))
 
+    def val_batches(self) -> Optional[int]:
+        """Validation batches per device from ``sizes.json`` (None when unknown), for progress bars only.
+
+        The validation loader has no length (an ``IterableDataset`` handing whole shards to each rank and
+        worker), and giving it one would let Lightning cut validation short; this is the bar's total.
+        """
+        pairs = count_pairs(self.val_urls) if self.val_urls else None
+        return math.ceil(pairs / (self.val_batch_size * self.world_size)) if pairs else None
+
     def prepare_data(self) -> None:
         """Build the toy set if configured (Lightning calls this on one process per node)."""
         if self.toy_dir:

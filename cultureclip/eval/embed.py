@@ -10,6 +10,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from cultureclip.model import CultureCLIP
+from cultureclip.progress import Progress
 from cultureclip.text_length import pooled_positions, trim_plan, unique_texts
 
 SORT_CHUNK = 65536  # texts tokenised and length-sorted together by embed_texts
@@ -24,12 +25,13 @@ def autocast(device: torch.device, amp: bool):
 
 @torch.no_grad()
 def embed_texts(model: CultureCLIP, texts: Sequence[str], batch_size: int = 256, amp: bool = True,
-                context_length: Optional[int] = None) -> torch.Tensor:
+                context_length: Optional[int] = None, progress: Optional[str] = None) -> torch.Tensor:
     """L2-normalised features ``[N, D]`` (float32, on CPU) for a list of strings, in order.
 
     Each distinct string is encoded once. Where the text tower allows exact length trimming
     (:mod:`cultureclip.text_length`), the texts are batched shortest first, so that each batch is
     trimmed to a length close to that of all its texts rather than to the longest text of a random mix.
+    ``progress``: a description to show progress under (:mod:`cultureclip.progress`); None shows none.
     """
     model.eval()
     unique, inverse = unique_texts(list(texts))
@@ -37,6 +39,7 @@ def embed_texts(model: CultureCLIP, texts: Sequence[str], batch_size: int = 256,
         return _concat(model, [])
     plan = trim_plan(model.model) if model.trim_text else None
     feats = torch.empty(len(unique), int(model.model_cfg["embed_dim"]))  # [U, D]
+    bar = Progress(progress or "", total=len(unique), unit="texts", summary=False, mode=None if progress else "off")
     for start in range(0, len(unique), SORT_CHUNK):  # bounded token memory for millions of captions
         tokens = model.tokenize(unique[start:start + SORT_CHUNK], context_length=context_length)  # [u, L]
         # stable sort: equal lengths keep their order, so the batches do not depend on the sort's ties
@@ -45,6 +48,8 @@ def embed_texts(model: CultureCLIP, texts: Sequence[str], batch_size: int = 256,
             idx = order[i:i + batch_size]
             with autocast(model.device, amp):
                 feats[start + idx] = model.encode_text(tokens[idx]).float().cpu()  # back from length order
+            bar.update(len(idx))
+    bar.close()
     return feats[inverse]  # [N, D]
 
 

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cultureclip.images import (  # noqa: F401  (ImageDecodeError: re-exported, the error of this module)
     DEFAULT_MAX_PIXELS, ImageDecodeError, SkipCounter, check_on_error, decode_image, source_name)
+from cultureclip.progress import track
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -259,16 +260,18 @@ class ImageBatches:
         on_error: ``"skip"`` (count and list) or ``"raise"`` (:class:`ImageDecodeError` naming the image).
         names: how messages name each image (default: the path, or the source kind).
         max_pixels: pixel cap per image (:mod:`cultureclip.images`); a larger image fails as ``too_large``.
+        progress: what a pass is called in its progress bar or lines (:mod:`cultureclip.progress`); None: none.
     """
 
     def __init__(self, images: Union[ImageSet, Sequence[Any]], transform: Optional[Callable] = None,
                  batch_size: int = 64, num_workers: int = 0, on_error: str = "skip",
-                 names: Optional[Sequence[str]] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> None:
+                 names: Optional[Sequence[str]] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+                 progress: Optional[str] = "images") -> None:
         check_on_error(on_error)
         self.images = images if isinstance(images, ImageSet) else None
         sources = images.paths if isinstance(images, ImageSet) else list(images)
         self.names = list(names) if names is not None else [source_name(x) for x in sources]
-        self.on_error = on_error
+        self.on_error, self.progress = on_error, progress
         self.loader = DataLoader(DecodedImages(sources, transform, self.names, max_pixels), batch_size=batch_size,
                                  shuffle=False, num_workers=num_workers, collate_fn=collate_decoded,
                                  pin_memory=False, persistent_workers=False)
@@ -282,7 +285,9 @@ class ImageBatches:
     def indexed(self) -> Iterator[tuple[list[int], Optional[torch.Tensor]]]:
         """Yield ``(indices, pixels [b, 3, H, W] or None)`` over the decodable images, in order."""
         self.skipped, self.failed, self.counter = [], {}, SkipCounter()
-        for indices, pixels, failures in self.loader:
+        batches = track(self.loader, self.progress or "", unit="batches", summary=False,
+                        mode=None if self.progress else "off")
+        for indices, pixels, failures in batches:
             for i, err in failures:
                 if self.on_error == "raise":
                     raise err

@@ -83,7 +83,8 @@ def find_undecodable(sources: Sequence[Any], num_workers: int = 0, batch_size: i
                      max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> dict[int, str]:
     """``{index: reason}`` for the sources that do not decode (the reference's image verification)."""
     from cultureclip.eval.imagesets import ImageBatches
-    batches = ImageBatches(sources, None, batch_size, num_workers, "skip", max_pixels=max_pixels)
+    batches = ImageBatches(sources, None, batch_size, num_workers, "skip", max_pixels=max_pixels,
+                           progress="decoding images")
     for _ in batches.indexed():
         pass
     return batches.failed

@@ -11,6 +11,7 @@ A new task is one function with this signature plus one YAML file; ``cultureclip
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -18,12 +19,13 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from cultureclip.data.pipeline import build_twin_pipeline, expand_shards, make_loader
+from cultureclip.data.pipeline import build_twin_pipeline, count_pairs, expand_shards, make_loader
 from cultureclip.eval.cultural import get_evaluator
 from cultureclip.eval.general import image_text_retrieval, imagenet_zeroshot
 from cultureclip.eval.twins import confusions, embed_twin_split, twin_metrics
 from cultureclip.images import DEFAULT_MAX_PIXELS
 from cultureclip.model import CultureCLIP
+from cultureclip.progress import track
 
 TaskOutput = tuple[dict, dict, dict]  # (metrics, header without model/pretrained, extra)
 
@@ -115,7 +117,10 @@ def twins(model: CultureCLIP, shards: Union[str, Sequence[str]], batch_size: int
         urls, model.preprocess_val, model.tokenizer, batch_size, train=False, num_workers=workers,
         caption_context_length=caption_context_length, concept_context_length=concept_ctx, max_pixels=max_pixels,
         on_error=on_error)
-    emb = embed_twin_split(model, make_loader(pipeline, num_workers=workers), amp=amp,
+    pairs = count_pairs(urls)  # from sizes.json; None for remote shards (the bar then shows no total)
+    loader = track(make_loader(pipeline, num_workers=workers), f"twins {split or _split_name(urls)}",
+                   total=None if pairs is None else math.ceil(pairs / batch_size), unit="batches", summary=False)
+    emb = embed_twin_split(model, loader, amp=amp,
                            caption_context_length=caption_context_length, concept_context_length=concept_ctx,
                            where=f"twin split {split or _split_name(urls)!r} ({len(urls)} shard(s): {urls[0]}, ...)")
     metrics = twin_metrics(emb, ks=ks, index_kind=index_kind)

@@ -15,12 +15,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from cultureclip.checkpoint_io import CONFIG_NAME, WEIGHTS_NAME, read_saved_dir
 from cultureclip.interop import require
 
 CARD_NAME = "README.md"
+HUB_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)  # what write_hub_folder writes, and all that push uploads
 BASE_TAGS = ("clip", "open_clip", "zero-shot-image-classification", "cultureclip")
 RECIPE_SECTIONS = ("model", "loss", "optim", "trainer")  # config groups that make up the training recipe
 _SKIP_KEYS = ("_target_",)
@@ -132,11 +133,43 @@ def write_hub_folder(run_dir: Union[str, os.PathLike], out: Union[str, os.PathLi
     return out
 
 
-def push_folder(folder: Union[str, os.PathLike], repo_id: str, private: bool = False, token: Optional[str] = None,
-                commit_message: str = "Upload CultureCLIP model") -> str:
-    """Create the model repository if needed and upload ``folder``; returns the commit URL."""
-    hub = require("huggingface_hub")
-    api = hub.HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=commit_message)
+def folder_files(folder: Union[str, os.PathLike], names: Iterable[str]) -> list[str]:
+    """The paths (relative, ``/``-separated) under ``folder`` that ``names`` select: a file name, or a
+    folder name for every file below it. Raises FileNotFoundError naming a missing one."""
+    folder, out = Path(folder), []
+    for name in names:
+        path = folder / name
+        if path.is_dir():
+            out += sorted(p.relative_to(folder).as_posix() for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            out.append(Path(name).as_posix())
+        else:
+            raise FileNotFoundError(f"{path} not found: it should have been written before the upload")
+    return out
+
+
+def push_folder(folder: Union[str, os.PathLike], repo_id: str, files: Sequence[str], private: bool = True,
+                token: Optional[str] = None, repo_type: str = "model", commit_message: str = "Upload CultureCLIP model",
+                api: Any = None) -> str:
+    """Create the repository if needed (private unless ``private=False``) and upload ``files`` of ``folder``.
+
+    Only the listed files go up (``allow_patterns`` of ``upload_folder``): anything else that sits in the
+    folder (notes, a venv, another run's files) stays local. Returns the commit URL.
+
+    Args:
+        folder: the folder the files are in.
+        repo_id: the Hub repository.
+        files: paths relative to ``folder`` (:func:`folder_files`).
+        private: create the repository as private (an existing repository keeps its visibility).
+        token: a Hugging Face token (default: the login or ``HF_TOKEN``).
+        repo_type: ``model`` or ``dataset``.
+        commit_message: the upload's commit message.
+        api: an ``HfApi`` (default: a new one with ``token``).
+    """
+    if not files:
+        raise ValueError(f"nothing to upload from {folder}")
+    api = api if api is not None else require("huggingface_hub").HfApi(token=token)
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type,
+                             commit_message=commit_message, allow_patterns=list(files))
     return str(getattr(info, "commit_url", info))

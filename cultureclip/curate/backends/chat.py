@@ -27,6 +27,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Hashable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
+from cultureclip import logs
 from cultureclip.curate.backends.chat_config import ChatConfig, effective_chat  # noqa: F401 (API)
 from cultureclip.curate.backends.chat_wire import (MAX_RETRY_AFTER_S, RETRYABLE_STATUS, ChatAnswer,  # noqa: F401
                                                    TokenBucket, _Retry, _retry_after, image_part, strict_json_schema)
@@ -60,9 +61,9 @@ class ChatClient:
         import openai
         self.cfg = cfg if isinstance(cfg, ChatConfig) else ChatConfig.from_mapping(cfg)
         key = os.environ.get(self.cfg.api_key_env) or ""
-        if not key:
-            log.info("chat: %s is not set; sending the placeholder key (fine for local servers)",
-                     self.cfg.api_key_env)
+        if not key:  # the same fact for every stage and client of a run: said once
+            logs.once(log, logging.INFO, f"api_key_env:{self.cfg.api_key_env}",
+                      "chat: %s is not set; sending the placeholder key (fine for local servers)", self.cfg.api_key_env)
         self._secret = key  # only to scrub answers and messages; never logged or returned
         register_secret(key)  # log records and the entry point's error line are scrubbed of it too
         # timeout_s is the whole request's deadline (connect + every read), not each read's: see deadline.py

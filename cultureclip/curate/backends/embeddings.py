@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from cultureclip.curate.stages import upstream as up
+from cultureclip.progress import Progress, track
 
 BACKENDS = ("open_clip", "openai", "ngram")
 
@@ -32,9 +33,9 @@ def embedding_id(cfg: Mapping) -> str:
     return f"{backend}:{cfg.get('model')}:{cfg.get('pretrained')}"
 
 
-def _ngram(texts: Sequence[str], dim: int) -> torch.Tensor:
+def _ngram(texts: Sequence[str], dim: int, desc: str) -> torch.Tensor:
     out = np.zeros((len(texts), dim), dtype=np.float32)  # [N, D]
-    for i, text in enumerate(texts):
+    for i, text in enumerate(track(texts, desc, unit="texts", summary=False)):
         padded = f" {up.normalize_name(text)} "
         for j in range(len(padded) - 2):
             h = int.from_bytes(hashlib.blake2b(padded[j:j + 3].encode(), digest_size=8).digest(), "little")
@@ -46,7 +47,7 @@ def _ngram(texts: Sequence[str], dim: int) -> torch.Tensor:
     return torch.from_numpy(out / norms)
 
 
-def _openai(texts: Sequence[str], cfg: Mapping) -> torch.Tensor:
+def _openai(texts: Sequence[str], cfg: Mapping, desc: str) -> torch.Tensor:
     try:
         import openai
     except ImportError as exc:  # pragma: no cover
@@ -55,23 +56,28 @@ def _openai(texts: Sequence[str], cfg: Mapping) -> torch.Tensor:
     client = openai.OpenAI(base_url=cfg["base_url"], api_key=os.environ.get(env) or "EMPTY",
                            timeout=float(cfg.get("timeout_s", 60)), max_retries=int(cfg.get("max_attempts", 4)))
     feats = []
-    for batch in up.chunked(texts, int(cfg.get("batch_size", 256))):
-        resp = client.embeddings.create(model=cfg["model"], input=batch)
-        feats.extend(d.embedding for d in sorted(resp.data, key=lambda d: d.index))
+    with Progress(desc, total=len(texts), unit="texts", summary=False) as bar:
+        for batch in up.chunked(texts, int(cfg.get("batch_size", 256))):
+            resp = client.embeddings.create(model=cfg["model"], input=batch)
+            feats.extend(d.embedding for d in sorted(resp.data, key=lambda d: d.index))
+            bar.update(len(batch))
     x = torch.tensor(feats, dtype=torch.float32)  # [N, D]
     return torch.nn.functional.normalize(x, dim=-1)
 
 
-def _open_clip(texts: Sequence[str], cfg: Mapping) -> torch.Tensor:
+def _open_clip(texts: Sequence[str], cfg: Mapping, desc: str) -> torch.Tensor:
     from cultureclip.eval.embed import embed_texts
     from cultureclip.model import CultureCLIP
     device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     model = CultureCLIP.from_pretrained(cfg["model"], pretrained=cfg.get("pretrained"), device=device)
-    return embed_texts(model, list(texts), batch_size=int(cfg.get("batch_size", 256)))
+    return embed_texts(model, list(texts), batch_size=int(cfg.get("batch_size", 256)), progress=desc)
 
 
-def embed(texts: Sequence[str], cfg: Mapping) -> torch.Tensor:
-    """L2-normalised float32 features ``[N, D]`` of ``texts`` with the configured backend."""
+def embed(texts: Sequence[str], cfg: Mapping, desc: str = "text embeddings") -> torch.Tensor:
+    """L2-normalised float32 features ``[N, D]`` of ``texts`` with the configured backend.
+
+    ``desc`` names the work in its progress bar or lines (:mod:`cultureclip.progress`).
+    """
     cfg = up.plain(cfg or {})
     backend = cfg.get("backend", "open_clip")
     if backend not in BACKENDS:
@@ -79,10 +85,10 @@ def embed(texts: Sequence[str], cfg: Mapping) -> torch.Tensor:
     if not texts:
         raise ValueError("nothing to embed (no concepts)")
     if backend == "ngram":
-        return _ngram(texts, int(cfg.get("dim", 1024)))
+        return _ngram(texts, int(cfg.get("dim", 1024)), desc)
     if not cfg.get("model"):
         raise ValueError(f"embedding.backend={backend} needs embedding.model")
-    return _openai(texts, cfg) if backend == "openai" else _open_clip(texts, cfg)
+    return _openai(texts, cfg, desc) if backend == "openai" else _open_clip(texts, cfg, desc)
 
 
 def search_groups(feats: torch.Tensor, groups: Sequence[Any], k: int) -> dict[int, list[tuple[int, float]]]:

@@ -22,6 +22,7 @@ from cultureclip.curate.runner.jobs import Job, Outcome, StageReport, iter_keyed
 from cultureclip.curate.runner.keys import digest
 from cultureclip.curate.runner.store import (ERRORS, KINDS, MANIFESTS, PARTS, REJECTED, REPORTS, Index, Store,
                                              record_line, write_atomic)
+from cultureclip.progress import Progress
 from cultureclip.rundir import RunDirLock, RunDirLocked
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ def run_stage(store: Store, jobs: Union[Iterable[Job], Callable[[], Iterable[Job
         shard_index, num_shards: which contiguous range of the key-sorted jobs this process does.
         retry_errors: redo jobs that ended in an error in an earlier run (rejections are never redone).
         part_size, part_seconds: a part is written after this many outcomes or seconds, whichever first.
-        log_every: seconds between progress lines.
+        log_every: seconds between plain progress lines when stderr is not a terminal
+            (:mod:`cultureclip.progress`).
         upstream: the stores whose current views the jobs were planned from (recorded in the view).
         fingerprint: :func:`fingerprint` of what the plan depends on (recorded in the view).
         keyed_jobs: already planned job dicts (:func:`plan`), instead of ``jobs``.
@@ -205,7 +207,9 @@ def _loop(store, todo, pending, process, writer, index, report, part_size, part_
     buf: dict[str, list] = {PARTS: [], REJECTED: [], ERRORS: []}
     errors: Counter = Counter()
     rejected: Counter = Counter()
-    start = last_part = last_log = time.monotonic()
+    start = last_part = time.monotonic()
+    # the stage report line (curate.app.format_report) is the summary: the bar itself goes when done
+    bar = Progress(f"{store.stage} {writer.job}", total=n_todo, unit="jobs", every_s=log_every, summary=False)
 
     def flush() -> None:
         for kind, rows in buf.items():
@@ -235,11 +239,9 @@ def _loop(store, todo, pending, process, writer, index, report, part_size, part_
             if sum(map(len, buf.values())) >= part_size or now - last_part >= part_seconds:
                 flush()
                 last_part = now
-            if now - last_log >= log_every:
-                log.info("%s %s: %d/%d done (%d rejected, %d errors)", store.stage, writer.job, report.processed,
-                         n_todo, sum(rejected.values()), sum(errors.values()))
-                last_log = now
+            bar.update(errors=int(outcome.record is None and outcome.rejected is None))
     finally:
+        bar.close()
         flush()  # finished outcomes are kept even when the run stops with an exception
         report.errors, report.errors_by_reason = sum(errors.values()), dict(sorted(errors.items()))
         report.rejected, report.rejected_by_reason = sum(rejected.values()), dict(sorted(rejected.items()))

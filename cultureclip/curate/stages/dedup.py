@@ -70,7 +70,8 @@ def find_merges(concepts: list[dict], cfg: Mapping) -> tuple[list[list[int]], li
                 if j != i:
                     union(j, i, 1.0, reason)
     if len(concepts) > 1:
-        feats = emb.embed([embed_text(c, cfg.get("text", "name")) for c in concepts], cfg.get("embedding") or {})
+        feats = emb.embed([embed_text(c, cfg.get("text", "name")) for c in concepts], cfg.get("embedding") or {},
+                          desc="dedup: embedding concepts")
         threshold = float(cfg.get("threshold", THRESHOLD))
         for i, nbrs in sorted(emb.search_groups(feats, group, int(cfg.get("neighbours", 10))).items()):
             for j, sim in nbrs:

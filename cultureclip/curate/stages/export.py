@@ -12,7 +12,8 @@ image as rendered (or shrunk with ``resize``), with the captions, concepts, coun
 contexts and features in the pair's json.
 
 Output, ``<out_dir>/export/``: ``train/`` and ``val/`` (shards + ``sizes.json``), ``card.md``,
-``card.json``, ``card/`` (plots, thumbnails), ``reports/`` and ``stage.json``. It is built in a hidden
+``card.json``, ``card/`` (plots, thumbnails), ``reports/``, ``stage.json``, and with ``formats=[wds,hf]``
+a Hugging Face ``datasets`` folder ``hf/`` (:mod:`cultureclip.curate.stages.export_hf`). It is built in a hidden
 folder beside it and renamed into place at the end, so a crash leaves the previous export (or none),
 never half of one.
 """
@@ -38,6 +39,7 @@ from cultureclip.curate.stages.judge_rule import check_rule, passes  # the judge
 from cultureclip.curate.runner import StageReport, Store, digest, in_val, job_id, seed_from_key, write_atomic
 from cultureclip.curate.runner.store import STAGE_FILE
 from cultureclip.curate.stages.settings import Export as ExportSettings, typed
+from cultureclip.curate.stages import export_hf
 from cultureclip.data.shards import TwinShardWriter
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ def config(cfg: Optional[Mapping]) -> dict:
     """The stage settings: ``DEFAULTS`` overridden by ``cfg``; unknown keys are refused."""
     given = _plain(cfg or {})
     out = {**typed(ExportSettings, given, "export"), "rule": check_rule(given.get("rule"))}
+    out["formats"] = export_hf.check_formats(out["formats"])
     k, f = out["pairs_per_twin"], out["val_fraction"]
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"export.pairs_per_twin must be a positive integer or null (all), got {k!r}")
@@ -261,6 +264,8 @@ def run(cfg: Optional[Mapping], ctx) -> StageReport:
             card["histogram_png"] = f"{C.CARD_ASSETS}/scores.png"
             C.plot_histograms(hist, tmp / card["histogram_png"])
         C.write_card(tmp, card)
+        if "hf" in cfg["formats"]:  # made from the shards and card just written
+            report.extra["hf_rows"] = export_hf.write(tmp, rows, renders, judged, cfg["hf"], ctx, (TRAIN, VAL))
         report.seconds = round(time.monotonic() - start, 3)
         write_atomic(tmp / "reports" / f"{report.job}.json", json.dumps(asdict(report), indent=1))
         write_atomic(tmp / STAGE_FILE, json.dumps({"stage": NAME, "settings": cfg}, indent=1, sort_keys=True))

@@ -134,3 +134,5 @@ class Export:
     gallery_size: int = 24
     thumbnail_size: int = 128
     plots: bool = True
+    formats: list = field(default_factory=lambda: ["wds"])  # [wds,hf]: also export/hf, a Hugging Face datasets folder
+    hf: dict = field(default_factory=lambda: {"license": "other", "languages": ["en"]})  # the dataset card (export_hf.py)

@@ -75,7 +75,7 @@ def build_jobs(pool: list[dict], cfg: Mapping, model: str) -> list[Job]:
     k_mined = int(cfg.get("mined_candidates", 3))
     mined: dict[int, list[tuple[int, float]]] = {i: [] for i in range(len(pool))}
     if k_mined > 0 and len(pool) > 1:
-        feats = emb.embed([mine_text(c) for c in pool], cfg.get("embedding") or {})
+        feats = emb.embed([mine_text(c) for c in pool], cfg.get("embedding") or {}, desc="twins: embedding the pool")
         mined = mine(pool, feats, k_mined)
     settings = {"keep": int(cfg.get("keep", 2)), "min_similarity": int(cfg.get("min_similarity", 3))}
     jobs = []

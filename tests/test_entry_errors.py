@@ -40,7 +40,7 @@ def test_train_into_a_run_dir_that_holds_checkpoints(tmp_path):
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"not touched")
     args = ["-m", "cultureclip.train", "+experiment=smoke", f"paths.output_dir={tmp_path / 'runs'}", "callbacks=none"]
-    assert_one_line(run(args, tmp_path), "FileExistsError", "already holds checkpoints", "ckpt_path=last",
+    assert_one_line(run(args, tmp_path), "RunDirExists", "already holds checkpoints", "ckpt_path=last",
                     "run_name=")
     assert ckpt.read_bytes() == b"not touched"
 

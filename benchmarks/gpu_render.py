@@ -47,40 +47,11 @@ TINY = {
 
 
 def build_sd3_pipeline(sizes: dict, device: str, dtype: torch.dtype, seed: int = 0):
-    """A ``StableDiffusion3Pipeline`` of the given component sizes with random weights, built on ``device``.
-
-    Linear weights are drawn from N(0, 0.02) (the usual transformer init; PyTorch's default uniform init
-    over 38 unnormalised adaLN blocks can overflow fp16), so the images are finite noise. The tokenizer is
-    CLIP's BPE, written locally from open_clip's merge list (``cultureclip.curate.backends.t2i.clip_tokenizer_files``).
-    """
+    """A ``StableDiffusion3Pipeline`` of the given component sizes with random weights, on ``device`` in
+    ``dtype``: the project's builder (the one the render stand-in uses), with the transformer's Linear
+    weights drawn from N(0, 0.02) so 38 unnormalised adaLN blocks stay finite in fp16."""
     from cultureclip.curate.backends import t2i
-    diffusers, transformers = t2i._import_diffusers()
-    clip = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                pad_token_id=49407)
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(seed)
-        text_encoder = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**clip, **sizes["clip_l"]))
-        text_encoder_2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**clip,
-                                                                                              **sizes["clip_g"]))
-        transformer = diffusers.SD3Transformer2DModel(**sizes["transformer"])
-        for m in transformer.modules():
-            if isinstance(m, torch.nn.Linear):
-                torch.nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    torch.nn.init.zeros_(m.bias)
-        blocks = len(sizes["vae"]["block_out_channels"])
-        vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
-                                      up_block_types=("UpDecoderBlock2D",) * blocks, use_quant_conv=False,
-                                      use_post_quant_conv=False, **sizes["vae"])
-    with tempfile.TemporaryDirectory(prefix="sd3-clip-tok-") as tmp:
-        tokenizer = transformers.CLIPTokenizer.from_pretrained(str(t2i.clip_tokenizer_files(Path(tmp))),
-                                                               local_files_only=True, model_max_length=77)
-    pipe = diffusers.StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=text_encoder.eval(), tokenizer=tokenizer, text_encoder_2=text_encoder_2.eval(),
-        tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)
+    return t2i.build_sd3_pipeline(sizes, seed=seed, device=device, init_std=0.02).to(device=device, dtype=dtype)
 
 
 def render_stage(data: list[dict], cfg: dict, out_dir: Path, pipe):

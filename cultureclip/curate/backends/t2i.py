@@ -124,15 +124,81 @@ def clip_tokenizer_files(folder: Path) -> Path:
     return folder
 
 
+# the stand-in's component sizes (SD3's architecture at toy sizes: tens of milliseconds per 32 px image)
+TINY_SD3_SIZES = {
+    "clip_l": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   projection_dim=32, hidden_act="gelu"),
+    "clip_g": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   projection_dim=32, hidden_act="gelu"),
+    # joint_attention_dim: the two encoders' states are concatenated (2 x 32) then padded to it
+    "transformer": dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=64),
+    "vae": dict(latent_channels=4, norm_num_groups=4, block_out_channels=(8, 8, 8), layers_per_block=1,
+                sample_size=64, shift_factor=0.0609, scaling_factor=1.5035),
+}
+
+
+def build_sd3_pipeline(sizes: Mapping, seed: int = 0, device: str = "cpu", init_std: Optional[float] = None):
+    """A ``StableDiffusion3Pipeline`` of the given component sizes with random weights, built offline.
+
+    Two CLIP text encoders with projection, an MMDiT transformer, a KL autoencoder and the flow-matching
+    Euler scheduler; the T5 encoder is left out (``text_encoder_3=None``), which SD3 supports (its
+    embeddings become zeros). The tokenizer is CLIP's BPE written locally from open_clip's merge list.
+
+    Args:
+        sizes: ``{"clip_l", "clip_g", "transformer", "vae"}`` keyword dicts of the four components.
+        seed: the weight seed (same seed, same weights, same images); the caller's RNG is not disturbed.
+        device: where the modules are built.
+        init_std: if set, the transformer's Linear weights are drawn from N(0, init_std) and its biases
+            zeroed (at full size PyTorch's default init over 38 adaLN blocks can overflow fp16).
+
+    Returns:
+        The pipeline in float32 on ``device``, progress bar off.
+    """
+    diffusers, transformers = _import_diffusers()
+    import torch
+
+    clip = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                pad_token_id=49407)
+    blocks = len(sizes["vae"]["block_out_channels"])
+    # module construction consumes the global RNG: fork it so building never disturbs the caller's
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        text_encoder = transformers.CLIPTextModelWithProjection(
+            transformers.CLIPTextConfig(**clip, **sizes["clip_l"]))
+        text_encoder_2 = transformers.CLIPTextModelWithProjection(
+            transformers.CLIPTextConfig(**clip, **sizes["clip_g"]))
+        transformer = diffusers.SD3Transformer2DModel(**sizes["transformer"])
+        if init_std is not None:
+            for m in transformer.modules():
+                if isinstance(m, torch.nn.Linear):
+                    torch.nn.init.normal_(m.weight, std=init_std)
+                    if m.bias is not None:
+                        torch.nn.init.zeros_(m.bias)
+        vae = diffusers.AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+            up_block_types=("UpDecoderBlock2D",) * blocks, use_quant_conv=False, use_post_quant_conv=False,
+            **sizes["vae"])
+    with tempfile.TemporaryDirectory(prefix="sd3-clip-tok-") as tmp:
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(str(clip_tokenizer_files(Path(tmp))),
+                                                               local_files_only=True, model_max_length=77)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def build_tiny_pipeline(seed: int = 0, kind: str = "sd3"):
     """A **stand-in** Stable Diffusion 3 pipeline with tiny random-weight models, built offline.
 
-    The architecture is SD3's (MMDiT transformer, flow-matching Euler scheduler, two CLIP text
-    encoders with projection, a KL autoencoder); only the sizes are tiny and the weights random, so
-    the images are structured noise that depends on the prompt and the seed, never a picture of the
-    caption. The T5 encoder is left out (``text_encoder_3=None``), which SD3 supports (its embeddings
-    become zeros). Images must be multiples of 8 pixels (VAE factor 4 x patch size 2); 32x32 or 64x64
-    render in a few tens of milliseconds on one CPU core.
+    The architecture is SD3's (:func:`build_sd3_pipeline` at :data:`TINY_SD3_SIZES`); only the sizes are
+    tiny and the weights random, so the images are structured noise that depends on the prompt and the
+    seed, never a picture of the caption. Images must be multiples of 8 pixels (VAE factor 4 x patch
+    size 2); 32x32 or 64x64 render in a few tens of milliseconds on one CPU core.
 
     Args:
         seed: the weight seed (same seed, same weights, same images).
@@ -144,41 +210,7 @@ def build_tiny_pipeline(seed: int = 0, kind: str = "sd3"):
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny pipeline {TINY_PREFIX}{kind!r}; known: "
                          f"{[TINY_PREFIX + k for k in TINY_KINDS]}")
-    diffusers, transformers = _import_diffusers()
-    import torch
-
-    hidden = 32  # CLIP width; the two encoders' states are concatenated (64) then padded to joint_dim
-    clip_cfg = transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, projection_dim=hidden, max_position_embeddings=77, hidden_act="gelu",
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    # module construction consumes the global RNG: fork it so building never disturbs the caller's
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = transformers.CLIPTextModelWithProjection(clip_cfg)
-        text_encoder_2 = transformers.CLIPTextModelWithProjection(clip_cfg)
-        transformer = diffusers.SD3Transformer2DModel(
-            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=2 * hidden,
-            caption_projection_dim=32, pooled_projection_dim=2 * hidden, pos_embed_max_size=64)
-        vae = diffusers.AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
-            block_out_channels=(8, 8, 8), layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-            sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
-            shift_factor=0.0609, scaling_factor=1.5035)
-    with tempfile.TemporaryDirectory(prefix="tiny-clip-tok-") as tmp:
-        folder = clip_tokenizer_files(Path(tmp))
-        tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True,
-                                                               model_max_length=77)
-    tokenizer_2 = tokenizer
-    pipe = diffusers.StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer_2,
-        text_encoder_3=None, tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return build_sd3_pipeline(TINY_SD3_SIZES, seed=seed)
 
 
 class RenderRejected(RuntimeError):

@@ -147,6 +147,7 @@ CHANGES = {  # name -> (seed items, extra overrides, prompt files to edit)
     "prompt_file": (None, [], {"judge_twin": " Look closely."}),
     "caption_prompt_file": (None, [], {"captions": " Keep them short."}),
     "setting_that_matters": (None, ["seed=7", "twins.min_similarity=4"], {}),
+    "chat_sampling": (None, ["chat.temperature=0.5"], {}),  # changes every chat stage's answers
     "setting_that_does_not": (None, ["render.part_size=5", "judge.part_size=7", "chat.concurrency=2",
                                      "captions.chunk=3"], {}),
     "added_input": (lambda items: items + [SEED[12]], [], {}),

@@ -174,7 +174,7 @@ def test_judge_jobs_join_and_dedup(tmp_path):
         assert Path(job[schema.IMAGE_FILE]).is_file()
         assert {job[schema.CONCEPT], job[schema.TWIN_CONCEPT]} in ({p[schema.POS_CONCEPT], p[schema.NEG_CONCEPT]} for p in pairs)
     keys = {j[schema.REC_KEY] for j in jobs}
-    for change in ({"model": "other-vlm"}, {"temperature": 0.7}):
+    for change in ({"model": "other-vlm"}, {"temperature": 0.7}, {"extra_body": {"top_k": 1}}):
         other = judge.judge_jobs(pairs, renders, ChatConfig(**{**chat.__dict__, **change}), tmp_path / "render")
         assert not {j[schema.REC_KEY] for j in keyed("judge", other)[0]} & keys, change
     for change in ({"concurrency": 1}, {"max_attempts": 9}, {"timeout_s": 1.0}):  # do not change answers

@@ -9,6 +9,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 
+def sampling_settings(settings: Mapping) -> dict:
+    """What in a chat config changes the answers (and so belongs in a job's key): the temperature and the
+    extra request fields (``top_k``, ``top_p``, ``seed``, ...). Never concurrency, timeouts or attempts."""
+    return {"temperature": float(settings.get("temperature", 0.0) or 0.0),
+            "extra_body": dict(settings.get("extra_body") or {})}
+
+
 @dataclass
 class ChatConfig:
     """Where and how to ask. Holds no secret: the key comes from the variable ``api_key_env``.
@@ -82,6 +89,10 @@ class ChatConfig:
         if data.get("extra_body") is not None:
             data["extra_body"] = dict(data["extra_body"])
         return cls(**data)
+
+    def sampling(self) -> dict:
+        """:func:`sampling_settings` of this config (part of every chat job's key)."""
+        return sampling_settings(self.__dict__)
 
 
 def effective_chat(stage: Optional[Mapping[str, Any]], run: Optional[Mapping[str, Any]]) -> dict:

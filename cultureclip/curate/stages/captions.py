@@ -94,10 +94,11 @@ def twin_pairs(twins: list[dict]) -> tuple[list[tuple[str, dict, dict]], int]:
 
 
 def _sets_pass(cfg, ctx, sides, model) -> tuple[Store, dict]:
-    client, _ = up.chat_client(cfg, ctx)
+    client, _, sampling = up.chat_client(cfg, ctx)
     st = set_settings(cfg)
     n, max_words, rounds, require = st["n"], st["max_words"], st["max_rounds"], st["require_name"]
-    jobs = [Job(inputs={"side": s}, model=model, prompts=PROMPTS, settings=st) for _, s in sorted(sides.items())]
+    keyed = {**st, "sampling": sampling}
+    jobs = [Job(inputs={"side": s}, model=model, prompts=PROMPTS, settings=keyed) for _, s in sorted(sides.items())]
     store = Store(ctx.stage_dir(NAME) / SETS, SETS_STAGE)
     upstream = (up.stage_store(ctx.out_dir, "twins"),)
     planned, _ = plan(store, jobs, upstream)

@@ -78,7 +78,8 @@ def _cell_record(job: Mapping, answer: Any, allowed: tuple, model: str) -> dict:
             schema.CONCEPTS: accepted, schema.REJECTED: rejected, schema.MODEL_ID: model}
 
 
-def build_jobs(cfg: Mapping, model: str, wiki_model: str = "", countries: Sequence[str] = ()) -> list[Job]:
+def build_jobs(cfg: Mapping, model: str, wiki_model: str = "", countries: Sequence[str] = (),
+               sampling: Optional[Mapping] = None, wiki_sampling: Optional[Mapping] = None) -> list[Job]:
     """Every job of the configured sources. The enabled categories are in every key (they decide what is
     accepted), and the country list in the wiki keys (it decides ``unknown_country``)."""
     sources = list(cfg.get("sources") or ["top_down"])
@@ -94,9 +95,10 @@ def build_jobs(cfg: Mapping, model: str, wiki_model: str = "", countries: Sequen
         for country in td.get("countries") or up.load_countries(td.get("countries_file")):
             for cat in allowed:
                 jobs.append(Job(inputs={schema.SOURCE: "top_down", schema.COUNTRY: country, schema.CATEGORY: cat.value,
-                                        "n": n}, model=model, prompts=TOP_DOWN_PROMPTS, settings=settings))
+                                        "n": n}, model=model, prompts=TOP_DOWN_PROMPTS,
+                            settings={**settings, "sampling": dict(sampling or {})}))
     if "wiki" in sources:
-        wiki_settings = {**settings, "countries": digest(sorted(countries))}
+        wiki_settings = {**settings, "countries": digest(sorted(countries)), "sampling": dict(wiki_sampling or {})}
         for row in read_wit(cfg.get("wiki") or {}):
             inputs = {schema.SOURCE: "wiki", **{k: v for k, v in row.items() if k != schema.REC_WHERE},
                       "image_sha256": _file_sha256(row.get(schema.WIT_IMAGE_PATH))}  # the VLM reads the image
@@ -138,10 +140,11 @@ def run(cfg: Mapping, ctx: Any):
     allowed = up.categories_from(cfg.get("categories"))
     countries = up.load_countries((cfg.get("top_down") or {}).get("countries_file"))
     sources = list(cfg.get("sources") or ["top_down"])
-    client, model = up.chat_client(cfg, ctx) if "top_down" in sources else (None, "")
+    client, model, sampling = up.chat_client(cfg, ctx) if "top_down" in sources else (None, "", {})
     wiki_chat = {**(cfg.get("chat") or {}), **((cfg.get("wiki") or {}).get("chat") or {})}
-    wiki_client, wiki_model = up.chat_client({"chat": wiki_chat}, ctx) if "wiki" in sources else (None, "")
-    jobs = build_jobs(cfg, model, wiki_model, countries)
+    wiki_client, wiki_model, wiki_sampling = (up.chat_client({"chat": wiki_chat}, ctx) if "wiki" in sources
+                                              else (None, "", {}))
+    jobs = build_jobs(cfg, model, wiki_model, countries, sampling, wiki_sampling)
     known = set(countries)
 
     def process(todo: Iterator[Mapping]) -> Iterator[Outcome]:

@@ -127,7 +127,7 @@ def judge_jobs(pairs: Sequence[Mapping], render_records: Iterable[Mapping], chat
     counts = counts if counts is not None else {}
     counts.update(captions=0, captions_without_image=0)
     root = str(render_dir) if render_dir is not None else ""
-    settings = {"temperature": chat.temperature}  # one dict shared by every job
+    settings = {"sampling": chat.sampling()}  # one dict shared by every job
     for uses, renders in slots.values():
         counts["captions"] += len(uses)
         counts["captions_without_image"] += 0 if renders else len(uses)
@@ -280,7 +280,7 @@ def run(cfg: Mapping, ctx: Any) -> StageReport:
     store = Store(ctx.stage_dir(STAGE), STAGE)
     # the render view's digest stands for its records: a current render record is never rewritten (its
     # image is a function of its key, and gc only removes records outside the view)
-    fp = fingerprint({"model": chat.model, "temperature": chat.temperature}, PROMPTS, (render_store, source))
+    fp = fingerprint({"model": chat.model, "sampling": chat.sampling()}, PROMPTS, (render_store, source))
     done = up_to_date(store, fp, ctx.shard_index, ctx.num_shards)
     if done is not None:  # planned from these views and prompts, every job finished: nothing is read again
         return done

@@ -69,7 +69,7 @@ def _side(c: Mapping) -> dict:
     return {f: c.get(f) for f in TWIN_FIELDS}
 
 
-def build_jobs(pool: list[dict], cfg: Mapping, model: str) -> list[Job]:
+def build_jobs(pool: list[dict], cfg: Mapping, model: str, sampling: Optional[Mapping] = None) -> list[Job]:
     """One job per concept, with its mined candidates (pool indices are resolved to concepts here): a job's
     inputs are the concept's fields and its candidates' fields, so an edit reruns the jobs that read it."""
     k_mined = int(cfg.get("mined_candidates", 3))
@@ -77,7 +77,8 @@ def build_jobs(pool: list[dict], cfg: Mapping, model: str) -> list[Job]:
     if k_mined > 0 and len(pool) > 1:
         feats = emb.embed([mine_text(c) for c in pool], cfg.get("embedding") or {}, desc="twins: embedding the pool")
         mined = mine(pool, feats, k_mined)
-    settings = {"keep": int(cfg.get("keep", 2)), "min_similarity": int(cfg.get("min_similarity", 3))}
+    settings = {"keep": int(cfg.get("keep", 2)), "min_similarity": int(cfg.get("min_similarity", 3)),
+                "sampling": dict(sampling or {})}
     jobs = []
     for i, c in enumerate(pool):
         cands = [{**_side(pool[j]), schema.SOURCE: "mined", schema.SIMILARITY: round(s, 4)} for j, s in mined[i]]
@@ -141,8 +142,8 @@ def run(cfg: Mapping, ctx: Any):
     """Run the stage over the ``dedup`` store; return its report."""
     cfg = typed(stage_settings.Twins, up.plain(cfg), NAME)
     pool = load_deduped(ctx.out_dir, NAME)
-    client, model = up.chat_client(cfg, ctx)
-    jobs = build_jobs(pool, cfg, model)
+    client, model, sampling = up.chat_client(cfg, ctx)
+    jobs = build_jobs(pool, cfg, model, sampling)
     keep, min_sim = int(cfg.get("keep", 2)), int(cfg.get("min_similarity", 3))
 
     def process(todo: Iterator[Mapping]) -> Iterator[Outcome]:

@@ -139,14 +139,13 @@ def chat_settings(cfg: Mapping, ctx: Any) -> dict:
     return settings
 
 
-def chat_client(cfg: Mapping, ctx: Any) -> tuple[Any, str]:
-    """A chat client for a stage (see :func:`chat_settings`), made on its first request, and its model id."""
+def chat_client(cfg: Mapping, ctx: Any) -> tuple[Any, str, dict]:
+    """A chat client for a stage (see :func:`chat_settings`), made on its first request; its model id; and
+    its sampling settings, which change the answers and so go into the stage's job keys."""
     from cultureclip.curate.backends.chat import LazyChatClient  # needs the curate extra
+    from cultureclip.curate.backends.chat_config import sampling_settings
     settings = chat_settings(cfg, ctx)
-    return LazyChatClient(settings), str(settings["model"])
-
-
-# ---------------------------------------------------------------------------- prompt blocks
+    return LazyChatClient(settings), str(settings["model"]), sampling_settings(settings)
 
 
 # ---------------------------------------------------------------------------- small helpers

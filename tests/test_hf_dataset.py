@@ -109,3 +109,22 @@ def test_export_formats_are_checked():
     with pytest.raises(ValueError, match="parquet"):
         E.config({"formats": ["wds", "parquet"]})
     assert E.config({"formats": ["wds", "hf"]})["formats"] == ["wds", "hf"]
+
+
+def test_a_shard_cut_short_is_refused_not_exported_short(tmp_path):
+    # three pairs in one shard, cut right after the second pair's last member (a block boundary, as an
+    # interrupted copy leaves it): the folder must not be published with a pair silently missing
+    import tarfile
+    metas = [{schema.POS_CAPTION: f"caption {i}", schema.NEG_CAPTION: f"twin {i}", schema.POS_CONCEPT: "Qipao",
+              schema.NEG_CONCEPT: "Áo dài"} for i in range(3)]
+    with TwinShardWriter(tmp_path / "src" / "train", maxcount=10) as w:
+        for i, meta in enumerate(metas):
+            w.write(f"p{i}", _img((i, 2, 3), "JPEG"), _img((9, i, 3), "PNG"), meta)
+    [shard] = sorted((tmp_path / "src" / "train").glob("*.tar"))
+    with tarfile.open(shard) as tf:
+        members = tf.getmembers()
+    last_of_second = [m for m in members if m.name.startswith("p1.")][-1]
+    end = last_of_second.offset_data + -(-last_of_second.size // 512) * 512
+    shard.write_bytes(shard.read_bytes()[:end])
+    with pytest.raises(ValueError, match=shard.name):
+        write_hf_dataset(tmp_path / "src", tmp_path / "hf")

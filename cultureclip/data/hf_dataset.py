@@ -62,13 +62,6 @@ def features(judge: bool):
     return ds.Features(cols)
 
 
-def iter_shard_pairs(shard_dir: PathLike) -> Iterator[tuple[str, str, bytes, str, bytes, dict]]:
-    """``(key, pos member, pos bytes, neg member, neg bytes, meta)`` of every pair, in shard order."""
-    shard_dir = Path(shard_dir)
-    for name in sorted(read_sizes(shard_dir)):
-        yield from iter_shard_pairs_of(shard_dir, name)
-
-
 def size_category(n: int) -> str:
     """The Hub's ``size_categories`` bucket for ``n`` rows."""
     for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
@@ -130,8 +123,8 @@ def write_hf_dataset(shard_root: PathLike, out_dir: PathLike, splits: Sequence[s
     data.mkdir(parents=True)
     for split in splits:
         folder = shard_root / split
-        names = sorted(read_sizes(folder)) if (folder / schema.SIZES_FILE).is_file() else []
-        names = [n for n in names if read_sizes(folder)[n] > 0]
+        sizes = read_sizes(folder) if (folder / schema.SIZES_FILE).is_file() else {}
+        names = sorted(n for n, count in sizes.items() if count > 0)
         for i, name in enumerate(names):
             rows = []
             for key, pos_m, pos_b, neg_m, neg_b, meta in iter_shard_pairs_of(folder, name):
@@ -155,20 +148,23 @@ def write_hf_dataset(shard_root: PathLike, out_dir: PathLike, splits: Sequence[s
 
 
 def iter_shard_pairs_of(folder: Path, name: str) -> Iterator[tuple[str, str, bytes, str, bytes, dict]]:
-    """The pairs of one shard file ``folder/name`` (see :func:`iter_shard_pairs`).
+    """``(key, pos member, pos bytes, neg member, bytes, meta)`` of every pair of the shard ``folder/name``,
+    in shard order, read as training reads it (the end-of-archive and ``sizes.json`` checks included), with
+    the meta exactly as stored.
 
     Raises:
+        ShardDamage: the shard is cut short or damaged (a ValueError naming it).
         ValueError: a sample without both images or its json (the shard is not a twin shard).
     """
-    import webdataset as wds
-    for sample in wds.tarfile_samples([{"url": str(folder / name)}]):
-        key = sample[schema.KEY]
-        pos = next((m for m in schema.POS_IMAGE_MEMBERS if m in sample), None)
-        neg = next((m for m in schema.NEG_IMAGE_MEMBERS if m in sample), None)
-        if pos is None or neg is None or schema.META not in sample:
-            raise ValueError(f"{folder / name}: sample {key!r} lacks an image or its {schema.META} "
-                             f"(members: {sorted(k for k in sample if not k.startswith('__'))})")
-        yield key, pos, sample[pos], neg, sample[neg], json.loads(sample[schema.META])
+    from cultureclip.data.pipeline import listed_sizes
+    from cultureclip.data.stages import SkipCounter, TarSamples, _Skip, split_pair
+    url = str(folder / name)
+    for raw in TarSamples(SkipCounter(), listed_sizes([url]), on_error="raise")([{"url": url}]):
+        try:
+            (pos, pos_b), (neg, neg_b), _ = split_pair(raw)
+        except _Skip as skip:
+            raise ValueError(f"{url}: sample {raw[schema.KEY]!r}: {skip.args[1]}") from skip
+        yield raw[schema.KEY], pos, pos_b, neg, neg_b, json.loads(raw[schema.META])
 
 
 def is_hf_dataset(path: PathLike) -> bool:

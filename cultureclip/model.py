@@ -183,18 +183,27 @@ class CultureCLIP(nn.Module):
         return getattr(self.model, "logit_bias", None)
 
     @torch.no_grad()
-    def match_probabilities(self, cos: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    def calibration(self, device: Union[str, torch.device]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(s, b)``: the scale ``exp(logit_scale)`` and the ``logit_bias`` (None without one) as float
+        tensors on ``device``. Take it once per evaluation: each call copies from the model's device."""
+        bias = self.logit_bias
+        return (self.logit_scale.detach().exp().float().to(device),
+                None if bias is None else bias.detach().float().to(device))
+
+    @torch.no_grad()
+    def match_probabilities(self, cos: torch.Tensor, dim: int = -1,
+                            calibration: Optional[tuple] = None) -> torch.Tensor:
         """Probabilities from cosine similarities ``cos`` in the model's own calibration.
 
         Softmax over ``dim`` of ``s * cos`` for a softmax-trained model; for a model with a
         ``logit_bias`` the independent per-pair ``sigmoid(s * cos + b)`` it was trained with (these
-        need not sum to 1). Either way the ranking is the ranking of ``cos``.
+        need not sum to 1). Either way the ranking is the ranking of ``cos``. ``calibration`` is
+        :meth:`calibration` taken once by a caller that scores many small sets (no copy per call).
         """
-        scale = self.logit_scale.detach().exp().float().to(cos.device)
-        bias = self.logit_bias
+        scale, bias = calibration if calibration is not None else self.calibration(cos.device)
         if bias is None:
             return (scale * cos.float()).softmax(dim=dim)
-        return torch.sigmoid(scale * cos.float() + bias.detach().float().to(cos.device))
+        return torch.sigmoid(scale * cos.float() + bias)
 
     @property
     def context_length(self) -> int:

@@ -145,6 +145,7 @@ def score_item_sets(model: CultureCLIP, item_sets: Mapping[Any, Sequence[MCItem]
     text_feats = embed_texts(model, texts, batch_size=text_batch_size, amp=amp)  # [T, D]
     row = {t: i for i, t in enumerate(texts)}
     out = {}
+    calibration = model.calibration(feats.device)  # once: not a device-to-host copy per item
     for key, items in item_sets.items():
         preds = []
         for i, it in enumerate(items):
@@ -152,7 +153,8 @@ def score_item_sets(model: CultureCLIP, item_sets: Mapping[Any, Sequence[MCItem]
                 preds.append(Prediction(i, it.answer, len(it.options), it.meta, skipped=failed[i]))
                 continue
             # softmax of s * cos over the options, or a sigmoid model's own sigmoid(s * cos + b)
-            probs = model.match_probabilities(feats[i] @ text_feats[[row[t] for t in it.options]].T)  # [K]
+            probs = model.match_probabilities(feats[i] @ text_feats[[row[t] for t in it.options]].T,
+                                              calibration=calibration)  # [K]
             preds.append(Prediction(i, it.answer, len(it.options), it.meta, pred=int(probs.argmax()),
                                     probs=tuple(probs.tolist())))
         out[key] = preds

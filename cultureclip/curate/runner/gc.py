@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Union
 
-from cultureclip.curate.runner.store import (ERRORS, MANIFESTS, STAGE_FILE, Store, write_atomic)
+from cultureclip.curate.runner.store import ERRORS, MANIFESTS, STAGE_FILE, Store, line_key, write_atomic
 from cultureclip.rundir import RunDirLock
 
 IMAGES = "images"
@@ -101,11 +101,11 @@ def _apply(store: Store, plan: dict) -> None:
         if ident in rewrite:
             path = store.root / entry["kind"] / entry["part"]
             lines = [ln for ln in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                     if ln[8:32] in rewrite[ident]]
+                     if line_key(ln) in rewrite[ident]]
             data = "".join(lines).encode("utf-8")
             write_atomic(path, data)
             entry = {**entry, "records": len(lines), "sha256": hashlib.sha256(data).hexdigest(),
-                     "keys": [ln[8:32] for ln in lines]}
+                     "keys": [line_key(ln) for ln in lines]}
         by_job[job].append(entry)
     folder = store.root / MANIFESTS
     for path in folder.glob("*.jsonl"):  # rewritten whole: the one place a manifest is not appended to

@@ -116,6 +116,13 @@ def job_id(shard_index: int, num_shards: int) -> str:
     return f"{shard_index:05d}of{num_shards:05d}"
 
 
+def range_bounds(n: int, shard_index: int = 0, num_shards: int = 1) -> tuple[int, int]:
+    """``(lo, hi)``: the slice of ``n`` key-sorted jobs that range ``shard_index`` of ``num_shards`` runs
+    (contiguous, disjoint across ranges, covering all); the one place the split is computed."""
+    job_id(shard_index, num_shards)  # validates
+    return n * shard_index // num_shards, n * (shard_index + 1) // num_shards
+
+
 def job_range(jobs: Sequence[Mapping], shard_index: int = 0, num_shards: int = 1) -> list[Mapping]:
     """This process's share of ``jobs``: a contiguous slice of the jobs sorted by key.
 
@@ -123,7 +130,6 @@ def job_range(jobs: Sequence[Mapping], shard_index: int = 0, num_shards: int = 1
     input order, so job arrays (SLURM ``$SLURM_ARRAY_TASK_ID``) and one process per GPU split a stage
     with no coordination.
     """
-    job_id(shard_index, num_shards)  # validates
     ordered = sorted(jobs, key=lambda j: j[schema.REC_KEY])
-    n = len(ordered)
-    return ordered[n * shard_index // num_shards: n * (shard_index + 1) // num_shards]
+    lo, hi = range_bounds(len(ordered), shard_index, num_shards)
+    return ordered[lo:hi]

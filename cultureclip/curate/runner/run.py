@@ -18,10 +18,11 @@ from dataclasses import asdict
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from cultureclip import schema
-from cultureclip.curate.runner.jobs import Job, Outcome, StageReport, iter_keyed, job_dict, job_id, keyed
+from cultureclip.curate.runner.jobs import (Job, Outcome, StageReport, iter_keyed, job_dict, job_id, keyed,
+                                            range_bounds)
 from cultureclip.curate.runner.keys import digest
 from cultureclip.curate.runner.store import (ERRORS, KINDS, MANIFESTS, PARTS, REJECTED, REPORTS, Index, Store,
-                                             record_line, write_atomic)
+                                             line_key, record_line, write_atomic)
 from cultureclip.progress import Progress
 from cultureclip.rundir import RunDirLock, RunDirLocked
 
@@ -47,7 +48,7 @@ class _Writer:
                 if f"{kind}/{path.name}" not in index.listed:
                     log.warning("%s was written but not listed (a run was killed in between); listing it", path)
                     data = path.read_bytes()
-                    keys = [line[8:8 + 24].decode() for line in data.splitlines()]
+                    keys = [line_key(line) for line in data.splitlines()]
                     self._append(kind, path.name, data, keys, index)
 
     def _repair_manifest(self) -> None:
@@ -132,7 +133,8 @@ def run_stage(store: Store, jobs: Union[Iterable[Job], Callable[[], Iterable[Job
             keyed_jobs, dup = plan(store, jobs, upstream, fingerprint)
         keys = [j[schema.REC_KEY] for j in keyed_jobs]
     n = len(keys)
-    mine = keys[n * shard_index // num_shards: n * (shard_index + 1) // num_shards]  # = job_range's slice
+    lo, hi = range_bounds(n, shard_index, num_shards)
+    mine = keys[lo:hi]
     lock = RunDirLock(store.root / ".jobs" / job)
     try:
         lock.acquire()
@@ -190,7 +192,8 @@ def up_to_date(store: Store, fp: str, shard_index: int = 0, num_shards: int = 1)
         return None
     job = job_id(shard_index, num_shards)
     n = len(view)
-    in_range = n * (shard_index + 1) // num_shards - n * shard_index // num_shards
+    lo, hi = range_bounds(n, shard_index, num_shards)
+    in_range = hi - lo
     report = StageReport(stage=store.stage, job=job, jobs_total=n, jobs_in_range=in_range, done_before=in_range,
                          extra={"planned": False})
     save_report(store, report)

@@ -45,6 +45,12 @@ KINDS = (PARTS, REJECTED, ERRORS)
 _KEY_AT = len('{"key":"')  # records are written key first, so a reader can skip a line without parsing it
 
 
+def line_key(line: Union[str, bytes]) -> str:
+    """The key of a part-file line (str or bytes), read from its position without parsing the line."""
+    key = line[_KEY_AT:_KEY_AT + KEY_CHARS]
+    return key.decode() if isinstance(key, bytes) else key
+
+
 def write_atomic(path: PathLike, data: Union[bytes, str]) -> None:
     """Write ``data`` to ``path`` through a temporary file, fsync and rename: all or nothing."""
     path = Path(path)
@@ -199,7 +205,7 @@ class Store:
     def _lines(self, part: str) -> Iterator[tuple[str, str]]:
         with open(self.root / part, encoding="utf-8") as f:
             for line in f:
-                yield line[_KEY_AT:_KEY_AT + KEY_CHARS], line
+                yield line_key(line), line
 
     def _read(self, kind_map: dict, keys: Optional[Iterable[str]], index: Index) -> Iterator[dict]:
         wanted = set(kind_map) if keys is None else {k for k in keys if k in kind_map}

@@ -33,7 +33,7 @@ from cultureclip.curate.stages import export, judge, render
 from cultureclip.curate.backends.chat import ChatConfig
 from cultureclip.curate.stages.importer import import_pairs, load_pairs, pairs_store, twin_id
 from cultureclip.curate.registry import Context
-from cultureclip.curate.runner import Outcome, Store, fingerprint, run_stage
+from cultureclip.curate.runner import Outcome, Store, run_stage
 
 CAPTIONS = 5  # per side: a twin pair makes 10 images
 PART_SIZE = 1024  # records per part: each part costs 3 fsyncs (~5 ms each here), amortised over its records
@@ -104,9 +104,10 @@ def judge_all(out: Path, chat: ChatConfig):
     pairs = load_pairs(out, "judge")
     rstore = Store(out / "render", "render")
     rstore.require_complete("judge", upstream=(pairs_store(out),))
-    jobs = lambda: judge.judge_jobs(pairs, rstore.records(), chat, rstore.root)  # noqa: E731 (streamed, as judge.run)
+    slots = judge.caption_slots(pairs, rstore.records())  # as judge.run: the render store read once
+    jobs = lambda: judge.jobs_from_slots(slots, chat, rstore.root)  # noqa: E731 (streamed, as judge.run)
     upstream = (rstore, pairs_store(out))
-    fp = fingerprint({"model": chat.model, "temperature": chat.temperature}, judge.PROMPTS, upstream)
+    fp = judge.plan_fingerprint(chat, upstream)
     return run_stage(Store(out / "judge", "judge"), jobs, null_judge, part_size=PART_SIZE, upstream=upstream,
                      fingerprint=fp)
 

@@ -110,8 +110,13 @@ def judge_jobs(pairs: Sequence[Mapping], render_records: Iterable[Mapping], chat
         image sha256 and every pair field its prompts carry (concept, country, category, context, features,
         the twin's concept and country).
     """
-    # caption identity -> ([(pair, side) using it], [its renders]): one table, keyed by the pairs' own strings,
-    # holding of each render only its key and sha256 (a million renders stay a few hundred MB)
+    return jobs_from_slots(caption_slots(pairs, render_records), chat, render_dir, counts)
+
+
+def caption_slots(pairs: Sequence[Mapping], render_records: Iterable[Mapping]) -> dict[tuple, tuple[list, list]]:
+    """caption identity -> ``([(pair, side) using it], [its renders])``: one table, keyed by the pairs' own
+    strings, holding of each render only its key and sha256 (a million renders stay a few hundred MB).
+    Built once per run: the runner asks for the jobs twice (keys, then the unfinished jobs)."""
     slots: dict[tuple, tuple[list, list]] = {}
     for pair in pairs:
         for side, (fields, _) in SIDES.items():
@@ -124,6 +129,12 @@ def judge_jobs(pairs: Sequence[Mapping], render_records: Iterable[Mapping], chat
             key, rel = rec[schema.REC_KEY], rec[schema.IMAGE_FILE]
             slot[1].append((key, rec[schema.IMAGE_SHA256]) if rel == image_file(key) else
                            (key, rec[schema.IMAGE_SHA256], rel))
+    return slots
+
+
+def jobs_from_slots(slots: Mapping[tuple, tuple[list, list]], chat: ChatConfig, render_dir: Optional[Path] = None,
+                    counts: Optional[dict] = None) -> Iterator[Job]:
+    """The jobs of :func:`judge_jobs` from its :func:`caption_slots` table."""
     counts = counts if counts is not None else {}
     counts.update(captions=0, captions_without_image=0)
     root = str(render_dir) if render_dir is not None else ""
@@ -259,6 +270,12 @@ def chat_config(cfg: Mapping, ctx: Any) -> ChatConfig:
     return ChatConfig.from_mapping(effective_chat(_plain(cfg.get("chat") or {}), run_chat))
 
 
+def plan_fingerprint(chat: ChatConfig, upstream: Sequence[Store]) -> str:
+    """What the judge's plan depends on besides its inputs: the model, its sampling settings, the prompt texts
+    and the current render and pairs views (see :func:`~cultureclip.curate.runner.run.up_to_date`)."""
+    return fingerprint({"model": chat.model, "sampling": chat.sampling()}, PROMPTS, upstream)
+
+
 def run(cfg: Mapping, ctx: Any) -> StageReport:
     """Judge every current rendered image of ``ctx.out_dir`` (see the module docstring).
 
@@ -280,13 +297,14 @@ def run(cfg: Mapping, ctx: Any) -> StageReport:
     store = Store(ctx.stage_dir(STAGE), STAGE)
     # the render view's digest stands for its records: a current render record is never rewritten (its
     # image is a function of its key, and gc only removes records outside the view)
-    fp = fingerprint({"model": chat.model, "sampling": chat.sampling()}, PROMPTS, (render_store, source))
+    fp = plan_fingerprint(chat, (render_store, source))
     done = up_to_date(store, fp, ctx.shard_index, ctx.num_shards)
     if done is not None:  # planned from these views and prompts, every job finished: nothing is read again
         return done
     pairs = load_pairs(ctx.out_dir, STAGE)
     counts: dict = {}
-    jobs = lambda: judge_jobs(pairs, render_store.records(), chat, render_store.root, counts)  # noqa: E731 (streamed)
+    slots = caption_slots(pairs, render_store.records())  # the render store is read once
+    jobs = lambda: jobs_from_slots(slots, chat, render_store.root, counts)  # noqa: E731 (streamed)
     client = LazyChatClient(chat)
     try:
         report = run_stage(store, jobs, make_process(client), shard_index=ctx.shard_index,

@@ -306,3 +306,18 @@ def test_export_of_the_authors_caption_file_without_countries(tmp_path):
     assert row["images_judged"] == len(made["judged"]) and row["pairs_exported"] == len(expected)
     assert sorted(card["groups"][schema.CATEGORY]) == sorted(t[0] for t in TWINS)
     assert "| (none) | 4 |" in (out / "export" / "card.md").read_text()
+
+
+def test_the_judge_section_states_the_rule_export_applied(run_dir):
+    # a stricter rule than the default: the card's Judge section must count and state export's rule, not
+    # the default one (the top of the card and the section once disagreed)
+    out, made = run_dir
+    rule = {"min_score": 4, "min_mean": 3.0, "require_twin_check": True}
+    E.run({"pairs_per_twin": None, "plots": False, "rule": rule}, Context(out_dir=out))
+    card = json.loads((out / "export" / "card.json").read_text())
+    [section] = [s for s in card["sections"] if s["stage"] == "judge"]
+    judged = list(made["judged"].values())
+    recount = sum(min(j[s] for s in schema.SCORES) >= 4 and sum(j[s] for s in schema.SCORES) / 3 > 3.0
+                  and j[schema.PICKS_OWN] for j in judged)
+    assert section["data"]["rule"] == rule and section["data"]["passed"] == recount == card["judge"]["images_passed"]
+    assert "every score >= 4" in (out / "export" / "card.md").read_text()

@@ -45,8 +45,9 @@ def stage_stores(out_dir: Path, skip: Sequence[str] = ()) -> list[Store]:
     return [s for s in stores if s.has_view()]
 
 
-def module_sections(out_dir: Path, names: Sequence[str]) -> list[dict]:
-    """``card_section(out_dir)`` of the importer and of every stage module named, where defined."""
+def module_sections(out_dir: Path, names: Sequence[str], options: Optional[Mapping[str, Mapping]] = None) -> list[dict]:
+    """``card_section(out_dir, **options[name])`` of the importer and of every stage module named, where
+    defined (``options``: what the caller decided that a section must state, e.g. export's pass rule)."""
     sections = []
     for name in names:
         module_name = "cultureclip.curate.stages.importer" if name == "pairs" else registry.STAGES.get(name)
@@ -58,7 +59,8 @@ def module_sections(out_dir: Path, names: Sequence[str]) -> list[dict]:
             if exc.name != module_name:  # a package the module needs is missing: that is an error
                 raise
             continue  # a folder of a stage whose module this install lacks
-        section = module.card_section(out_dir) if hasattr(module, "card_section") else None
+        kwargs = dict((options or {}).get(name) or {})
+        section = module.card_section(out_dir, **kwargs) if hasattr(module, "card_section") else None
         if section:
             sections.append({"stage": name, **section})
     return sections

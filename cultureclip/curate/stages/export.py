@@ -259,7 +259,8 @@ def run(cfg: Optional[Mapping], ctx) -> StageReport:
                                          (pair_meta(r, renders, by_twin) for r in rows)),
                 "gallery": _gallery(judged, renders, rule, images, tmp, cfg, by_twin),
                 "histogram_png": None,
-                "sections": C.module_sections(out_dir, [name for name in stages if name != NAME])}
+                "sections": C.module_sections(out_dir, [name for name in stages if name != NAME],
+                                              options={"judge": {"rule": rule}})}
         if judged and cfg["plots"]:
             card["histogram_png"] = f"{C.CARD_ASSETS}/scores.png"
             C.plot_histograms(hist, tmp / card["histogram_png"])

@@ -277,7 +277,7 @@ def test_make_shards_check_command(tmp_path, capsys):
     assert "checked 2 shard(s): 9 usable pairs; skipped truncated_shard 1" in capsys.readouterr().out
     assert make_shards.main(["--check", str(tmp_path / "s")]) == 1  # raise: the default
     err = capsys.readouterr().err
-    assert err.startswith(f"error: shard {shard}: cut short") and err.count("\n") == 1
+    assert err.startswith(f"error: ShardDamage: shard {shard}: cut short") and err.count("\n") == 1
     write_twins(tmp_path / "ok", range(3))
     assert make_shards.main(["--check", str(tmp_path / "ok")]) == 0
     assert "3 usable pairs; no problem found" in capsys.readouterr().out
@@ -333,5 +333,8 @@ def test_every_cut_before_the_end_marker_is_flagged_and_none_after(tmp_path, wri
     cut = tmp_path / "cut.tar"
     for at in sorted({*range(0, len(data) + 1, 512), *range(100, len(data), 512)}):  # block edges and inside
         cut.write_bytes(data[:at])
-        flagged = check_shards([str(cut)]).skipped_by_reason.keys() & {TRUNC, P.BAD_SHARD}
+        reasons = check_shards([str(cut)]).skipped_by_reason
+        flagged = reasons.keys() & {TRUNC, P.BAD_SHARD}
         assert bool(flagged) == (at < marker_end), f"cut at byte {at} of {len(data)}"
+        # a cut is always "cut short", never mistaken for a damaged header
+        assert (TRUNC in reasons) == (at < marker_end) and P.BAD_SHARD not in reasons, (at, reasons)

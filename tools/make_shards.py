@@ -64,8 +64,7 @@ def main(argv=None) -> int:
         try:
             counts = hf_to_shards(args.inputs[0], args.out, maxcount=args.maxcount, overwrite=args.overwrite)
         except (RecordError, FileExistsError, OSError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return errors.report(exc)
         print("wrote " + ", ".join(f"{n} {split} pairs to {os.path.join(args.out, split)}" for split, n in counts.items()))
         return 0 if sum(counts.values()) else 1
     try:
@@ -91,8 +90,7 @@ def check(spec: str, on_error: str) -> int:
     try:
         report = check_shards(spec, on_error=on_error)
     except (ShardDamage, FileNotFoundError) as exc:  # one line naming the shard or the pattern
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return errors.report(exc)
     reasons = ", ".join(f"{k} {v}" for k, v in report.skipped_by_reason.items())
     print(f"checked {report.shards} shard(s): {report.pairs} usable pairs; "
           f"{'no problem found' if report.ok else 'skipped ' + reasons}")
